@@ -1,0 +1,21 @@
+"""unipeft: parameter-efficient fine-tuning as one engine.
+
+Every method (lora, dora, ia3, houlsby, pfeiffer, parallel, prefix, prompt, mam, unipelt, ...) is a preset — data — of
+one operation on a frozen model, h ← compose(h, f(x_src·W_down)·W_up) (He et al. 2022).
+
+    import unipeft
+    am = unipeft.attach(model, "lora", r=16)      # an AdaptedModel; forward/generate pass through
+    am.save("adapter/"); unipeft.load(model, "adapter/")
+"""
+
+from .arch import sites
+from .errors import UnipeftError
+from .io import load
+from .model import AdaptedModel, attach
+from .presets import list_presets, preset
+from .recipe import Part, Recipe
+
+__version__ = "0.1.0"
+
+__all__ = ["AdaptedModel", "Part", "Recipe", "UnipeftError", "attach", "list_presets", "load", "preset", "sites",
+           "__version__"]

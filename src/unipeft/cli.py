@@ -1,0 +1,97 @@
+"""The `unipeft` command line (typer). Bad input prints one line on stderr and exits 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UnipeftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="unipeft: parameter-efficient fine-tuning, every method a preset of one engine.")
+console = Console()
+
+
+def _knobs(part) -> str:
+    d = part.to_dict()
+    d.pop("function"), d.pop("composition")
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+@app.command()
+def presets(
+    name: Annotated[str | None, typer.Argument(help="Show one preset's full recipe as YAML.")] = None,
+) -> None:
+    """List the built-in presets with their knobs (defaults follow the papers)."""
+    from .presets import list_presets, load_preset
+
+    if name is not None:
+        print(load_preset(name).to_yaml(), end="")
+        return
+    table = Table(title="unipeft presets", show_lines=True)
+    for col in ("preset", "part", "function", "composition"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("knobs", overflow="fold")
+    table.add_column("mergeable", no_wrap=True)
+    for n in list_presets():
+        recipe = load_preset(n)
+        for i, part in enumerate(recipe.parts):
+            table.add_row(n if i == 0 else "", part.name, part.function, part.composition, _knobs(part),
+                          ("yes" if recipe.mergeable else "no") if i == 0 else "")
+    console.print(table)
+    console.print("Show one recipe in full: unipeft presets NAME. A new method is a YAML file with the same knobs.")
+
+
+@app.command()
+def sites(
+    model_path: Annotated[str, typer.Argument(help="A transformers model folder, or minilm, smollm2.")],
+) -> None:
+    """List the sites a model offers (from its family's interface map) and where they live."""
+    from .arch import family_of, find_layers, site_table
+    from .assets import load_model
+
+    model = load_model(model_path)
+    fmap = family_of(model)
+    if fmap is None:
+        console.print(f"{type(model).__name__} has no interface map: target its linear modules by name "
+                      "(targets=[...], see docs/recipes.md for the matching rule).")
+        return
+    _, layers = find_layers(model, fmap)
+    table = Table(title=f"{type(model).__name__} ({fmap.family} map, {len(layers)} layers)")
+    for col in ("site", "representation", "module (N = layer index)"):
+        table.add_column(col, overflow="fold")
+    for row in site_table(model):
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 30,
+    preset_name: Annotated[str, typer.Option("--preset", help="Preset to attach.")] = "lora",
+) -> None:
+    """A short real run on the shipped MiniLM: attach, train on Rotten Tomatoes reviews, merge, compare outputs."""
+    from .demo import run_demo
+
+    run_demo(steps=steps, preset_name=preset_name, console=console)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        app()
+    except UnipeftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,201 @@
+"""The one layer wrapper: a frozen module kept as `base_layer`, plus the adapters acting on it.
+
+Every site kind goes through this class — there is no subclass per layer type or per method. What an adapter does
+here is fixed by its binding's role:
+
+  out     projection output:  h = base(x);  h ← compose(h, f(x_src)) for each adapter, x_src = x (parallel) or h
+  in      projection input:   x ← x ⊙ v before the base call (IA3 on the FFN down projection)
+  block   parallel sublayer:  Δh = f(sublayer input) joins the sublayer output (or, for post-LN blocks that add the
+          residual themselves, joins the residual argument — the same sum before the LayerNorm)
+  prefix  attention keys/values: published to the attention function (prefix.py) for the duration of this call
+  embed   input embeddings: holds prompt tokens; the AdaptedModel places them before the input
+  copy    an extra trainable module (e.g. a classifier head): each adapter has its own copy
+
+Per-call state (which rows use which adapter) is handed in explicitly by `AdaptedModel` through `set_routing` and kept
+until the next call, so recomputation under gradient checkpointing sees the same routing as the forward did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .functions import SiteAdapter
+from .recipe import ALL_SITES
+
+BASE = "__base__"  #: the adapter name that means "no adapter" in per-sample routing
+
+
+@dataclass
+class Routing:
+    """One adapter name per batch row. `rows(name, batch)` gives that adapter's row indices (repeated when the batch
+    was expanded, e.g. by beam search); None when `name` has no rows."""
+
+    names: list[str]
+    _cache: dict = field(default_factory=dict)
+
+    def rows(self, name: str, batch: int, device: torch.device) -> torch.Tensor | None:
+        key = (name, batch, device)
+        if key not in self._cache:
+            n = len(self.names)
+            idx = [i for i, a in enumerate(self.names) if a == name]
+            if not idx:
+                self._cache[key] = None
+            else:
+                t = torch.tensor(idx, dtype=torch.long)
+                if batch != n and batch % n == 0:
+                    k = batch // n
+                    t = (t[:, None] * k + torch.arange(k)[None, :]).reshape(-1)
+                self._cache[key] = t.to(device)
+        return self._cache[key]
+
+
+class AdapterLayer(nn.Module):
+    """Thin wrapper. `adapters[name][part][site]` holds SiteAdapters; `copies[name]` holds trainable module copies."""
+
+    _unipeft_wrapper = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.routing: Routing | None = None
+        self.prefix_call: tuple[list[tuple[str, SiteAdapter]], torch.Tensor | None] | None = None
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------------------
+    def add_site(self, name: str, sa: SiteAdapter) -> None:
+        if name not in self.adapters:
+            self.adapters[name] = nn.ModuleDict()
+        parts = self.adapters[name]
+        if sa.part_name not in parts:
+            parts[sa.part_name] = nn.ModuleDict()
+        parts[sa.part_name][_site_key(sa)] = sa
+
+    def sites_of(self, name: str) -> Iterator[SiteAdapter]:
+        if name in self.adapters:
+            for part in self.adapters[name].values():
+                yield from part.values()
+
+    def has(self, name: str) -> bool:
+        return name in self.adapters or name in self.copies
+
+    def remove(self, name: str) -> None:
+        for d in (self.adapters, self.copies):
+            if name in d:
+                del d[name]
+        self.active = [a for a in self.active if a != name]
+
+    def is_empty(self) -> bool:
+        return not self.adapters and not self.copies
+
+    def _in_effect(self) -> list[str]:
+        """Adapter names that act in this call: the routed ones, or the active unmerged ones in activation order."""
+        if self.routing is not None:
+            return [n for n in dict.fromkeys(self.routing.names) if n != BASE and self.has(n)]
+        return [n for n in self.active if self.has(n) and n not in self.merged]
+
+    def _rows(self, name: str, batch: int, device: torch.device) -> torch.Tensor | None:
+        return None if self.routing is None else self.routing.rows(name, batch, device)
+
+    # -- forward -------------------------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if self.copies:
+            wanted = dict.fromkeys(self.routing.names) if self.routing is not None else self.active
+            copies = [n for n in wanted if n in self.copies]
+            return self._forward_copies(copies, args, kwargs) if copies else self.base_layer(*args, **kwargs)
+        names = self._in_effect()
+        if not names:
+            return self.base_layer(*args, **kwargs)
+        items = [(n, sa) for n in names for sa in self.sites_of(n)]
+        roles = {sa.role for _, sa in items}
+        if roles & {"out", "in"}:
+            return self._forward_projection(args, kwargs, items)
+        if roles & {"block", "prefix"}:
+            return self._forward_block(args, kwargs, items)
+        return self.base_layer(*args, **kwargs)
+
+    def _routed(self, name: str, h: torch.Tensor, fn) -> torch.Tensor:
+        """Apply fn (rows → new rows) to this adapter's rows only; all rows when not routing."""
+        if self.routing is None:
+            return fn(slice(None))
+        idx = self._rows(name, h.shape[0], h.device)
+        if idx is None:
+            return h
+        return h.index_copy(0, idx, fn(idx))
+
+    def _forward_projection(self, args, kwargs, items) -> torch.Tensor:
+        x = args[0] if args else next(iter(kwargs.values()))
+        x_in = x
+        for name, sa in items:
+            if sa.role == "in":
+                x_in = self._routed(name, x_in, lambda r, sa=sa, xi=x_in: xi[r] * sa.input_factor().to(xi.dtype))
+        base_out = self.base_layer(x_in)
+        h = base_out
+        for name, sa in items:
+            if sa.role == "out":
+                h = self._routed(name, h, lambda r, sa=sa, h=h: sa.apply_out(h[r], x[r], base_out[r],
+                                                                              self.base_layer))
+        return h
+
+    def _forward_block(self, args, kwargs, items):
+        block_items = [(n, sa) for n, sa in items if sa.role == "block"]
+        prefix_items = [(n, sa) for n, sa in items if sa.role == "prefix"]
+        args = list(args)
+        block = block_items[0][1].block if block_items else None
+        if block is not None:
+            in_kwargs = block.arg in kwargs
+            x = kwargs[block.arg] if in_kwargs else args[block.position]
+        else:
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+        residual = block is not None and block.mode == "residual"
+        if residual:
+            new_x = x
+            for name, sa in block_items:
+                new_x = self._routed(name, new_x, lambda r, sa=sa, nx=new_x: nx[r] + sa.contribution(x[r]))
+            if in_kwargs:
+                kwargs[block.arg] = new_x
+            else:
+                args[block.position] = new_x
+        self.prefix_call = (prefix_items, x) if prefix_items else None
+        try:
+            out = self.base_layer(*args, **kwargs)
+        finally:
+            self.prefix_call = None
+        if block is None or residual:
+            return out
+        h = out[0] if isinstance(out, tuple) else out
+        for name, sa in block_items:
+            h = self._routed(name, h, lambda r, sa=sa, hh=h: hh[r] + sa.contribution(x[r]))
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def _forward_copies(self, names, args, kwargs):
+        if self.routing is None:
+            return self.copies[names[0]](*args, **kwargs)
+        out = self.base_layer(*args, **kwargs)
+        for name in names:
+            idx = self._rows(name, out.shape[0], out.device)
+            if idx is not None:
+                out = out.index_copy(0, idx, self.copies[name](*args, **kwargs)[idx])
+        return out
+
+    # -- merge ---------------------------------------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        for sa in self.sites_of(name):
+            sa.merge_into(self.base_layer)
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        for sa in reversed(list(self.sites_of(name))):
+            sa.unmerge_from(self.base_layer)
+        self.merged.remove(name)
+
+
+def _site_key(sa: SiteAdapter) -> str:
+    """ModuleDict keys may not contain dots: named sites keep their name; module-name targets use their role."""
+    return sa.site if sa.site in ALL_SITES else sa.role

@@ -1,0 +1,430 @@
+"""The adapted-model handle: named adapters on one frozen model.
+
+`attach(model, "lora")` wraps the modules a recipe's sites resolve to (each keeps its frozen module as `base_layer`),
+freezes everything else and returns an `AdaptedModel` whose `forward` / `generate` pass straight through to the
+model's — same signatures — plus one optional keyword, `adapter_names=[...]`, one adapter name per batch row
+(per-sample routing; `"__base__"` means no adapter for that row).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import prefix as prefix_mod
+from .arch import Binding, get_module, logical_modules, resolve, set_module, text_config
+from .errors import UnipeftError
+from .functions import SiteAdapter
+from .layer import BASE, AdapterLayer, Routing
+from .recipe import Recipe, as_recipe
+
+
+class AdaptedModel(nn.Module):
+    """A frozen model plus named adapters. Only active adapters' parameters (and their extra modules) train."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.recipes: dict[str, Recipe] = {}
+        self.train_modules: dict[str, list[str]] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self._wrappers: dict[str, AdapterLayer] = {}
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    # -- pass-through -----------------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return getattr(self.model, "config", None)
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        self._set_routing(adapter_names, args, kwargs)
+        args, kwargs, n_prompt = self._with_prompt(args, kwargs)
+        out = self.model(*args, **kwargs)
+        return _strip_prompt(out, n_prompt) if n_prompt else out
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        self._set_routing(adapter_names, args, kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        new_args, new_kwargs, n_prompt = self._with_prompt(args, kwargs)
+        if not n_prompt:
+            return self.model.generate(*args, **kwargs)
+        out = self.model.generate(*new_args, **new_kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        if input_ids is None:
+            return out
+        full = torch.cat([input_ids.to(sequences.device), sequences], dim=1)
+        if isinstance(out, torch.Tensor):
+            return full
+        out.sequences = full
+        return out
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Turn on the base model's gradient checkpointing (non-reentrant, so frozen inputs need no grad hook)."""
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+    # -- adapters ---------------------------------------------------------------------------------------------------
+    def add(self, name: str, preset_or_recipe: Recipe | str | Path | Mapping[str, Any] = "lora",
+            train_modules: list[str] | None = None, **overrides: Any) -> AdaptedModel:
+        """Add adapter `name` (not activated unless it is the only one; see `activate`). On error nothing changes."""
+        if not name or not name.isidentifier() or name == BASE:
+            raise UnipeftError(f"adapter name '{name}' must be a Python identifier (letters, digits, _)")
+        if name in self.recipes:
+            raise UnipeftError(f"adapter '{name}' already exists; remove it first or choose another name")
+        recipe = as_recipe(preset_or_recipe, **overrides)
+        plan = [(part, b) for part in recipe.parts for b in resolve(self.model, part)]
+        heads = self._resolve_train_modules(train_modules or [], plan)
+        created: list[str] = []
+        try:
+            for part, b in plan:
+                wrapper = self._wrap(b.module, created)
+                base = wrapper.base_layer
+                wrapper.add_site(name, SiteAdapter(part, b, base, **self._extra_dims(b, base)))
+                if b.role == "prefix":
+                    prefix_mod.install(base, wrapper, b.module)
+            for path in heads:
+                wrapper = self._wrap(path, created)
+                head = copy.deepcopy(wrapper.base_layer)
+                head.requires_grad_(True)
+                wrapper.copies[name] = head
+        except Exception:
+            for w in self._wrappers.values():
+                w.remove(name)
+            self._unwrap_empty()
+            raise
+        self.recipes[name] = recipe
+        self.train_modules[name] = heads
+        if len(self.recipes) == 1:
+            self.activate(name)
+        else:
+            self._refresh()
+        return self
+
+    def activate(self, *names: str) -> AdaptedModel:
+        """Make exactly these adapters active (their effects compose in this order) and trainable."""
+        for n in names:
+            if n not in self.recipes:
+                raise UnipeftError(f"no adapter '{n}'; adapters are {', '.join(self.recipes) or 'none'}")
+        self.active = list(dict.fromkeys(names))
+        self._refresh()
+        return self
+
+    def deactivate(self) -> AdaptedModel:
+        """No adapter acts (merged weights stay merged): the model behaves as the base."""
+        self.active = []
+        self._refresh()
+        return self
+
+    def remove(self, name: str) -> AdaptedModel:
+        self._require(name)
+        if name in self.merged:
+            raise UnipeftError(f"adapter '{name}' is merged into the weights; call unmerge() before removing it")
+        for w in self._wrappers.values():
+            w.remove(name)
+        self._unwrap_empty()
+        del self.recipes[name], self.train_modules[name]
+        self.active = [a for a in self.active if a != name]
+        self._refresh()
+        return self
+
+    def merge(self, name: str | None = None) -> AdaptedModel:
+        """Fold adapters (default: the active ones) into the frozen weights: zero added latency. Refused, with the
+        reason, for recipes whose knobs are not mergeable."""
+        names = [name] if name is not None else list(self.active)
+        if not names:
+            raise UnipeftError("no adapter to merge: none is active; pass a name or activate one")
+        for n in names:
+            self._require(n)
+            recipe = self.recipes[n]
+            if not recipe.mergeable:
+                bad = [p for p in recipe.parts if not p.mergeable]
+                why = ", ".join(f"'{p.name}' ({p.function} at {', '.join(p.sites or p.targets)}, {p.insertion}, "
+                                f"{p.composition})" for p in bad)
+                raise UnipeftError(f"adapter '{n}' ({recipe.name}) cannot be merged: part {why} is not a linear map of "
+                                   "a projection's own input; it stays unmerged")
+            if n in self.merged:
+                raise UnipeftError(f"adapter '{n}' is already merged")
+        for n in names:
+            for w in self._wrappers.values():
+                if n in w.adapters:
+                    w.merge(n)
+            self.merged.append(n)
+        self._refresh()
+        return self
+
+    def unmerge(self) -> AdaptedModel:
+        """Take every merged adapter back out of the weights (exact up to the weights' dtype rounding)."""
+        for n in reversed(list(self.merged)):
+            for w in self._wrappers.values():
+                if n in w.merged:
+                    w.unmerge(n)
+            self.merged.remove(n)
+        self._refresh()
+        return self
+
+    def detach(self) -> nn.Module:
+        """Put the original modules back and return the model. Merged adapters stay in the weights (merge-and-unload);
+        with nothing merged the state_dict is bit-identical to the one before attach."""
+        for path, w in list(self._wrappers.items()):
+            prefix_mod.uninstall(w.base_layer)
+            set_module(self.model, path, w.base_layer)
+        self._wrappers.clear()
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+        self.recipes.clear(), self.train_modules.clear(), self.active.clear(), self.merged.clear()
+        model = self.model
+        return model
+
+    # -- reporting --------------------------------------------------------------------------------------------------
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s parameters keyed structurally: "<module path>::<part>.<site>.<param>" for site adapters,
+        "<module path>::module.<param>" for its copies of extra trainable modules. The keys do not depend on the
+        adapter's name, so a saved adapter loads under any name."""
+        self._require(name)
+        out: dict[str, nn.Parameter] = {}
+        for path, w in self._wrappers.items():
+            if name in w.adapters:
+                for part, sites in w.adapters[name].items():
+                    for site, sa in sites.items():
+                        for pn, p in sa.named_parameters():
+                            out[f"{path}::{part}.{site}.{pn}"] = p
+            if name in w.copies:
+                for pn, p in w.copies[name].named_parameters():
+                    out[f"{path}::module.{pn}"] = p
+        return out
+
+    def base_parameter_count(self) -> int:
+        seen = set()
+        total = 0
+        for n, p in self.model.named_parameters():
+            if ".adapters." in f".{n}" or ".copies." in f".{n}" or id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def summary(self) -> str:
+        """A table: each adapter's method, state, trainable parameters and their % of the base model."""
+        total = self.base_parameter_count()
+        lines = [f"base model: {type(self.model).__name__}, {total:,} parameters (frozen)",
+                 f"{'adapter':<14}{'method':<17}{'state':<16}{'parameters':>14}{'% of base':>11}"]
+        for n, recipe in self.recipes.items():
+            count = sum(p.numel() for p in self.adapter_parameters(n).values())
+            state = "merged" if n in self.merged else ("active" if n in self.active else "inactive")
+            lines.append(f"{n:<14}{recipe.name:<17}{state:<16}{count:>14,}{100 * count / max(total, 1):>10.3f}%")
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        lines.append(f"trainable now: {trainable:,} ({100 * trainable / max(total, 1):.3f}% of base)")
+        return "\n".join(lines)
+
+    # -- persistence ------------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, name: str | None = None) -> Path:
+        """Write adapters (default: all) atomically to `directory`: safetensors + recipe + fingerprint."""
+        from .io import save_adapters
+
+        return save_adapters(self, Path(directory), [name] if name else list(self.recipes))
+
+    def load(self, directory: str | Path, name: str | None = None) -> AdaptedModel:
+        """Load adapters saved by `save` into this model (default: all of them; `name` picks one)."""
+        from .io import load_adapters
+
+        load_adapters(self, Path(directory), name)
+        return self
+
+    # -- internals --------------------------------------------------------------------------------------------------
+    def _require(self, name: str) -> None:
+        if name not in self.recipes:
+            raise UnipeftError(f"no adapter '{name}'; adapters are {', '.join(self.recipes) or 'none'}")
+
+    def _wrap(self, path: str, created: list[str]) -> AdapterLayer:
+        if path in self._wrappers:
+            return self._wrappers[path]
+        module = get_module(self.model, path)
+        wrapper = AdapterLayer(module)
+        set_module(self.model, path, wrapper)
+        self._wrappers[path] = wrapper
+        created.append(path)
+        return wrapper
+
+    def _unwrap_empty(self) -> None:
+        for path, w in list(self._wrappers.items()):
+            if w.is_empty():
+                prefix_mod.uninstall(w.base_layer)
+                set_module(self.model, path, w.base_layer)
+                del self._wrappers[path]
+
+    def _extra_dims(self, b: Binding, base: nn.Module) -> dict[str, Any]:
+        cfg = text_config(self.model)
+        hidden = getattr(cfg, "hidden_size", None)
+        if b.role == "block":
+            return {"hidden": hidden}
+        if b.role == "prefix":
+            heads = cfg.num_attention_heads
+            n_kv = getattr(cfg, "num_key_value_heads", None) or heads
+            head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+            return {"hidden": hidden, "prefix_shape": (n_kv, head_dim)}
+        if b.role == "embed":
+            return {"hidden": base.weight.shape[1], "vocab": base.weight}
+        return {}
+
+    def _resolve_train_modules(self, patterns: list[str], plan: list[tuple[Any, Binding]]) -> list[str]:
+        adapted = {b.module for _, b in plan} | {p for p, w in self._wrappers.items() if w.adapters}
+        named = [n for n, _ in logical_modules(self.model) if n]
+        out: list[str] = []
+        for pat in patterns:
+            hits = [n for n in named if fnmatchcase(n, pat) or fnmatchcase(n, "*." + pat)]
+            hits = [n for n in hits if not any(h != n and n.startswith(h + ".") for h in hits)]
+            if not hits:
+                tops = [n for n in named if "." not in n]
+                raise UnipeftError(f"train module '{pat}' matches no module; top-level modules are {', '.join(tops)}")
+            clash = [h for h in hits if h in adapted or any(a.startswith(h + ".") for a in adapted)]
+            if clash:
+                raise UnipeftError(f"train module '{clash[0]}' contains adapted modules; name a module no adapter "
+                                   "acts on (e.g. the classifier head)")
+            out.extend(h for h in hits if h not in out)
+        return out
+
+    def _refresh(self) -> None:
+        """Push the active/merged sets into the wrappers and set requires_grad: active, unmerged adapters train."""
+        for w in self._wrappers.values():
+            w.active = list(self.active)
+            w.merged = [n for n in self.merged if n in w.adapters]
+        for name in self.recipes:
+            train = name in self.active and name not in self.merged
+            for p in self.adapter_parameters(name).values():
+                p.requires_grad_(train)
+        for name in self.merged:  # a merged adapter's head still trains only while active
+            for path in self.train_modules.get(name, []):
+                self._wrappers[path].copies[name].requires_grad_(name in self.active)
+
+    def _batch_size(self, args: tuple, kwargs: dict) -> int | None:
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                return int(v.shape[0])
+        return None
+
+    def _set_routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> None:
+        routing = None
+        if adapter_names is not None:
+            names = list(adapter_names)
+            unknown = sorted({n for n in names if n != BASE and n not in self.recipes})
+            if unknown:
+                raise UnipeftError(f"adapter_names has unknown adapter(s) {unknown}; adapters are "
+                                   f"{', '.join(self.recipes)} (or '{BASE}' for none)")
+            batch = self._batch_size(args, kwargs)
+            if batch is not None and batch != len(names):
+                raise UnipeftError(f"adapter_names has {len(names)} entries but the batch has {batch} rows; give "
+                                   "one adapter name per row")
+            if self.merged:
+                raise UnipeftError(f"per-sample routing needs unmerged adapters; {', '.join(self.merged)} merged: "
+                                   "call unmerge() first")
+            routing = Routing(names)
+        for w in self._wrappers.values():
+            w.routing = routing
+
+    def _prompt_sources(self) -> list[tuple[str, torch.Tensor]]:
+        routing_names = None
+        for w in self._wrappers.values():
+            routing_names = None if w.routing is None else w.routing.names
+            break
+        wanted = [n for n in dict.fromkeys(routing_names)] if routing_names is not None else self.active
+        out = []
+        for w in self._wrappers.values():
+            for n in wanted:
+                for sa in w.sites_of(n):
+                    if sa.role == "embed":
+                        out.append((n, sa.fn()))
+        return out
+
+    def _with_prompt(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
+        """Prompt tuning: embed the input, put the learned tokens first, extend mask / labels / token types."""
+        sources = self._prompt_sources()
+        if not sources:
+            return args, kwargs, 0
+        kwargs = dict(kwargs)
+        if args:
+            if len(args) > 1:
+                raise UnipeftError("with prompt tuning pass inputs as keywords (input_ids=..., attention_mask=...)")
+            kwargs["input_ids"] = args[0]
+        if kwargs.get("position_ids") is not None:
+            raise UnipeftError("prompt tuning shifts positions: omit position_ids and let the model number them")
+        input_ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            if input_ids is None:
+                raise UnipeftError("prompt tuning needs input_ids or inputs_embeds")
+            embeds = self.model.get_input_embeddings()(input_ids)
+        batch, seq = embeds.shape[:2]
+        routing = next(iter(self._wrappers.values())).routing
+        chunks, masks = [], []
+        for name, tokens in sources:
+            t = tokens.to(embeds.dtype)[None].expand(batch, -1, -1)
+            rows = torch.ones(batch, dtype=torch.bool, device=embeds.device)
+            if routing is not None:
+                idx = routing.rows(name, batch, embeds.device)
+                rows = torch.zeros_like(rows)
+                if idx is not None:
+                    rows[idx] = True
+                t = t * rows[:, None, None].to(t.dtype)
+            chunks.append(t)
+            masks.append(rows[:, None].expand(batch, tokens.shape[0]))
+        n_prompt = sum(c.shape[1] for c in chunks)
+        kwargs["inputs_embeds"] = torch.cat([*chunks, embeds], dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, seq, dtype=torch.long, device=embeds.device)
+        kwargs["attention_mask"] = torch.cat([torch.cat(masks, dim=1).to(mask.dtype), mask], dim=1)
+        if kwargs.get("token_type_ids") is not None:
+            tt = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(batch, n_prompt), tt], dim=1)
+        if routing is not None and not bool(kwargs["attention_mask"][:, :n_prompt].all()) and _accepts(
+                self.model, "position_ids"):
+            # Rows without (all of) the prompt keep their real tokens at the positions they would have alone.
+            kwargs["position_ids"] = (kwargs["attention_mask"].long().cumsum(dim=1) - 1).clamp(min=0)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == seq:
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n_prompt), -100), labels], dim=1)
+        return (), kwargs, n_prompt
+
+
+def _accepts(model: nn.Module, arg: str) -> bool:
+    import inspect
+
+    return arg in inspect.signature(model.forward).parameters
+
+
+def _strip_prompt(out: Any, n: int) -> Any:
+    """Drop the prompt positions from per-token outputs so they line up with the caller's input (the loss was
+    computed inside with the labels shifted accordingly)."""
+    for key in ("logits", "last_hidden_state"):
+        t = getattr(out, key, None)
+        if isinstance(t, torch.Tensor) and t.dim() == 3:
+            setattr(out, key, t[:, n:])
+    hs = getattr(out, "hidden_states", None)
+    if isinstance(hs, tuple):
+        out.hidden_states = tuple(h[:, n:] for h in hs)
+    return out
+
+
+def attach(model: nn.Module, preset_or_recipe: Recipe | str | Path | Mapping[str, Any] = "lora",
+           name: str = "default", train_modules: list[str] | None = None, **overrides: Any) -> AdaptedModel:
+    """Attach a preset (by name), a recipe file or a `Recipe` to a frozen model; the new adapter is active.
+
+    Overrides use the knob names (`r=16`, `alpha=32`, `dropout=0.1`, `layers=[0, 1]`, `targets=["q", "k", "v"]`;
+    `**{"lora.r": 4}` changes one part of a union). `train_modules=["classifier"]` trains (and saves) a copy of those
+    modules with the adapter, e.g. a new classification head.
+    """
+    if isinstance(model, AdaptedModel):
+        raise UnipeftError("this model is already adapted; use am.add(name, ...) to add another adapter")
+    am = AdaptedModel(model)
+    am.add(name, preset_or_recipe, train_modules=train_modules, **overrides)
+    return am
+

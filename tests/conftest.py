@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-init models of every mapped family, and the real shipped models (loaded once)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as T
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+T.logging.set_verbosity_error()
+
+FAMILIES = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
+VOCAB = 64
+
+
+def tiny_model(family: str, *, attn: str = "sdpa", seed: int = 0, head: str = "lm") -> torch.nn.Module:
+    """A 2-layer, 32-wide random-init model. Decoder families use GQA (4 heads, 2 KV heads)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=48, attn_implementation=attn)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "bert":
+        cfg = T.BertConfig(**common, **no_dropout, max_position_embeddings=64)
+        return T.BertForSequenceClassification(cfg) if head == "cls" else T.BertModel(cfg)
+    if family == "roberta":
+        cfg = T.RobertaConfig(**common, **no_dropout, max_position_embeddings=70, pad_token_id=1)
+        return T.RobertaModel(cfg)
+    if family == "gpt2":
+        cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_implementation=attn,
+                           bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return T.GPT2LMHeadModel(cfg)
+    decoder = dict(common, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                   pad_token_id=0)
+    cls = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
+           "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[family]
+    return cls[1](cls[0](**decoder))
+
+
+def output_of(out) -> torch.Tensor:
+    """The per-token output of any model here: logits for LMs / classifiers, the last hidden state for encoders."""
+    for key in ("logits", "last_hidden_state"):
+        t = getattr(out, key, None)
+        if t is not None:
+            return t
+    raise AssertionError(f"no tensor output in {type(out).__name__}")
+
+
+def inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    from unipeft.assets import minilm_path
+
+    return str(minilm_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from unipeft.assets import smollm2_path
+
+    return str(smollm2_path())

@@ -1,0 +1,107 @@
+"""Per-sample routing (`adapter_names=`), generation with the KV cache, and gradient checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import inputs, output_of, tiny_model
+from test_engine import PRESETS, randomize
+
+import unipeft
+from unipeft import UnipeftError
+
+MIX = {"a": "lora", "b": "ia3", "c": "houlsby", "d": "prefix", "e": "prompt", "f": "dora"}
+
+
+def mixed(family: str) -> unipeft.AdaptedModel:
+    model = tiny_model(family).eval()
+    am = None
+    for i, (name, preset) in enumerate(MIX.items()):
+        am = unipeft.attach(model, preset, name=name) if am is None else am.add(name, preset)
+        randomize(am, name, seed=i)
+    return am
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_routing_equals_each_row_alone(family: str) -> None:
+    am = mixed(family)
+    names = ["a", "b", "__base__", "c", "d", "e", "f"]
+    x = inputs(batch=len(names), seq=5)
+    with torch.no_grad():
+        routed = output_of(am(**x, adapter_names=names))
+        for row, name in enumerate(names):
+            if name == "__base__":
+                am.deactivate()
+            else:
+                am.activate(name)
+            alone = output_of(am(**{k: v[row:row + 1] for k, v in x.items()}))
+            torch.testing.assert_close(routed[row:row + 1], alone, rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
+
+
+def test_routing_errors() -> None:
+    am = mixed("llama")
+    x = inputs(batch=2)
+    with pytest.raises(UnipeftError, match="3 entries but the batch has 2 rows"):
+        am(**x, adapter_names=["a", "b", "c"])
+    with pytest.raises(UnipeftError, match=r"unknown adapter\(s\) \['zz'\]"):
+        am(**x, adapter_names=["a", "zz"])
+    am.activate("a")
+    am.merge()
+    with pytest.raises(UnipeftError, match="unmerged"):
+        am(**x, adapter_names=["a", "a"])
+
+
+def greedy_without_cache(am, ids: torch.Tensor, steps: int, **kw) -> torch.Tensor:
+    """The reference decoder: re-run the full sequence each step (no KV cache) and take the argmax."""
+    for _ in range(steps):
+        logits = am(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("preset", ["prefix", "prompt", "mam", "unipelt", "lora"])
+def test_generate_with_kv_cache_matches_full_recompute_gqa(preset: str) -> None:
+    """Prefix tuning with generate() and the KV cache on a GQA model (4 heads, 2 KV heads)."""
+    am = unipeft.attach(tiny_model("llama").eval(), preset)
+    randomize(am, std=0.3)
+    ids = inputs(batch=2, seq=4)["input_ids"]
+    with torch.no_grad():
+        generated = am.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                do_sample=False, pad_token_id=0)
+        reference = greedy_without_cache(am, ids, 6)
+    assert torch.equal(generated, reference)
+
+
+def test_generate_with_routing() -> None:
+    am = mixed("llama")
+    ids = inputs(batch=3, seq=4)["input_ids"]
+    names = ["d", "a", "e"]
+    with torch.no_grad():
+        routed = am.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             pad_token_id=0, adapter_names=names)
+        for row, name in enumerate(names):
+            am.activate(name)
+            alone = greedy_without_cache(am, ids[row:row + 1], 5)
+            assert torch.equal(routed[row:row + 1], alone), name
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gradient_checkpointing_gives_the_same_gradients(family: str, preset: str) -> None:
+    def grads(checkpointing: bool, routed: bool) -> dict[str, torch.Tensor]:
+        model = tiny_model(family).train()
+        am = unipeft.attach(model, preset)
+        am.add("other", "lora")
+        randomize(am)
+        if checkpointing:
+            model.gradient_checkpointing_enable()  # transformers' default settings, as a user would call it
+        x = inputs(batch=2)
+        names = ["default", "other"] if routed else None
+        output_of(am(**x, adapter_names=names)).pow(2).mean().backward()
+        return {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()}
+
+    for routed in (False, True):
+        plain, ckpt = grads(False, routed), grads(True, routed)
+        assert plain.keys() == ckpt.keys()
+        for k in plain:
+            torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
