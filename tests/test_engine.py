@@ -251,3 +251,17 @@ def test_unknown_architecture_uses_name_patterns() -> None:
     torch.testing.assert_close(h, expected)
     am2 = unipeft.attach(Net(), "ia3", targets=["fc2:in"])
     assert all(w.adapters["default"]["ia3"]["in"].role == "in" for w in am2._wrappers.values())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_adapter_dtype_follows_base_unless_the_recipe_says(preset: str) -> None:
+    """Adapters take the frozen weight's dtype (no silent fp32 upcast); dtype=float32 keeps fp32 master weights on a
+    bf16 base, and the output keeps the base's dtype either way."""
+    x = inputs()
+    for dtype, expected in ((None, torch.bfloat16), ("float32", torch.float32)):
+        model = tiny_model("llama").to(torch.bfloat16)
+        am = unipeft.attach(model, preset) if dtype is None else unipeft.attach(model, preset, dtype=dtype)
+        assert {p.dtype for p in am.adapter_parameters("default").values()} == {expected}
+        out = output_of(am(**x))
+        assert out.dtype == torch.bfloat16
+        out.float().mean().backward()

@@ -72,7 +72,7 @@ def sites(
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 30,
+    steps: Annotated[int, typer.Option(help="Training steps (16 reviews each).")] = 80,
     preset_name: Annotated[str, typer.Option("--preset", help="Preset to attach.")] = "lora",
 ) -> None:
     """A short real run on the shipped MiniLM: attach, train on Rotten Tomatoes reviews, merge, compare outputs."""

