@@ -223,3 +223,40 @@ def test_prompt_loss_counts_real_tokens_only() -> None:
         full = model(inputs_embeds=embeds).logits
     expected = F.cross_entropy(full[:, 2:-1].reshape(-1, full.shape[-1]), x["input_ids"].reshape(-1))
     torch.testing.assert_close(loss, expected)
+
+
+def test_gated_prefix_formula() -> None:
+    """Gated prefix (UniPELT): Attn(x) + g·(Attn_prefix(x) − Attn(x)), g = σ(x_t·w + b) per token."""
+    model = tiny_model("bert", attn="eager").eval()
+    am = unipeft.attach(model, "prefix", composition="gated", length=3, reparam_hidden=None)
+    randomize(am, std=0.3)
+    path = "encoder.layer.0.attention.self"
+    wrapper, sa = am._wrappers[path], site(am, path, "prefix", "kv")
+    attn = wrapper.base_layer
+    hs = torch.randn(2, 5, 32)
+
+    def heads(t):
+        return t.view(2, -1, 4, 8).transpose(1, 2)
+
+    def attention(k, v):
+        return (F.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v).transpose(1, 2).reshape(2, 5, 32)
+
+    q, k, v = heads(attn.query(hs)), heads(attn.key(hs)), heads(attn.value(hs))
+    pk, pv = sa.fn.kv()
+    prefixed = attention(torch.cat([pk[None].expand(2, -1, -1, -1), k], 2),
+                         torch.cat([pv[None].expand(2, -1, -1, -1), v], 2))
+    base = attention(k, v)
+    g = torch.sigmoid(hs @ sa.gate.weight.T + sa.gate.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(hs)[0], base + g * (prefixed - base))
+        sa.gate.bias.fill_(-1e4)  # gate shut: exactly the frozen attention
+        torch.testing.assert_close(wrapper(hs)[0], base)
+
+
+def test_prefix_refuses_flash_attention() -> None:
+    model = tiny_model("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(unipeft.UnipeftError, match="needs eager or sdpa attention, not 'flash_attention_2'"):
+        unipeft.attach(model, "prefix")
+    assert not any("base_layer" in n for n, _ in model.named_modules()), "a refused attach leaves no wrapper behind"
+    assert all(p.requires_grad for p in model.parameters()), "and leaves requires_grad as it was"

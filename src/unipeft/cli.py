@@ -44,6 +44,9 @@ def presets(
             table.add_row(n if i == 0 else "", part.name, part.function, part.composition, _knobs(part),
                           ("yes" if recipe.mergeable else "no") if i == 0 else "")
     console.print(table)
+    for n in list_presets():
+        recipe = load_preset(n)
+        console.print(f"[bold]{n}[/]: {recipe.description} ({', '.join(recipe.references)})", highlight=False)
     console.print("Show one recipe in full: unipeft presets NAME. A new method is a YAML file with the same knobs.")
 
 

@@ -425,6 +425,10 @@ def attach(model: nn.Module, preset_or_recipe: Recipe | str | Path | Mapping[str
     if isinstance(model, AdaptedModel):
         raise UnipeftError("this model is already adapted; use am.add(name, ...) to add another adapter")
     am = AdaptedModel(model)
-    am.add(name, preset_or_recipe, train_modules=train_modules, **overrides)
+    try:
+        am.add(name, preset_or_recipe, train_modules=train_modules, **overrides)
+    except BaseException:
+        am.detach()  # a refused attach leaves the model exactly as it was, requires_grad flags included
+        raise
     return am
 
