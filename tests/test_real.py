@@ -35,6 +35,7 @@ def smollm2(smollm2_path):
 
 
 def _check_preset(model, batch, preset, **kw):
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         reference = model(**batch).logits.clone()
     am = unipeft.attach(model, preset, **kw)
@@ -48,7 +49,8 @@ def _check_preset(model, batch, preset, **kw):
         assert all(p.grad is None for p in am.parameters() if id(p) not in adapter)
         assert any(float(p.grad.abs().sum()) > 0 for p in am.adapter_parameters("default").values())
     finally:
-        am.detach()
+        restored = am.detach().state_dict()
+    assert list(restored) == list(snapshot) and all(torch.equal(restored[k], snapshot[k]) for k in snapshot)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -61,6 +63,21 @@ def test_every_preset_on_minilm(minilm, preset: str) -> None:
 def test_every_preset_on_smollm2(smollm2, preset: str) -> None:
     model, _, batch = smollm2
     _check_preset(model, batch, preset)
+
+
+@pytest.mark.parametrize("preset", sorted(MERGEABLE))
+def test_merge_on_minilm(minilm, preset: str) -> None:
+    model, batch = minilm
+    am = unipeft.attach(model, preset, train_modules=["classifier"])
+    randomize(am, std=0.05)
+    try:
+        with torch.no_grad():
+            unmerged = am(**batch).logits.clone()
+            am.merge()
+            torch.testing.assert_close(am(**batch).logits, unmerged, rtol=1e-5, atol=1e-5)
+    finally:
+        am.unmerge()
+        am.detach()
 
 
 @pytest.mark.parametrize("preset", sorted(MERGEABLE))
