@@ -13,8 +13,8 @@ from unipeft import UnipeftError
 MIX = {"a": "lora", "b": "ia3", "c": "houlsby", "d": "prefix", "e": "prompt", "f": "dora"}
 
 
-def mixed(family: str) -> unipeft.AdaptedModel:
-    model = tiny_model(family).eval()
+def mixed(family: str, attn: str = "sdpa") -> unipeft.AdaptedModel:
+    model = tiny_model(family, attn=attn).eval()
     am = None
     for i, (name, preset) in enumerate(MIX.items()):
         am = unipeft.attach(model, preset, name=name) if am is None else am.add(name, preset)
@@ -22,9 +22,10 @@ def mixed(family: str) -> unipeft.AdaptedModel:
     return am
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
-def test_routing_equals_each_row_alone(family: str) -> None:
-    am = mixed(family)
+def test_routing_equals_each_row_alone(family: str, attn: str) -> None:
+    am = mixed(family, attn)
     names = ["a", "b", "__base__", "c", "d", "e", "f"]
     x = inputs(batch=len(names), seq=5)
     with torch.no_grad():

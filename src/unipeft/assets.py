@@ -91,4 +91,7 @@ def load_model(name_or_path: str, kind: str = "auto", **kwargs):
            "classification": transformers.AutoModelForSequenceClassification}[kind]
     if cls is None:
         cls = transformers.AutoModelForCausalLM if name_or_path == "smollm2" else transformers.AutoModel
-    return cls.from_pretrained(str(path), **kwargs)
+    try:
+        return cls.from_pretrained(str(path), **kwargs)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnipeftError(f"cannot load a model from '{name_or_path}': {str(e).strip().splitlines()[0]}") from None

@@ -73,15 +73,7 @@ def sites(
     console.print(table)
 
 
-@app.command()
-def demo(
-    steps: Annotated[int, typer.Option(help="Training steps (16 reviews each).")] = 80,
-    preset_name: Annotated[str, typer.Option("--preset", help="Preset to attach.")] = "lora",
-) -> None:
-    """A short real run on the shipped MiniLM: attach, train on Rotten Tomatoes reviews, merge, compare outputs."""
-    from .demo import run_demo
-
-    run_demo(steps=steps, preset_name=preset_name, console=console)
+from . import cli_run  # noqa: E402,F401  (registers train/eval/predict/generate/merge/compare)
 
 
 def main() -> None:
@@ -90,6 +82,9 @@ def main() -> None:
         app()
     except UnipeftError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # e.g. a model folder transformers cannot read
+        print(f"error: {e.strerror or e}{f': {e.filename}' if getattr(e, 'filename', None) else ''}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -159,8 +159,8 @@ class SiteAdapter(nn.Module):
         self.s = part.scaling()
         init = part.resolved_init()
         ref = next(base.parameters(), None) if base is not None else None
-        self.dtype = _DTYPES[part.dtype] if part.dtype else (ref.dtype if ref is not None and ref.is_floating_point()
-                                                             else torch.float32)
+        dtype = _DTYPES[part.dtype] if part.dtype else (ref.dtype if ref is not None and ref.is_floating_point()
+                                                        else torch.float32)
         d_src = d_out = hidden or 0
         if binding.role in ("out", "in"):
             d_in, d_full = linear_dims(base)
@@ -198,8 +198,13 @@ class SiteAdapter(nn.Module):
             w = base_weight(base)[self.span[0]:self.span[1]].float()
             self.magnitude = nn.Parameter(w.norm(dim=1))
         # Adapters live where the frozen module lives, in the recipe's dtype (default: the base weight's dtype).
-        self.to(device=ref.device if ref is not None else None, dtype=self.dtype)
+        self.to(device=ref.device if ref is not None else None, dtype=dtype)
         self._merge_undo: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The adapter's parameter dtype, read at call time so `am.to(torch.bfloat16)` after attach just works."""
+        return next(self.parameters()).dtype
 
     # -- composition ---------------------------------------------------------------------------------------------------
     def scale(self) -> torch.Tensor | float:

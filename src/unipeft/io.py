@@ -63,9 +63,15 @@ def save_adapters(am: AdaptedModel, directory: Path, names: list[str]) -> Path:
     if not names:
         raise UnipeftError("nothing to save: the model has no adapters")
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and
-                                                          not (directory / INDEX).is_file())):
-        raise UnipeftError(f"'{directory}' exists and is not a unipeft adapter folder; choose a new or empty folder")
+    if directory.exists():
+        if not directory.is_dir() or (any(directory.iterdir()) and not (directory / INDEX).is_file()):
+            raise UnipeftError(f"'{directory}' exists and is not a unipeft adapter folder; choose a new or empty "
+                               "folder")
+        owned = {INDEX} | {f"{n}.safetensors" for n in _index_names(directory)}
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in owned)
+        if foreign:
+            raise UnipeftError(f"'{directory}' also holds {foreign[0]}, which saving would delete; move it or save "
+                               "elsewhere")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -94,6 +100,13 @@ def save_adapters(am: AdaptedModel, directory: Path, names: list[str]) -> Path:
     return directory
 
 
+def _index_names(directory: Path) -> list[str]:
+    try:
+        return list(json.loads((directory / INDEX).read_text(encoding="utf-8")).get("adapters", {}))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def read_index(directory: Path) -> dict[str, Any]:
     path = Path(directory) / INDEX
     if not path.is_file():
@@ -102,9 +115,16 @@ def read_index(directory: Path) -> dict[str, Any]:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UnipeftError(f"{path} is corrupt: {e}") from None
-    if index.get("format") != FORMAT or not isinstance(index.get("adapters"), dict):
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("adapters"), dict):
         raise UnipeftError(f"{path} is not a unipeft adapter index")
-    if index.get("format_version", 0) > FORMAT_VERSION:
+    version = index.get("format_version")
+    if not isinstance(version, int):
+        raise UnipeftError(f"{path} has no integer format_version; it is corrupt")
+    for name, entry in index["adapters"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("recipe"), dict) or not isinstance(
+                entry.get("file"), str):
+            raise UnipeftError(f"{path}: the entry of adapter '{name}' is corrupt (needs recipe and file)")
+    if version > FORMAT_VERSION:
         raise UnipeftError(f"{path} has format version {index['format_version']}; this unipeft reads up to "
                            f"{FORMAT_VERSION}: upgrade unipeft")
     return index

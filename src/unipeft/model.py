@@ -48,8 +48,12 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         self._set_routing(adapter_names, args, kwargs)
         args, kwargs, n_prompt = self._with_prompt(args, kwargs)
-        out = self.model(*args, **kwargs)
-        return _strip_prompt(out, n_prompt) if n_prompt else out
+        if not n_prompt:
+            return self.model(*args, **kwargs)
+        want_tuple = kwargs.get("return_dict") is False
+        kwargs["return_dict"] = True
+        out = _strip_prompt(self.model(*args, **kwargs), n_prompt, kwargs["inputs_embeds"].shape[1])
+        return out.to_tuple() if want_tuple else out
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         self._set_routing(adapter_names, args, kwargs)
@@ -69,20 +73,44 @@ class AdaptedModel(nn.Module):
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Turn on the base model's gradient checkpointing (non-reentrant, so frozen inputs need no grad hook)."""
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        self.model.gradient_checkpointing_enable(**kwargs)
+        gc = dict(kwargs.pop("gradient_checkpointing_kwargs", None) or {})
+        gc.setdefault("use_reentrant", False)
+        if not gc["use_reentrant"]:
+            gc.setdefault("context_fn", self._routing_context)
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc, **kwargs)
+
+    def _routing_context(self):
+        """For torch.utils.checkpoint: remember this segment's routing at forward time and restore it while the
+        segment is recomputed in backward — even if other forwards ran in between."""
+        import contextlib
+
+        saved = {id(w): w.routing for w in self._wrappers.values()}
+
+        @contextlib.contextmanager
+        def recompute():
+            current = {id(w): w.routing for w in self._wrappers.values()}
+            for w in self._wrappers.values():
+                w.routing = saved.get(id(w))
+            try:
+                yield
+            finally:
+                for w in self._wrappers.values():
+                    w.routing = current.get(id(w))
+
+        return contextlib.nullcontext(), recompute()
 
     # -- adapters ---------------------------------------------------------------------------------------------------
     def add(self, name: str, preset_or_recipe: Recipe | str | Path | Mapping[str, Any] = "lora",
             train_modules: list[str] | None = None, **overrides: Any) -> AdaptedModel:
         """Add adapter `name` (not activated unless it is the only one; see `activate`). On error nothing changes."""
-        if not name or not name.isidentifier() or name == BASE:
+        if not isinstance(name, str) or not name.isidentifier() or name == BASE:
             raise UnipeftError(f"adapter name '{name}' must be a Python identifier (letters, digits, _)")
         if name in self.recipes:
             raise UnipeftError(f"adapter '{name}' already exists; remove it first or choose another name")
         recipe = as_recipe(preset_or_recipe, **overrides)
         plan = [(part, b) for part in recipe.parts for b in resolve(self.model, part)]
         heads = self._resolve_train_modules(train_modules or [], plan)
+        self._check_plan(recipe, plan)
         created: list[str] = []
         try:
             for part, b in plan:
@@ -112,6 +140,9 @@ class AdaptedModel(nn.Module):
     def activate(self, *names: str) -> AdaptedModel:
         """Make exactly these adapters active (their effects compose in this order) and trainable."""
         for n in names:
+            if not isinstance(n, str):
+                raise UnipeftError(f"activate takes adapter names as separate arguments, e.g. activate('a', 'b'); got "
+                                   f"{type(n).__name__}")
             if n not in self.recipes:
                 raise UnipeftError(f"no adapter '{n}'; adapters are {', '.join(self.recipes) or 'none'}")
         self.active = list(dict.fromkeys(names))
@@ -139,9 +170,11 @@ class AdaptedModel(nn.Module):
     def merge(self, name: str | None = None) -> AdaptedModel:
         """Fold adapters (default: the active ones) into the frozen weights: zero added latency. Refused, with the
         reason, for recipes whose knobs are not mergeable."""
-        names = [name] if name is not None else list(self.active)
+        if name is not None and not isinstance(name, str):
+            raise UnipeftError(f"merge takes one adapter name (or None for the active ones), not {type(name).__name__}")
+        names = [name] if name is not None else [n for n in self.active if n not in self.merged]
         if not names:
-            raise UnipeftError("no adapter to merge: none is active; pass a name or activate one")
+            raise UnipeftError("no adapter to merge: none is active and unmerged; pass a name or activate one")
         for n in names:
             self._require(n)
             recipe = self.recipes[n]
@@ -153,6 +186,14 @@ class AdaptedModel(nn.Module):
                                    "a projection's own input; it stays unmerged")
             if n in self.merged:
                 raise UnipeftError(f"adapter '{n}' is already merged")
+        for w in self._wrappers.values():  # merging must not reorder compositions
+            order = [a for a in w.active if a in w.adapters]
+            for n in names:
+                if n in order:
+                    before = [a for a in order[: order.index(n)] if a not in self.merged and a not in names]
+                    if before:
+                        raise UnipeftError(f"adapter '{n}' composes after unmerged '{before[0]}' on the same layer; "
+                                           "merging it would change the output: merge both or reorder activate()")
         for n in names:
             for w in self._wrappers.values():
                 if n in w.adapters:
@@ -176,7 +217,11 @@ class AdaptedModel(nn.Module):
         with nothing merged the state_dict is bit-identical to the one before attach."""
         for path, w in list(self._wrappers.items()):
             prefix_mod.uninstall(w.base_layer)
-            set_module(self.model, path, w.base_layer)
+            keep = next((n for n in self.active if n in self.merged and n in w.copies), None)
+            original = w.base_layer
+            if keep is not None:  # merge-and-unload keeps the merged adapter's own head
+                original = w.copies[keep]
+            set_module(self.model, path, original)
         self._wrappers.clear()
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
@@ -275,6 +320,19 @@ class AdaptedModel(nn.Module):
             return {"hidden": base.weight.shape[1], "vocab": base.weight}
         return {}
 
+    def _check_plan(self, recipe: Recipe, plan: list[tuple[Any, Binding]]) -> None:
+        """Refuse combinations that would silently misbehave."""
+        copies = [p for p, w in self._wrappers.items() if w.copies]
+        for part, b in plan:
+            clash = [c for c in copies if b.module == c or b.module.startswith(c + ".") or c.startswith(b.module + ".")]
+            if clash:
+                raise UnipeftError(f"part '{part.name}' would act on '{b.module}', which is (inside) the train module "
+                                   f"'{clash[0]}' of another adapter; target other modules")
+            w = self._wrappers.get(b.module)
+            if part.magnitude and w is not None and w.merged:
+                raise UnipeftError(f"a DoRA magnitude on '{b.module}' would start from merged weights "
+                                   f"({', '.join(w.merged)} merged); unmerge() first")
+
     def _resolve_train_modules(self, patterns: list[str], plan: list[tuple[Any, Binding]]) -> list[str]:
         adapted = {b.module for _, b in plan} | {p for p, w in self._wrappers.items() if w.adapters}
         named = [n for n, _ in logical_modules(self.model) if n]
@@ -349,6 +407,9 @@ class AdaptedModel(nn.Module):
         sources = self._prompt_sources()
         if not sources:
             return args, kwargs, 0
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return args, kwargs, 0  # the prompt is already in the cache (and the caller's mask covers it)
         kwargs = dict(kwargs)
         if args:
             if len(args) > 1:
@@ -388,7 +449,10 @@ class AdaptedModel(nn.Module):
         if routing is not None and not bool(kwargs["attention_mask"][:, :n_prompt].all()) and _accepts(
                 self.model, "position_ids"):
             # Rows without (all of) the prompt keep their real tokens at the positions they would have alone.
-            kwargs["position_ids"] = (kwargs["attention_mask"].long().cumsum(dim=1) - 1).clamp(min=0)
+            skipped = (1 - torch.cat(masks, dim=1).long()).sum(dim=1, keepdim=True)
+            width = kwargs["attention_mask"].shape[1]
+            positions = torch.arange(width, device=embeds.device)[None].expand(batch, -1)
+            kwargs["position_ids"] = (positions - skipped).clamp(min=0)
         labels = kwargs.get("labels")
         if labels is not None and labels.dim() == 2 and labels.shape[1] == seq:
             kwargs["labels"] = torch.cat([labels.new_full((batch, n_prompt), -100), labels], dim=1)
@@ -401,16 +465,16 @@ def _accepts(model: nn.Module, arg: str) -> bool:
     return arg in inspect.signature(model.forward).parameters
 
 
-def _strip_prompt(out: Any, n: int) -> Any:
+def _strip_prompt(out: Any, n: int, width: int) -> Any:
     """Drop the prompt positions from per-token outputs so they line up with the caller's input (the loss was
-    computed inside with the labels shifted accordingly)."""
+    computed inside with the labels shifted accordingly). Outputs that cover fewer positions (logits_to_keep) stay."""
     for key in ("logits", "last_hidden_state"):
         t = getattr(out, key, None)
-        if isinstance(t, torch.Tensor) and t.dim() == 3:
+        if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[1] == width:
             setattr(out, key, t[:, n:])
     hs = getattr(out, "hidden_states", None)
     if isinstance(hs, tuple):
-        out.hidden_states = tuple(h[:, n:] for h in hs)
+        out.hidden_states = tuple(h[:, n:] if h.shape[1] == width else h for h in hs)
     return out
 
 
@@ -422,8 +486,9 @@ def attach(model: nn.Module, preset_or_recipe: Recipe | str | Path | Mapping[str
     `**{"lora.r": 4}` changes one part of a union). `train_modules=["classifier"]` trains (and saves) a copy of those
     modules with the adapter, e.g. a new classification head.
     """
-    if isinstance(model, AdaptedModel):
-        raise UnipeftError("this model is already adapted; use am.add(name, ...) to add another adapter")
+    if isinstance(model, AdaptedModel) or any(getattr(m, "_unipeft_wrapper", False) for m in model.modules()):
+        raise UnipeftError("this model is already adapted (it holds unipeft wrappers); use am.add(name, ...) on its "
+                           "AdaptedModel, or am.detach() first")
     am = AdaptedModel(model)
     try:
         am.add(name, preset_or_recipe, train_modules=train_modules, **overrides)

@@ -117,6 +117,11 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     full_key = torch.cat([*keys, key], dim=2)
     full_value = torch.cat([*values, value], dim=2)
     mask = _extend_mask(module, attention_mask, col_ok, q_len, s_len, query.dtype, kwargs.get("is_causal"))
+    eager = module.config.__dict__.get("_unipeft_original_attn") == "eager"
+    if mask is not None and mask.dtype == torch.bool and eager:
+        # eager attention adds the mask to the scores: it needs 0 / -inf, not True / False
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
     out, weights = original(module, query, full_key, full_value, mask, **kwargs)
     if gate is None:
         return out, weights

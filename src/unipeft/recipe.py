@@ -153,6 +153,11 @@ class Part:
 
         if self.function not in FUNCTIONS:
             bad(f"unknown function '{self.function}'; choose one of {', '.join(FUNCTIONS)}")
+        for knob in ("magnitude", "layer_norm", "learn_scale"):
+            if not isinstance(getattr(self, knob), bool):
+                bad(f"{knob} must be true or false, not {getattr(self, knob)!r}")
+        if self.sites and self.targets:
+            bad("give sites or targets, not both")
         for knob in ("alpha", "reduction_factor", "dropout"):
             value = getattr(self, knob)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -384,7 +389,9 @@ def _coerce(knob: str, value: Any) -> Any:
         if isinstance(value, Mapping):
             return f"{int(value['start'])}:{int(value['stop'])}"
         if isinstance(value, (list, tuple)):
-            return tuple(int(v) for v in value)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError("layer indices must be integers")
+            return tuple(value)
         if isinstance(value, int):
             return (value,)
         return str(value)

@@ -1,0 +1,283 @@
+"""A training run end to end: the run configuration, model + data + method, the loop, and the output folder.
+
+Output folder (`--out`):
+
+    adapter/         the adapter (unipeft.load) — or model/ for --method full (transformers.from_pretrained)
+    config.yaml      the run's configuration as run (re-run it: `unipeft train OUT/config.yaml`)
+    metrics.jsonl    one line per step (loss, lr, tokens/s) and per evaluation
+    report.md        curves (PNG), parameters, tokens/s, peak memory, wall time
+    results.json     {"test": {...}} — written last: its presence marks a finished run
+    checkpoint.pt    the latest checkpoint (kept until the run finishes)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .data import Columns, Encoded, encode_chat, encode_classification, encode_plain_lm, load_splits
+from .errors import UnipeftError
+from .train import LoopConfig, Trainer, evaluate, peak_memory_bytes
+
+#: Learning rates that work out of the box (a full fine-tune needs a much smaller one; prompts a larger one).
+DEFAULT_LR = {"full": 5e-5, "prompt": 3e-2, "prefix": 5e-3}
+
+
+@dataclass
+class RunConfig:
+    model: str = "minilm"
+    task: str | None = None
+    method: str = "lora"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = "rotten_tomatoes"
+    eval_data: str | None = None
+    test_data: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    epochs: int = 2
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_length: int = 128
+    warmup: float = 0.06
+    schedule: str = "linear"
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int | None = None
+    save_every: int | None = None
+    seed: int = 0
+    out: str = "runs/default"
+    label_names: list[str] = field(default_factory=list)
+
+    def loop(self) -> LoopConfig:
+        lr = self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 2e-3)
+        return LoopConfig(epochs=self.epochs, max_steps=self.max_steps, lr=lr, batch_size=self.batch_size,
+                          grad_accum=self.grad_accum, warmup=self.warmup, schedule=self.schedule, clip=self.clip,
+                          weight_decay=self.weight_decay, eval_every=self.eval_every, save_every=self.save_every,
+                          seed=self.seed)
+
+    def columns(self) -> Columns:
+        return Columns(self.text_column, self.label_column, self.prompt_column, self.response_column)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UnipeftError(f"run config '{path}' has unknown key(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def validate(self) -> RunConfig:
+        checks = [(self.batch_size >= 1, "--batch-size must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
+                  (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
+                  (self.grad_accum >= 1, "--grad-accum must be >= 1"),
+                  (self.max_length >= 8, "--max-length must be >= 8"),
+                  (self.lr is None or self.lr > 0, "--lr must be > 0"),
+                  (self.schedule in ("linear", "cosine", "constant"), "--schedule is linear, cosine or constant"),
+                  (self.task in (None, "classification", "causal-lm"), "--task is classification or causal-lm")]
+        for ok, msg in checks:
+            if not ok:
+                raise UnipeftError(msg)
+        return self
+
+
+# ---- the output folder -----------------------------------------------------------------------------------------------
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UnipeftError(f"--out '{out}' is a file; give a folder")
+    finished = (out / "results.json").is_file()
+    started = (out / "config.yaml").is_file()
+    if resume:
+        if finished:
+            raise UnipeftError(f"'{out}' holds a finished run; nothing to resume")
+        if not (out / "checkpoint.pt").is_file():
+            raise UnipeftError(f"'{out}' has no checkpoint to resume from; start without --resume")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "a finished run" if finished else ("an unfinished run (use --resume to continue)" if started else
+                                                      "other files")
+            raise UnipeftError(f"'{out}' already holds {what}; choose another --out or pass --overwrite")
+        if not (finished or started):
+            raise UnipeftError(f"'{out}' holds files that are not a unipeft run; refusing to overwrite them")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UnipeftError(f"cannot write to --out '{out}': {e.strerror or e}") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- model, method, data --------------------------------------------------------------------------------------------
+def load_base(cfg: RunConfig, task: str, label_names: list[str]):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .assets import model_path
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(model_path(cfg.model))
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if task == "classification":
+        torch.manual_seed(cfg.seed)  # the new head's initialisation is part of the run
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)})
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, tok
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """What trains (and is saved) with the adapter for classification: the new head, and BERT's [CLS] pooler, which a
+    sentence-embedding checkpoint never trained for classification."""
+    names = [n for n in ("classifier", "score", "pooler") if any(m.split(".")[-1] == n for m, _ in
+                                                                 model.named_modules())]
+    return names
+
+
+def encode(cfg: RunConfig, splits, tok) -> tuple[Encoded, Encoded, Encoded, int]:
+    cols = cfg.columns()
+    limit = min(cfg.max_length, getattr(tok, "model_max_length", cfg.max_length) or cfg.max_length)
+    if splits.task == "classification":
+        parts = [encode_classification(s, tok, cols, splits.label_names, limit)
+                 for s in (splits.train, splits.validation, splits.test)]
+    elif splits.chat:
+        parts = [encode_chat(s, tok, cols, limit) for s in (splits.train, splits.validation, splits.test)]
+    else:
+        parts = [encode_plain_lm(s, tok, cols, limit) for s in (splits.train, splits.validation, splits.test)]
+    for name, p in zip(("train", "validation", "test"), parts):
+        if len(p) == 0:
+            raise UnipeftError(f"the {name} split produced no examples after tokenisation")
+    return parts[0], parts[1], parts[2], sum(p.truncated for p in parts)
+
+
+def attach_method(model, cfg: RunConfig, task: str):
+    """(module to train, trainable params by name, adapted model or None for full fine-tuning)."""
+    import unipeft
+
+    if cfg.method == "full":
+        if cfg.overrides:
+            raise UnipeftError("--set overrides recipe knobs; --method full has none")
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        return model, params, None
+    heads = head_modules(model) if task == "classification" else None
+    am = unipeft.attach(model, cfg.method, train_modules=heads, **cfg.overrides)
+    return am, am.adapter_parameters("default"), am
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print,
+              progress_factory=None) -> dict:
+    """Train, evaluate and write the output folder; `progress_factory(total_steps)` may return a per-step callback."""
+    cfg.validate()
+    out = Path(cfg.out)
+    if resume:
+        if (out / "config.yaml").is_file():  # a resumed run continues exactly the configuration it started with
+            cfg = RunConfig.from_file(out / "config.yaml")
+            cfg.out = str(out)
+    prepare_out(out, resume, overwrite)
+    started = time.time()
+    splits = load_splits(cfg.data, cfg.eval_data, cfg.test_data, cfg.task, cfg.columns(), cfg.seed,
+                         cfg.label_names or None)
+    cfg.task, cfg.label_names = splits.task, splits.label_names
+    model, tok = load_base(cfg, splits.task, splits.label_names)
+    train, validation, test, truncated = encode(cfg, splits, tok)
+    if truncated:
+        log(f"warning: {truncated} example(s) longer than {cfg.max_length} tokens were truncated (raise --max-length "
+            "to keep them whole)")
+    torch.manual_seed(cfg.seed)
+    module, params, am = attach_method(model, cfg, splits.task)
+    if not resume:
+        _write_atomic(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    trainer = Trainer(module, params, train, validation, splits.task, tok.pad_token_id, cfg.loop(), out, log=log)
+    if resume:
+        trainer.load_checkpoint()
+        log(f"resumed from step {trainer.state.step} of {trainer.total}")
+    state = trainer.run(progress=progress_factory(trainer.total) if progress_factory else None)
+    device = next(module.parameters()).device
+    test_metrics = evaluate(module, test, splits.task, tok.pad_token_id)
+    if am is not None:
+        am.save(out / "adapter")
+    else:
+        model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "tokenizer")
+    total = sum(p.numel() for p in model.parameters()) if am is None else am.base_parameter_count()
+    trainable = sum(p.numel() for p in params.values())
+    summary = {"task": splits.task, "model": cfg.model, "method": cfg.method, "trainable_parameters": trainable,
+               "total_parameters": total, "trainable_percent": 100 * trainable / total, "steps": state.step,
+               "best_step": state.best_step, "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
+               "train_seconds": state.seconds, "wall_seconds": time.time() - started,
+               "peak_memory_bytes": peak_memory_bytes(device), "device": str(device),
+               "train_examples": len(train), "validation_examples": len(validation), "test_examples": len(test)}
+    from .report import write_report
+
+    write_report(out, cfg, summary, state.history, test_metrics)
+    if (out / "checkpoint.pt").exists():
+        (out / "checkpoint.pt").unlink()
+    results = {"test": test_metrics, "summary": summary}
+    _write_atomic(out / "results.json", json.dumps(results, indent=2))
+    return results
+
+
+# ---- using a finished run -------------------------------------------------------------------------------------------
+def read_run(out: str | Path) -> tuple[RunConfig, Path]:
+    out = Path(out)
+    if not (out / "config.yaml").is_file():
+        raise UnipeftError(f"'{out}' is not a unipeft run folder (no config.yaml)")
+    if not (out / "results.json").is_file():
+        raise UnipeftError(f"'{out}' holds an unfinished run; finish it with `unipeft train --out {out} --resume`")
+    return RunConfig.from_file(out / "config.yaml"), out
+
+
+def from_pretrained(out: str | Path):
+    """`unipeft.from_pretrained(OUT)`: the run's base model with its adapter attached (an `AdaptedModel`), or the
+    fine-tuned model for a `full` run; in eval mode."""
+    import unipeft
+
+    cfg, out = read_run(out)
+    if cfg.method == "full":
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        cls = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+        return cls.from_pretrained(out / "model").eval()
+    model, _ = load_base(cfg, cfg.task, cfg.label_names)
+    return unipeft.load(model, out / "adapter").eval()
+
+
+def run_tokenizer(out: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(out) / "tokenizer")
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,170 @@
+"""Edge cases a careful user hits: dtype moves, merge order, heads under merge-and-unload, prompt plumbing, routing
+under interleaved checkpointed forwards, and bad input that must stay a one-line UnipeftError."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import inputs, output_of, tiny_model
+from test_engine import randomize
+
+import unipeft
+from unipeft import UnipeftError
+from unipeft.io import INDEX
+
+
+@pytest.mark.parametrize("preset", ["lora", "houlsby", "dora", "unipelt", "prefix", "prompt"])
+def test_moving_to_bf16_after_attach(preset: str) -> None:
+    am = unipeft.attach(tiny_model("llama"), preset)
+    am.to(torch.bfloat16)
+    out = output_of(am(**inputs()))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_prefix_routing_with_eager_bert_masks_base_rows() -> None:
+    model = tiny_model("bert", attn="eager").eval()
+    x = inputs()
+    with torch.no_grad():
+        base = output_of(model(**x)).clone()
+    am = unipeft.attach(model, "prefix", length=4, reparam_hidden=None)
+    randomize(am, std=0.5)
+    with torch.no_grad():
+        routed = output_of(am(input_ids=x["input_ids"], adapter_names=["default", "__base__"]))
+    torch.testing.assert_close(routed[1:], base[1:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(routed[:1], base[:1], atol=1e-3)
+
+
+def test_merge_and_detach_keeps_the_trained_head() -> None:
+    am = unipeft.attach(tiny_model("bert", head="cls").eval(), "lora", train_modules=["classifier"])
+    randomize(am)
+    x = inputs()
+    with torch.no_grad():
+        expected = am(**x).logits.clone()
+        am.merge()
+        plain = am.detach()
+        torch.testing.assert_close(plain(**x).logits, expected, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in plain.parameters()), "requires_grad flags are back as before attach"
+
+
+def test_merge_refuses_to_reorder_compositions() -> None:
+    am = unipeft.attach(tiny_model("llama"), "lora", name="lora", targets=["k"])
+    am.add("ia3", "ia3")
+    randomize(am, "lora")
+    randomize(am, "ia3", seed=1)
+    am.activate("lora", "ia3")
+    with pytest.raises(UnipeftError, match="composes after unmerged 'lora'"):
+        am.merge("ia3")
+    x = inputs()
+    with torch.no_grad():
+        before = output_of(am(**x)).clone()
+        am.merge()  # both, in order: the same function
+        torch.testing.assert_close(output_of(am(**x)), before, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_on_another_adapters_train_module_is_refused() -> None:
+    am = unipeft.attach(tiny_model("llama"), "lora", name="a", train_modules=["lm_head"])
+    with pytest.raises(UnipeftError, match="train module 'lm_head'"):
+        am.add("b", "lora", targets=["lm_head"])
+
+
+def test_dora_on_merged_weights_is_refused() -> None:
+    am = unipeft.attach(tiny_model("llama"), "lora", name="a")
+    am.merge()
+    with pytest.raises(UnipeftError, match="unmerge"):
+        am.add("d", "dora")
+
+
+def test_prompt_with_logits_to_keep_return_dict_false_and_cache() -> None:
+    am = unipeft.attach(tiny_model("llama").eval(), "prompt", length=3)
+    x = inputs()
+    with torch.no_grad():
+        full = am(**x).logits
+        assert am(**x, logits_to_keep=1).logits.shape == (2, 1, 64)
+        torch.testing.assert_close(am(**x, logits_to_keep=1).logits, full[:, -1:])
+        tup = am(**x, return_dict=False)
+        assert isinstance(tup, tuple) and tup[0].shape == full.shape
+        first = am(**x, use_cache=True)
+        nxt = full[:, -1].argmax(-1, keepdim=True)
+        mask = torch.ones(2, 3 + 7 + 1, dtype=torch.long)
+        step = am(input_ids=nxt, attention_mask=mask, past_key_values=first.past_key_values).logits[:, -1]
+        ids = torch.cat([x["input_ids"], nxt], dim=1)
+        torch.testing.assert_close(step, am(input_ids=ids).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_routing_with_left_padding() -> None:
+    model = tiny_model("gpt2").eval()
+    am = unipeft.attach(model, "prompt", name="p", length=3)
+    randomize(am, "p")
+    x = inputs()
+    x["attention_mask"][:, :2] = 0
+    with torch.no_grad():
+        routed = am(**x, adapter_names=["p", "__base__"]).logits
+        alone = am(**{k: v[:1] for k, v in x.items()}).logits
+        am.deactivate()
+        base = am(**{k: v[1:] for k, v in x.items()}).logits
+    torch.testing.assert_close(routed[:1, 2:], alone[:, 2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed[1:, 2:], base[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_routing_survives_interleaved_forwards_under_checkpointing() -> None:
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tiny_model("llama").train()
+        am = unipeft.attach(model, "lora", name="a")
+        am.add("b", "lora")
+        randomize(am, "a")
+        randomize(am, "b", seed=1)
+        if checkpointing:
+            am.gradient_checkpointing_enable()
+        x = inputs()
+        loss = output_of(am(**x, adapter_names=["a", "b"])).pow(2).mean()
+        with torch.no_grad():
+            am(**x, adapter_names=["b", "a"])  # another forward before backward (an eval, a reference pass)
+        loss.backward()
+        return {k: p.grad.clone() for k, p in am.adapter_parameters("a").items()}
+
+    plain, ckpt = grads(False), grads(True)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6)
+
+
+def test_save_never_deletes_foreign_files_in_an_adapter_folder(tmp_path) -> None:
+    am = unipeft.attach(tiny_model("llama"), "lora")
+    d = am.save(tmp_path / "ad")
+    (d / "README.md").write_text("mine")
+    with pytest.raises(UnipeftError, match="README.md"):
+        am.save(d)
+    assert (d / "README.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda ix: ix["adapters"]["default"].pop("file"),
+    lambda ix: ix["adapters"]["default"].pop("recipe"),
+    lambda ix: ix.update(format_version="1"),
+    lambda ix: ix["adapters"].update(default=[1, 2]),
+])
+def test_malformed_index_is_a_one_line_error(tmp_path, corrupt) -> None:
+    d = unipeft.attach(tiny_model("llama"), "lora").save(tmp_path / "ad")
+    index = json.loads((d / INDEX).read_text())
+    corrupt(index)
+    (d / INDEX).write_text(json.dumps(index))
+    with pytest.raises(UnipeftError) as e:
+        unipeft.load(tiny_model("llama"), d)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_api_arguments_are_unipeft_errors() -> None:
+    model = tiny_model("llama")
+    am = unipeft.attach(model, "lora")
+    with pytest.raises(UnipeftError, match="already adapted"):
+        unipeft.attach(model, "lora")
+    with pytest.raises(UnipeftError, match="identifier"):
+        am.add(1, "lora")
+    with pytest.raises(UnipeftError, match="separate arguments"):
+        am.activate(["default"])
+    with pytest.raises(UnipeftError, match="one adapter name"):
+        am.merge(["default"])
+    for knob in ({"magnitude": "false"}, {"learn_scale": "no"}, {"layers": [1.7]}):
+        with pytest.raises(UnipeftError):
+            unipeft.preset("lora", **knob)
