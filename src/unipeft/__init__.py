@@ -14,8 +14,10 @@ from .io import load
 from .model import AdaptedModel, attach
 from .presets import list_presets, preset
 from .recipe import Part, Recipe
+from .run import from_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptedModel", "Part", "Recipe", "UnipeftError", "attach", "list_presets", "load", "preset", "sites",
+__all__ = ["AdaptedModel", "Part", "Recipe", "UnipeftError", "attach", "from_pretrained", "list_presets", "load",
+           "preset", "sites",
            "__version__"]

@@ -91,5 +91,7 @@ def main() -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+if __name__ == "__main__":  # pragma: no cover - `python -m unipeft.cli`: use the package module (all commands)
+    from unipeft.cli import main as package_main
+
+    package_main()

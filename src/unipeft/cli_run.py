@@ -95,7 +95,7 @@ def train(
     for k, v in flags.items():
         if v is not None:
             setattr(cfg, k, v)
-    if data is not None and config is None and model is None and Path(data).suffix == "" and data == "shakespeare":
+    if data == "shakespeare" and model is None and config is None:  # MiniLM has no LM head: the shipped LM
         cfg.model = "smollm2"
     cfg.overrides = {**cfg.overrides, **parse_sets(set_)}
     def log(message: str) -> None:
@@ -174,7 +174,7 @@ def predict(
         probs = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().softmax(-1)
     for text, p in zip(texts, probs):
         i = int(p.argmax())
-        console.print(f"{cfg.label_names[i]}\t{float(p[i]):.3f}\t{text}", markup=False, highlight=False)
+        print(f"{cfg.label_names[i]}\t{float(p[i]):.3f}\t{text}")  # tab-separated: label, probability, text
 
 
 @app.command()
@@ -205,8 +205,7 @@ def generate(
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id)
-        console.print(prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), markup=False,
-                      highlight=False)
+        print(prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 @app.command()
@@ -261,6 +260,8 @@ def compare(
     epochs: Annotated[int, typer.Option()] = 1,
     batch_size: Annotated[int, typer.Option()] = 32,
     out: Annotated[str, typer.Option()] = "runs/compare",
+    text_column: Annotated[str, typer.Option()] = "text",
+    label_column: Annotated[str, typer.Option()] = "label",
     overwrite: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Train several methods on one task; write a table (compare.md/json) and a plot (metric vs % trainable)."""
@@ -268,4 +269,4 @@ def compare(
 
     run_compare(data=data, methods=[m.strip() for m in methods.split(",") if m.strip()], model=model, seeds=seeds,
                 max_steps=max_steps, epochs=epochs, batch_size=batch_size, out=Path(out), overwrite=overwrite,
-                console=console)
+                console=console, columns={"text_column": text_column, "label_column": label_column})

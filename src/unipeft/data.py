@@ -79,7 +79,7 @@ def read_file(path: str) -> list[dict[str, Any]]:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own errors become our one-line message
     try:
         ds = datasets.load_dataset(kind, data_files=str(p), split="train", keep_in_memory=True)
     except Exception as e:  # datasets raises many types for malformed files
@@ -153,7 +153,14 @@ def load_splits(data: str, eval_data: str | None, test_data: str | None, task: s
         raise UnipeftError(f"unknown task '{task}'; use classification or causal-lm")
     ev = load_rows(eval_data) if eval_data else None
     te = load_rows(test_data) if test_data else None
-    if ev is None and te is None:
+    chat = task == "causal-lm" and cols.prompt in rows[0] and cols.response in rows[0]
+    if task == "causal-lm" and not chat and len(rows) < 10 and ev is None and te is None:
+        # a corpus in a few documents (a .txt file): split the text itself, contiguously, 80/10/10
+        text = "\n\n".join(str(r.get(cols.text, "")) for r in rows)
+        a, b = int(len(text) * 0.8), int(len(text) * 0.9)
+        rows = [{cols.text: text}]
+        train, ev, te = [{cols.text: text[:a]}], [{cols.text: text[a:b]}], [{cols.text: text[b:]}]
+    elif ev is None and te is None:
         train, ev, te = split_rows(rows, seed, (0.8, 0.1, 0.1))
     elif ev is None:
         train, ev = split_rows(rows, seed, (0.9, 0.1))
@@ -161,11 +168,11 @@ def load_splits(data: str, eval_data: str | None, test_data: str | None, task: s
         train, te = split_rows(rows, seed, (0.9, 0.1))
     else:
         train = rows
-    chat = task == "causal-lm" and cols.prompt in rows[0] and cols.response in rows[0]
     names = list(label_names or [])
     for split_name, split in (("train", train), ("validation", ev), ("test", te)):
         if not split:
-            raise UnipeftError(f"the {split_name} split is empty; give more rows or a --{split_name}-data file")
+            flag = {"train": "--data", "validation": "--eval-data", "test": "--test-data"}[split_name]
+            raise UnipeftError(f"the {split_name} split is empty; give more rows or a {flag} file")
         src = {"train": data, "validation": eval_data or data, "test": test_data or data}[split_name]
         if task == "classification":
             _need(split, cols.text, src, "--text-column")
@@ -175,8 +182,11 @@ def load_splits(data: str, eval_data: str | None, test_data: str | None, task: s
             _need(split, cols.response, src, "--response-column")
         else:
             _need(split, cols.text, src, "--text-column")
-    if task == "classification" and not names:
-        names = _label_names(train + ev + te, cols.label)
+    if task == "classification":
+        names = names or _label_names(train, cols.label)  # the training labels define the classes
+        for split_name, split in (("validation", ev), ("test", te)):
+            for r in split:
+                label_id(r[cols.label], names, split_name)
     return Splits(task, train, ev, te, names, chat)
 
 
@@ -189,14 +199,15 @@ def _label_names(rows: list[dict[str, Any]], column: str) -> list[str]:
     return sorted(str(v) for v in values)
 
 
-def label_id(value: Any, names: list[str]) -> int:
+def label_id(value: Any, names: list[str], where: str = "data") -> int:
     if isinstance(value, int) and not isinstance(value, bool) and names == [str(i) for i in range(len(names))]:
         if not 0 <= value < len(names):
-            raise UnipeftError(f"label {value} is out of range: this run has {len(names)} labels (0..{len(names) - 1})")
+            raise UnipeftError(f"label {value} in the {where} is out of range: the training data has {len(names)} "
+                               f"labels (0..{len(names) - 1})")
         return value
     key = str(value)
     if key not in names:
-        raise UnipeftError(f"label '{value}' is not one of this run's labels ({', '.join(names)})")
+        raise UnipeftError(f"label '{value}' in the {where} is not one of the training labels ({', '.join(names)})")
     return names.index(key)
 
 

@@ -30,6 +30,7 @@ class AdaptedModel(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        self.__class__ = _with_model_signature(type(self), type(model))
         self.model = model
         self.recipes: dict[str, Recipe] = {}
         self.train_modules: dict[str, list[str]] = {}
@@ -457,6 +458,39 @@ class AdaptedModel(nn.Module):
         if labels is not None and labels.dim() == 2 and labels.shape[1] == seq:
             kwargs["labels"] = torch.cat([labels.new_full((batch, n_prompt), -100), labels], dim=1)
         return (), kwargs, n_prompt
+
+
+_SIGNATURE_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _with_model_signature(cls: type, model_cls: type) -> type:
+    """A subclass whose `forward` *advertises* the wrapped model's signature plus `adapter_names`, so tools that read
+    `inspect.signature(model.forward)` (transformers.Trainer drops batch columns by it) see the real arguments."""
+    import inspect
+
+    key = (cls, model_cls)
+    if key not in _SIGNATURE_CLASSES:
+        try:
+            base = inspect.signature(model_cls.forward)
+        except (TypeError, ValueError):
+            return cls
+        params = list(base.parameters.values())
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+        rest = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        try:
+            sig = base.replace(parameters=rest + [extra] + var_kw)
+        except ValueError:
+            return cls
+
+        def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+            return cls.forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+        forward.__signature__ = sig
+        forward.__doc__ = cls.forward.__doc__
+        _SIGNATURE_CLASSES[key] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                                             "__qualname__": cls.__qualname__})
+    return _SIGNATURE_CLASSES[key]
 
 
 def _accepts(model: nn.Module, arg: str) -> bool:

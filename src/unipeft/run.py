@@ -145,7 +145,7 @@ def load_base(cfg: RunConfig, task: str, label_names: list[str]):
     if task == "classification":
         torch.manual_seed(cfg.seed)  # the new head's initialisation is part of the run
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            path, dtype=torch.float32, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)})
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id

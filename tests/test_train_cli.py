@@ -1,0 +1,284 @@
+"""`unipeft train / eval / predict / generate / merge / compare` end to end on tiny models and tiny data files.
+
+Tiny random-init models use the real shipped tokenizers (MiniLM's WordPiece, SmolLM2's BPE with its chat template), so
+the data plumbing is the real one while each run takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+import unipeft
+from unipeft.cli import main
+
+POS = ["a wonderful, moving film", "brilliant acting and a sharp script", "funny, warm and clever", "a joy to watch",
+       "beautifully shot and deeply felt", "an instant classic", "smart and touching", "great fun from start to end"]
+NEG = ["a dull, lifeless mess", "tedious and far too long", "the plot makes no sense", "badly acted and boring",
+       "a waste of two hours", "clumsy, loud and empty", "painfully unfunny", "I wanted to leave early"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, minilm_path) -> str:
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, max_position_embeddings=128)
+    T.BertModel(cfg).save_pretrained(d)
+    T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smollm2_path) -> str:
+    d = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256,
+                        tie_word_embeddings=True)
+    T.LlamaForCausalLM(cfg).save_pretrained(d)
+    T.AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def sentiment(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"review": t, "sentiment": "pos"} for t in POS] + [{"review": t, "sentiment": "neg"} for t in NEG]
+    path = d / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    return path
+
+
+def cli(*args: str, expect: int = 0, capsys=None) -> str:
+    """Run the CLI in-process the way the `unipeft` entry point does; return stdout + stderr."""
+    argv = sys.argv
+    sys.argv = ["unipeft", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = argv
+    text = ""
+    if capsys is not None:
+        captured = capsys.readouterr()
+        text = captured.out + captured.err
+    assert code == expect, f"exit {code} (expected {expect}): {text[-1500:]}"
+    return text
+
+
+def test_classification_run_end_to_end(tiny_bert, sentiment, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    cli("train", "--model", tiny_bert, "--data", str(sentiment), "--text-column", "review", "--label-column",
+        "sentiment", "--max-steps", "6", "--batch-size", "8", "--eval-every", "3", "--out", str(out), "--quiet",
+        "--set", "r=4", capsys=capsys)
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["test"]["accuracy"] <= 1.0 and results["summary"]["steps"] == 6
+    for f in ("config.yaml", "metrics.jsonl", "report.md", "loss.png", "validation.png",
+              "adapter/unipeft_adapters.json"):
+        assert (out / f).is_file(), f
+    assert not (out / "checkpoint.pt").exists()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "split" not in x] == list(range(1, 7))
+    assert [x["step"] for x in lines if x.get("split") == "validation"] == [3, 6]
+    report = (out / "report.md").read_text()
+    assert "trainable / total parameters" in report and "tokens/s" in report and "peak memory" in report
+    am = unipeft.from_pretrained(out)
+    assert am.recipes["default"].part("lora").r == 4
+    assert am.model.config.id2label == {0: "neg", 1: "pos"}
+
+    text = cli("predict", str(out), "a wonderful film", "a dull mess", capsys=capsys)
+    assert len([ln for ln in text.splitlines() if ln.split("\t")[0] in ("pos", "neg")]) == 2
+
+    ev = tmp_path / "eval"
+    cli("eval", str(out), "--data", str(sentiment), "--out", str(ev), capsys=capsys)
+    assert "accuracy" in json.loads((ev / "results.json").read_text())["test"]
+    assert json.loads((out / "results.json").read_text()) == results, "eval never touches the run's files"
+    text = cli("eval", str(out), "--out", str(out), expect=2, capsys=capsys)
+    assert "must not be the run folder" in text
+
+
+def test_merge_gives_a_plain_transformers_model(tiny_bert, sentiment, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    cli("train", "--model", tiny_bert, "--data", str(sentiment), "--text-column", "review", "--label-column",
+        "sentiment", "--max-steps", "4", "--batch-size", "8", "--lr", "0.05", "--out", str(out), "--quiet",
+        capsys=capsys)
+    merged = tmp_path / "merged"
+    cli("merge", str(out), "--to", str(merged), capsys=capsys)
+    plain = T.AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    tok = T.AutoTokenizer.from_pretrained(merged)
+    am = unipeft.from_pretrained(out)
+    batch = tok(POS[:3] + NEG[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, am(**batch).logits, rtol=1e-5, atol=1e-5)
+    hb = tmp_path / "houlsby"
+    cli("train", "--model", tiny_bert, "--data", str(sentiment), "--text-column", "review", "--label-column",
+        "sentiment", "--method", "houlsby", "--max-steps", "2", "--out", str(hb), "--quiet", capsys=capsys)
+    text = cli("merge", str(hb), "--to", str(tmp_path / "m2"), expect=2, capsys=capsys)
+    assert "cannot be merged" in text and len(text.strip().splitlines()) == 1
+    assert not (tmp_path / "m2").exists()
+
+
+def test_causal_lm_plain_text_and_chat(tiny_llama, tmp_path, capsys) -> None:
+    txt = tmp_path / "corpus.txt"
+    txt.write_text(" ".join(POS + NEG) * 20)
+    out = tmp_path / "lm"
+    cli("train", "--model", tiny_llama, "--data", str(txt), "--method", "ia3", "--max-steps", "3", "--max-length",
+        "32", "--batch-size", "4", "--out", str(out), "--quiet", capsys=capsys)
+    test = json.loads((out / "results.json").read_text())["test"]
+    assert set(test) == {"loss", "perplexity"} and abs(test["perplexity"] - torch.tensor(test["loss"]).exp()) < 1e-3
+    text = cli("generate", str(out), "Once upon a time", "--max-new-tokens", "4", capsys=capsys)
+    assert text.strip().startswith("Once upon a time")
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"q": f"Review {i}: {t}", "a": "positive" if t in POS else "negative"}) + "\n"
+                            for i, t in enumerate((POS + NEG) * 2)))
+    out2 = tmp_path / "chat"
+    cli("train", "--model", tiny_llama, "--data", str(chat), "--prompt-column", "q", "--response-column", "a",
+        "--max-steps", "2", "--batch-size", "4", "--out", str(out2), "--quiet", capsys=capsys)
+    import yaml
+
+    assert yaml.safe_load((out2 / "config.yaml").read_text())["task"] == "causal-lm"
+
+
+def test_chat_labels_are_masked_to_the_response(tiny_llama) -> None:
+    from unipeft.data import Columns, encode_chat
+
+    tok = T.AutoTokenizer.from_pretrained(tiny_llama)
+    rows = [{"prompt": "What is 2+2?", "response": "Four."}]
+    enc = encode_chat(rows, tok, Columns(), max_length=128)
+    ids, labels = enc.input_ids[0], enc.labels[0]
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                     tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    assert labels[: len(prompt)] == [-100] * len(prompt)
+    assert labels[len(prompt):] == ids[len(prompt):]
+    assert "Four." in tok.decode(ids[len(prompt):])
+
+
+def test_kill_and_resume_reaches_the_same_weights(tiny_bert, sentiment, tmp_path) -> None:
+    common = ["--model", tiny_bert, "--data", str(sentiment), "--text-column", "review", "--label-column",
+              "sentiment", "--max-steps", "12", "--batch-size", "4", "--save-every", "3", "--eval-every", "4",
+              "--quiet", "--set", "dropout=0.1"]
+    env = {**os.environ, "UNIPEFT_TEST_STEP_SLEEP": "0.4"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([sys.executable, "-m", "unipeft", "train", *common, "--out", str(straight)], check=True,
+                   env={**os.environ}, capture_output=True, timeout=300)
+    proc = subprocess.Popen([sys.executable, "-m", "unipeft", "train", *common, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        metrics = killed / "metrics.jsonl"
+        steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+        if (killed / "checkpoint.pt").exists() and steps and max(steps) >= 7:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run must be killed mid-way for this test to mean anything"
+    resumed = subprocess.run([sys.executable, "-m", "unipeft", "train", "--out", str(killed), "--resume",
+                              "--quiet"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(straight / "adapter" / "default.safetensors"))
+    b = load_file(str(killed / "adapter" / "default.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in ma] == \
+        [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in mb]
+
+
+def test_adapted_model_trains_under_transformers_trainer(tiny_bert, tmp_path) -> None:
+    tok = T.AutoTokenizer.from_pretrained(tiny_bert)
+    model = T.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    am = unipeft.attach(model, "lora", train_modules=["classifier"])
+    rows = [{**tok(t, truncation=True), "labels": y} for t, y in [(p, 1) for p in POS] + [(n, 0) for n in NEG]]
+    args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
+                               learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True)
+    before = {k: p.detach().clone() for k, p in am.adapter_parameters("default").items()}
+    trainer = T.Trainer(model=am, args=args, train_dataset=rows, data_collator=T.DataCollatorWithPadding(tok))
+    result = trainer.train()
+    assert result.global_step == 5
+    after = am.adapter_parameters("default")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    frozen = [p for n, p in am.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_compare_writes_table_and_plot(tiny_bert, sentiment, tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    cli("compare", "--data", str(sentiment), "--model", tiny_bert, "--methods", "lora,full,ia3", "--max-steps", "2",
+        "--text-column", "review", "--label-column", "sentiment", "--out", str(out), capsys=capsys)
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == ["full", "lora", "ia3"]
+    full, lora = summary["rows"][0], summary["rows"][1]
+    assert full["trainable_percent"] > 99 and lora["trainable_percent"] < full["trainable_percent"]
+    assert (out / "compare.png").is_file() and "| lora |" in (out / "compare.md").read_text()
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing column": (lambda d: ["--data", _write(d / "a.jsonl", '{"text": "x", "label": 0}\n' * 20),
+                                  "--text-column", "review"], "has no column 'review'"),
+    "unknown dataset": (lambda d: ["--data", "no_such_dataset"], "neither a shipped dataset"),
+    "unknown preset": (lambda d: ["--method", "lorax"], "unknown preset 'lorax'"),
+    "empty file": (lambda d: ["--data", _write(d / "e.csv", "")], "is empty"),
+    "malformed file": (lambda d: ["--data", _write(d / "m.jsonl", '{"text": "x", "label": 0\n{{{\n')],
+                       "cannot read"),
+    "label out of range": (lambda d: ["--data", _write(d / "t.jsonl", ''.join(
+        f'{{"text": "t{i}", "label": {i % 2}}}\n' for i in range(20))), "--eval-data",
+        _write(d / "v.jsonl", '{"text": "v", "label": 5}\n'), "--test-data",
+        _write(d / "s.jsonl", '{"text": "s", "label": 1}\n')], "label 5 in the validation is out of range"),
+    "unknown knob": (lambda d: ["--set", "rank=4"], "unknown knob 'rank'"),
+    "unknown model": (lambda d: ["--model", str(d / "nowhere")], "neither a shipped model"),
+    "unwritable output": (lambda d: ["--out", "/proc/unipeft-cannot-write"], "cannot write to --out"),
+    "bad --set syntax": (lambda d: ["--set", "r"], "is not KNOB=VALUE"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2(case, tiny_bert, tmp_path, capsys) -> None:
+    make, message = BAD_INPUTS[case]
+    args = ["--model", tiny_bert, "--max-steps", "1", "--out", str(tmp_path / "out"), "--quiet"]
+    extra = make(tmp_path)
+    text = cli("train", *args, *extra, expect=2, capsys=capsys)
+    assert message in text, text
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in text
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_run_folder_rules_and_truncation_warning(tiny_bert, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    long = " ".join(POS + NEG)
+    data = _write(tmp_path / "long.jsonl", "".join(json.dumps({"text": long if i % 5 == 0 else POS[i % 8],
+                                                               "label": i % 2}) + "\n" for i in range(30)))
+    args = ["--model", tiny_bert, "--data", data, "--max-steps", "1", "--out", str(out), "--quiet", "--max-length",
+            "16"]
+    text = cli("train", *args, capsys=capsys)
+    assert "warning:" in text and "truncated" in text
+    text = cli("train", *args, expect=2, capsys=capsys)
+    assert "already holds a finished run" in text and "--overwrite" in text
+    cli("train", *args, "--overwrite", capsys=capsys)
+    text = cli("train", "--out", str(out), "--resume", expect=2, capsys=capsys)
+    assert "finished run" in text
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    text = cli("train", "--model", tiny_bert, "--data", data, "--out", str(tmp_path / "other"), "--overwrite",
+               expect=2, capsys=capsys)
+    assert "not a unipeft run" in text and (tmp_path / "other" / "notes.txt").exists()
