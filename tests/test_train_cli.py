@@ -282,3 +282,14 @@ def test_run_folder_rules_and_truncation_warning(tiny_bert, tmp_path, capsys) ->
     text = cli("train", "--model", tiny_bert, "--data", data, "--out", str(tmp_path / "other"), "--overwrite",
                expect=2, capsys=capsys)
     assert "not a unipeft run" in text and (tmp_path / "other" / "notes.txt").exists()
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_bert, sentiment, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    text = cli("train", "--model", tiny_bert, "--data", str(sentiment), "--text-column", "review", "--label-column",
+               "sentiment", "--max-steps", "6", "--batch-size", "4", "--save-every", "1", "--lr", "1e30",
+               "--warmup", "0", "--out", str(out), "--quiet", expect=2, capsys=capsys)
+    assert "the loss became" in text and "last good checkpoint" in text and "--lr" in text
+    assert (out / "checkpoint.pt").is_file() and not (out / "results.json").exists()
+    blob = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in blob["params"].values()), "the kept checkpoint is a good one"

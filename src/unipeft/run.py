@@ -28,8 +28,9 @@ from .data import Columns, Encoded, encode_chat, encode_classification, encode_p
 from .errors import UnipeftError
 from .train import LoopConfig, Trainer, evaluate, peak_memory_bytes
 
-#: Learning rates that work out of the box (a full fine-tune needs a much smaller one; prompts a larger one).
-DEFAULT_LR = {"full": 5e-5, "prompt": 3e-2, "prefix": 5e-3}
+#: Learning rates that work out of the box, from a sweep on Rotten Tomatoes + MiniLM (docs/training.md): a full
+#: fine-tune needs a much smaller one, and the prefix-based methods diverge at the adapters' 2e-3.
+DEFAULT_LR = {"full": 5e-5, "prompt": 3e-3, "prefix": 1e-3, "mam": 5e-4, "unipelt": 1e-3}
 
 
 @dataclass
@@ -62,11 +63,10 @@ class RunConfig:
     label_names: list[str] = field(default_factory=list)
 
     def loop(self) -> LoopConfig:
-        lr = self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 2e-3)
-        return LoopConfig(epochs=self.epochs, max_steps=self.max_steps, lr=lr, batch_size=self.batch_size,
-                          grad_accum=self.grad_accum, warmup=self.warmup, schedule=self.schedule, clip=self.clip,
-                          weight_decay=self.weight_decay, eval_every=self.eval_every, save_every=self.save_every,
-                          seed=self.seed)
+        """The loop's knobs are the same-named fields of this config; only lr gets a per-method default."""
+        values = {f.name: getattr(self, f.name) for f in fields(LoopConfig)}
+        values["lr"] = self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 2e-3)
+        return LoopConfig(**values)
 
     def columns(self) -> Columns:
         return Columns(self.text_column, self.label_column, self.prompt_column, self.response_column)
@@ -206,6 +206,8 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log
             cfg.out = str(out)
     prepare_out(out, resume, overwrite)
     started = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # per run, also when compare runs several in one process
     splits = load_splits(cfg.data, cfg.eval_data, cfg.test_data, cfg.task, cfg.columns(), cfg.seed,
                          cfg.label_names or None)
     cfg.task, cfg.label_names = splits.task, splits.label_names

@@ -164,6 +164,10 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.params.values()):
+            kept = f"the last good checkpoint is {self.ckpt}" if self.ckpt.exists() else "no checkpoint was kept"
+            raise UnipeftError(f"the weights became non-finite at step {self.state.step}; training stopped and {kept}; "
+                               "lower --lr (then --resume)")
         blob = {"params": {k: p.detach().cpu().clone() for k, p in self.params.items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": _py_rng_state()},
