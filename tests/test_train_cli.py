@@ -248,6 +248,10 @@ BAD_INPUTS = {
     "unknown model": (lambda d: ["--model", str(d / "nowhere")], "neither a shipped model"),
     "unwritable output": (lambda d: ["--out", "/proc/unipeft-cannot-write"], "cannot write to --out"),
     "bad --set syntax": (lambda d: ["--set", "r"], "is not KNOB=VALUE"),
+    "one label only": (lambda d: ["--data", _write(d / "one.jsonl", '{"text": "x", "label": "pos"}\n' * 20)],
+                       "at least 2 labels"),
+    "malformed run config": (lambda d: [_write(d / "run.yaml", "epochs: [\n")], "not valid YAML"),
+    "mistyped run config": (lambda d: [_write(d / "run2.yaml", "epochs: two\n")], "epochs must be int"),
 }
 
 
@@ -293,3 +297,58 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_bert, sentiment,
     assert (out / "checkpoint.pt").is_file() and not (out / "results.json").exists()
     blob = torch.load(out / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in blob["params"].values()), "the kept checkpoint is a good one"
+
+
+def test_max_eval_examples_uses_a_fixed_subset(tiny_bert, sentiment, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    cli("train", "--model", tiny_bert, "--data", str(sentiment), "--text-column", "review", "--label-column",
+        "sentiment", "--max-steps", "2", "--eval-every", "1", "--max-eval-examples", "3", "--out", str(out), "--quiet",
+        capsys=capsys)
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert summary["validation_examples"] == 3 and summary["test_examples"] == 3
+
+
+def test_overwrite_only_replaces_unipeft_runs_and_only_after_inputs_check(tiny_bert, sentiment, tmp_path,
+                                                                          capsys) -> None:
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "config.yaml").write_text("lr: 1\n")
+    (proj / "src" / "main.py").write_text("x")
+    text = cli("train", "--model", tiny_bert, "--data", str(sentiment), "--out", str(proj), "--overwrite",
+               expect=2, capsys=capsys)
+    assert "not a unipeft run" in text and (proj / "src" / "main.py").exists()
+    run = tmp_path / "run"
+    args = ["--model", tiny_bert, "--data", str(sentiment), "--text-column", "review", "--label-column", "sentiment",
+            "--max-steps", "1", "--out", str(run), "--quiet"]
+    cli("train", *args, capsys=capsys)
+    before = (run / "results.json").read_text()
+    cli("train", *args[:-4], "--data", "no_such.jsonl", "--out", str(run), "--overwrite", expect=2, capsys=capsys)
+    assert (run / "results.json").read_text() == before, "a failed --overwrite run leaves the old run intact"
+    other = tmp_path / "other"
+    cli("train", *args[:-2], str(other), "--quiet", capsys=capsys)
+    text = cli("eval", str(run), "--out", str(other), expect=2, capsys=capsys)
+    assert "training run folder" in text
+
+
+def test_max_steps_caps_epochs_and_lr_log_is_the_rate_used(tiny_bert, sentiment, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    cli("train", "--model", tiny_bert, "--data", str(sentiment), "--text-column", "review", "--label-column",
+        "sentiment", "--batch-size", "8", "--epochs", "1", "--max-steps", "100", "--warmup", "0.5", "--lr", "1",
+        "--out", str(out), "--quiet", capsys=capsys)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "split" not in x]
+    assert len(rows) == 5, "38 training rows (80% of 48) / 8 = 5 steps in the one epoch; --max-steps only caps"
+    total, warm = 5, round(0.5 * 5)  # linear warmup to step `warm`, then linear decay to 0 at `total`
+    expected = [(i + 1) / warm if i < warm else 1 - (i - warm) / (total - warm) for i in range(total)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected), "each logged lr is the one that step used"
+
+
+def test_chat_examples_without_response_tokens_are_dropped(tiny_llama) -> None:
+    from unipeft.data import Columns, encode_chat
+    from unipeft.errors import UnipeftError
+
+    tok = T.AutoTokenizer.from_pretrained(tiny_llama)
+    rows = [{"prompt": "word " * 200, "response": "ok"}, {"prompt": "hi", "response": "hello there"}]
+    enc = encode_chat(rows, tok, Columns(), max_length=64)
+    assert len(enc) == 1 and any(x != -100 for x in enc.labels[0])
+    with pytest.raises(UnipeftError, match="raise --max-length"):
+        encode_chat(rows[:1], tok, Columns(), max_length=64)

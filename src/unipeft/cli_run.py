@@ -69,6 +69,8 @@ def train(
     eval_every: Annotated[int | None, typer.Option(help="Evaluate (and keep the best) every N steps.")] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    max_eval_examples: Annotated[int | None, typer.Option(help="Evaluate on a fixed seeded subset of this many "
+                                                                "validation/test examples (default: all).")] = None,
     out: Annotated[str | None, typer.Option(help="Output folder.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe knob override, e.g. --set r=16.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
@@ -81,7 +83,10 @@ def train(
         text = Path(config).read_text(encoding="utf-8") if Path(config).is_file() else None
         if text is None:
             raise UnipeftError(f"config file '{config}' does not exist")
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise UnipeftError(f"config file '{config}' is not valid YAML: {str(e).splitlines()[0]}") from None
         if isinstance(loaded, dict) and ("parts" in loaded or "function" in loaded):
             cfg.method = config  # a method recipe
         else:
@@ -91,7 +96,7 @@ def train(
              "prompt_column": prompt_column, "response_column": response_column, "epochs": epochs,
              "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
              "max_length": max_length, "schedule": schedule, "warmup": warmup, "eval_every": eval_every,
-             "save_every": save_every, "seed": seed, "out": out}
+             "save_every": save_every, "seed": seed, "max_eval_examples": max_eval_examples, "out": out}
     for k, v in flags.items():
         if v is not None:
             setattr(cfg, k, v)
@@ -134,13 +139,15 @@ def eval_cmd(
 ) -> None:
     """Evaluate a run on data; writes {"test": {...}} to --out/results.json."""
     from .data import load_splits
-    from .run import _write_atomic, encode
+    from .run import _subset, _write_atomic, encode, is_run_folder
     from .train import evaluate
 
     cfg, run_dir = read_run(run)
     target = Path(out)
     if target.resolve() == run_dir.resolve():
         raise UnipeftError("--out must not be the run folder (its results.json stays the training run's)")
+    if is_run_folder(target) or any(is_run_folder(p) for p in target.resolve().parents):
+        raise UnipeftError(f"--out '{out}' is (inside) a training run folder; choose a separate folder")
     model = from_pretrained(run_dir)
     tok = run_tokenizer(run_dir)
     if data is None:
@@ -149,6 +156,8 @@ def eval_cmd(
     else:
         splits = load_splits(data, data, data, cfg.task, cfg.columns(), cfg.seed, cfg.label_names)
     *_, test, _ = encode(cfg, splits, tok)
+    if data is None and cfg.max_eval_examples:  # the run's own test subset, as in its results.json
+        test = _subset(test, cfg.max_eval_examples, cfg.seed)
     metrics = evaluate(model, test, cfg.task, tok.pad_token_id)
     target.mkdir(parents=True, exist_ok=True)
     _write_atomic(target / "results.json", json.dumps({"test": metrics}, indent=2))
@@ -192,8 +201,7 @@ def generate(
     if cfg.task != "causal-lm":
         raise UnipeftError(f"'{run}' is a {cfg.task} run; use `unipeft predict`")
     model, tok = from_pretrained(run_dir), run_tokenizer(run_dir)
-    use_chat = chat if chat is not None else cfg.data not in ("shakespeare",) and Path(cfg.data).suffix in (
-        ".jsonl", ".json", ".csv", ".parquet") and tok.chat_template is not None
+    use_chat = chat if chat is not None else bool(cfg.chat)  # default: how the run was trained
     device = next(model.parameters()).device
     for prompt in prompts:
         if use_chat:

@@ -154,12 +154,20 @@ def load_splits(data: str, eval_data: str | None, test_data: str | None, task: s
     ev = load_rows(eval_data) if eval_data else None
     te = load_rows(test_data) if test_data else None
     chat = task == "causal-lm" and cols.prompt in rows[0] and cols.response in rows[0]
-    if task == "causal-lm" and not chat and len(rows) < 10 and ev is None and te is None:
-        # a corpus in a few documents (a .txt file): split the text itself, contiguously, 80/10/10
-        text = "\n\n".join(str(r.get(cols.text, "")) for r in rows)
-        a, b = int(len(text) * 0.8), int(len(text) * 0.9)
-        rows = [{cols.text: text}]
-        train, ev, te = [{cols.text: text[:a]}], [{cols.text: text[a:b]}], [{cols.text: text[b:]}]
+    if task == "causal-lm" and not chat and len(rows) < 10 and (ev is None or te is None):
+        # a corpus in a few documents (a .txt file): split the text itself, contiguously (80/10/10 or 90/10)
+        _need(rows, cols.text, data, "--text-column")
+        text = "\n\n".join(str(r[cols.text]) for r in rows)
+        cuts = [0.8, 0.9] if ev is None and te is None else [0.9]
+        pieces = [text[int(len(text) * a):int(len(text) * b)] for a, b in zip([0.0] + cuts, cuts + [1.0])]
+        parts = [[{cols.text: p}] for p in pieces]
+        train = parts[0]
+        if ev is None and te is None:
+            ev, te = parts[1], parts[2]
+        elif ev is None:
+            ev = parts[1]
+        else:
+            te = parts[1]
     elif ev is None and te is None:
         train, ev, te = split_rows(rows, seed, (0.8, 0.1, 0.1))
     elif ev is None:
@@ -184,6 +192,9 @@ def load_splits(data: str, eval_data: str | None, test_data: str | None, task: s
             _need(split, cols.text, src, "--text-column")
     if task == "classification":
         names = names or _label_names(train, cols.label)  # the training labels define the classes
+        if len(names) < 2:
+            raise UnipeftError(f"classification needs at least 2 labels in the training data; '{data}' has only "
+                               f"{names}")
         for split_name, split in (("validation", ev), ("test", te)):
             for r in split:
                 label_id(r[cols.label], names, split_name)
@@ -246,7 +257,7 @@ def encode_chat(rows, tok, cols: Columns, max_length: int) -> Encoded:
     """Render user/assistant pairs with the chat template; labels are -100 on the prompt part."""
     if getattr(tok, "chat_template", None) is None:
         raise UnipeftError("prompt/response data needs a tokenizer with a chat template (e.g. smollm2)")
-    ids, labels, truncated = [], [], 0
+    ids, labels, truncated, dropped = [], [], 0, 0
     for r in rows:
         user = [{"role": "user", "content": str(r[cols.prompt])}]
         prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True)
@@ -259,9 +270,15 @@ def encode_chat(rows, tok, cols: Columns, max_length: int) -> Encoded:
         if len(full) > max_length:
             truncated += 1
             full = full[:max_length]
-        lab = [-100] * min(len(prompt), len(full)) + full[len(prompt):]
+        if len(full) <= len(prompt):  # truncation left no response token to learn from
+            dropped += 1
+            continue
+        lab = [-100] * len(prompt) + full[len(prompt):]
         ids.append(full)
         labels.append(lab)
+    if dropped and not ids:
+        raise UnipeftError(f"every prompt fills --max-length {max_length} (chat template included), leaving no "
+                           "response to learn; raise --max-length")
     return Encoded(ids, labels, truncated)
 
 

@@ -59,6 +59,8 @@ class RunConfig:
     eval_every: int | None = None
     save_every: int | None = None
     seed: int = 0
+    max_eval_examples: int | None = None
+    chat: bool | None = None
     out: str = "runs/default"
     label_names: list[str] = field(default_factory=list)
 
@@ -73,11 +75,27 @@ class RunConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UnipeftError(f"run config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UnipeftError(f"run config '{path}' must be a mapping of settings")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise UnipeftError(f"run config '{path}' has unknown key(s) {', '.join(unknown)}")
+        data["overrides"] = data.get("overrides") or {}
+        data["label_names"] = data.get("label_names") or []
+        defaults = cls()
+        for key, value in data.items():
+            want = getattr(defaults, key)
+            kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,), list: (list,)}
+            expected = kinds.get(type(want)) if want is not None else None
+            ok = value is None or expected is None or (isinstance(value, expected) and not (
+                isinstance(value, bool) and bool not in expected))
+            if not ok:
+                raise UnipeftError(f"run config '{path}': {key} must be {type(want).__name__}, not {value!r}")
         return cls(**data)
 
     def validate(self) -> RunConfig:
@@ -85,6 +103,7 @@ class RunConfig:
                   (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
                   (self.grad_accum >= 1, "--grad-accum must be >= 1"),
                   (self.max_length >= 8, "--max-length must be >= 8"),
+                  (self.max_eval_examples is None or self.max_eval_examples >= 1, "--max-eval-examples must be >= 1"),
                   (self.lr is None or self.lr > 0, "--lr must be > 0"),
                   (self.schedule in ("linear", "cosine", "constant"), "--schedule is linear, cosine or constant"),
                   (self.task in (None, "classification", "causal-lm"), "--task is classification or causal-lm")]
@@ -95,11 +114,33 @@ class RunConfig:
 
 
 # ---- the output folder -----------------------------------------------------------------------------------------------
+#: What a run writes; --overwrite deletes these and nothing else.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "results.json", "checkpoint.pt", "checkpoint.tmp",
+             "loss.png", "validation.png", "adapter", "model", "tokenizer", ".report.md.tmp", ".results.json.tmp",
+             ".config.yaml.tmp")
+
+
+def is_run_folder(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and any((path / f).exists() for f in
+                                                    ("metrics.jsonl", "results.json", "checkpoint.pt"))
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: remove the previous run's files (only those), after the new run's inputs were checked."""
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Check the output folder before any work; nothing is deleted here."""
     if out.exists() and not out.is_dir():
         raise UnipeftError(f"--out '{out}' is a file; give a folder")
     finished = (out / "results.json").is_file()
-    started = (out / "config.yaml").is_file()
+    started = is_run_folder(out)
     if resume:
         if finished:
             raise UnipeftError(f"'{out}' holds a finished run; nothing to resume")
@@ -111,9 +152,10 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
             what = "a finished run" if finished else ("an unfinished run (use --resume to continue)" if started else
                                                       "other files")
             raise UnipeftError(f"'{out}' already holds {what}; choose another --out or pass --overwrite")
-        if not (finished or started):
-            raise UnipeftError(f"'{out}' holds files that are not a unipeft run; refusing to overwrite them")
-        shutil.rmtree(out)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and p.name != ".write-test")
+        if not started or foreign:
+            raise UnipeftError(f"'{out}' holds files that are not a unipeft run ({(foreign or ['?'])[0]}); refusing "
+                               "to overwrite them")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -144,9 +186,10 @@ def load_base(cfg: RunConfig, task: str, label_names: list[str]):
         tok.pad_token = tok.eos_token
     if task == "classification":
         torch.manual_seed(cfg.seed)  # the new head's initialisation is part of the run
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch.float32, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)})
+            label2id={n: i for i, n in enumerate(label_names)}, output_loading_info=True)
+        model._unipeft_missing_keys = list(info.get("missing_keys", []))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     else:
@@ -156,12 +199,13 @@ def load_base(cfg: RunConfig, task: str, label_names: list[str]):
     return model, tok
 
 
-def head_modules(model: torch.nn.Module) -> list[str]:
-    """What trains (and is saved) with the adapter for classification: the new head, and BERT's [CLS] pooler, which a
-    sentence-embedding checkpoint never trained for classification."""
-    names = [n for n in ("classifier", "score", "pooler") if any(m.split(".")[-1] == n for m, _ in
-                                                                 model.named_modules())]
-    return names
+def head_modules(model: torch.nn.Module, missing_keys: list[str]) -> list[str]:
+    """What trains (and is saved) with the adapter for classification: every module the checkpoint did not provide
+    (the new head, whatever its name) and BERT's [CLS] pooler, which a sentence-embedding checkpoint never trained."""
+    owners = {k.rsplit(".", 1)[0] for k in missing_keys if "." in k}
+    heads = sorted({o for o in owners if not any(o != p and o.startswith(p + ".") for p in owners)})
+    heads += [n for n, _ in model.named_modules() if n.split(".")[-1] == "pooler" and n not in heads]
+    return heads
 
 
 def encode(cfg: RunConfig, splits, tok) -> tuple[Encoded, Encoded, Encoded, int]:
@@ -189,7 +233,7 @@ def attach_method(model, cfg: RunConfig, task: str):
             raise UnipeftError("--set overrides recipe knobs; --method full has none")
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         return model, params, None
-    heads = head_modules(model) if task == "classification" else None
+    heads = head_modules(model, getattr(model, "_unipeft_missing_keys", [])) if task == "classification" else None
     am = unipeft.attach(model, cfg.method, train_modules=heads, **cfg.overrides)
     return am, am.adapter_parameters("default"), am
 
@@ -210,15 +254,18 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log
         torch.cuda.reset_peak_memory_stats()  # per run, also when compare runs several in one process
     splits = load_splits(cfg.data, cfg.eval_data, cfg.test_data, cfg.task, cfg.columns(), cfg.seed,
                          cfg.label_names or None)
-    cfg.task, cfg.label_names = splits.task, splits.label_names
+    cfg.task, cfg.label_names, cfg.chat = splits.task, splits.label_names, splits.chat
     model, tok = load_base(cfg, splits.task, splits.label_names)
     train, validation, test, truncated = encode(cfg, splits, tok)
+    if cfg.max_eval_examples:  # a fixed, seeded subset: the same examples at every evaluation
+        validation, test = (_subset(e, cfg.max_eval_examples, cfg.seed) for e in (validation, test))
     if truncated:
         log(f"warning: {truncated} example(s) longer than {cfg.max_length} tokens were truncated (raise --max-length "
             "to keep them whole)")
     torch.manual_seed(cfg.seed)
     module, params, am = attach_method(model, cfg, splits.task)
-    if not resume:
+    if not resume:  # inputs, model and method are all checked: only now replace a previous run
+        clear_run(out)
         _write_atomic(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     trainer = Trainer(module, params, train, validation, splits.task, tok.pad_token_id, cfg.loop(), out, log=log)
     if resume:
@@ -251,6 +298,15 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log
 
 
 # ---- using a finished run -------------------------------------------------------------------------------------------
+def _subset(enc: Encoded, n: int, seed: int) -> Encoded:
+    if len(enc) <= n:
+        return enc
+    import random
+
+    idx = sorted(random.Random(seed).sample(range(len(enc)), n))
+    return Encoded([enc.input_ids[i] for i in idx], [enc.labels[i] for i in idx], enc.truncated)
+
+
 def read_run(out: str | Path) -> tuple[RunConfig, Path]:
     out = Path(out)
     if not (out / "config.yaml").is_file():

@@ -61,7 +61,9 @@ def steps_per_epoch(n: int, cfg: LoopConfig) -> int:
 
 
 def total_steps(n: int, cfg: LoopConfig) -> int:
-    return cfg.max_steps if cfg.max_steps else cfg.epochs * steps_per_epoch(n, cfg)
+    """epochs × steps per epoch, capped by max_steps."""
+    full = cfg.epochs * steps_per_epoch(n, cfg)
+    return min(cfg.max_steps, full) if cfg.max_steps else full
 
 
 def lr_lambda(cfg: LoopConfig, total: int):
@@ -100,8 +102,10 @@ def batches(lengths: list[int], cfg: LoopConfig, epoch: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, enc: Encoded, task: str, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, enc: Encoded, task: str, pad_id: int, batch_size: int | None = None
+             ) -> dict[str, float]:
     """Accuracy (+ loss) for classification; token-weighted loss and perplexity for causal LM."""
+    batch_size = batch_size or (64 if task == "classification" else 8)  # LM logits are batch × length × vocab
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
@@ -245,13 +249,13 @@ class Trainer:
                     st.micro += 1
                 if cfg.clip:
                     torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.clip)
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step used
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 st.step += 1
                 st.tokens += ntok
                 st.seconds = time.perf_counter() - t0
-                lr = self.scheduler.get_last_lr()[0]
                 self._record({"step": st.step, "epoch": st.epoch, "loss": round(loss_value, 6), "lr": lr,
                               "tokens_per_s": round(st.tokens / max(st.seconds, 1e-9), 1)})
                 if progress is not None:
