@@ -352,3 +352,20 @@ def test_chat_examples_without_response_tokens_are_dropped(tiny_llama) -> None:
     assert len(enc) == 1 and any(x != -100 for x in enc.labels[0])
     with pytest.raises(UnipeftError, match="raise --max-length"):
         encode_chat(rows[:1], tok, Columns(), max_length=64)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_user_files_in_every_format_with_string_labels(fmt, tmp_path) -> None:
+    import pandas as pd
+
+    from unipeft.data import Columns, load_splits
+
+    frame = pd.DataFrame({"review": POS + NEG, "sentiment": ["pos"] * 8 + ["neg"] * 8})
+    path = tmp_path / f"reviews.{fmt}"
+    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True), "csv": lambda: frame.to_csv(path, index=False),
+     "parquet": lambda: frame.to_parquet(path)}[fmt]()
+    splits = load_splits(str(path), None, None, None, Columns(text="review", label="sentiment"), seed=0)
+    assert splits.task == "classification" and splits.label_names == ["neg", "pos"]
+    assert len(splits.train) + len(splits.validation) + len(splits.test) == 16
+    again = load_splits(str(path), None, None, None, Columns(text="review", label="sentiment"), seed=0)
+    assert again.test == splits.test, "splits are deterministic for a seed"
