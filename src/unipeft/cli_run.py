@@ -226,8 +226,6 @@ def merge(
     import shutil
     import tempfile
 
-    import unipeft
-
     cfg, run_dir = read_run(run)
     target = Path(to)
     if target.exists() and any(target.iterdir()):
@@ -236,12 +234,8 @@ def merge(
         raise UnipeftError(f"'{run}' is a full fine-tune: its model/ folder already is a plain transformers model")
     am = from_pretrained(run_dir)
     recipe = am.recipes["default"]
-    if not recipe.mergeable:
-        am.merge()  # raises the one-line reason
-    am.merge()
+    am.merge()  # a non-mergeable recipe raises its one-line reason here, before anything is written
     model = am.detach()
-    heads = am_heads = unipeft.AdaptedModel  # noqa: F841 - keep names explicit below
-    del heads, am_heads
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

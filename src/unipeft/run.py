@@ -13,7 +13,6 @@ Output folder (`--out`):
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -336,6 +335,3 @@ def run_tokenizer(out: str | Path):
 
     return AutoTokenizer.from_pretrained(Path(out) / "tokenizer")
 
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
