@@ -12,12 +12,12 @@ from .arch import sites
 from .errors import UnipeftError
 from .io import load
 from .model import AdaptedModel, attach
+from .peft_io import import_peft
 from .presets import list_presets, preset
 from .recipe import Part, Recipe
 from .run import from_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptedModel", "Part", "Recipe", "UnipeftError", "attach", "from_pretrained", "list_presets", "load",
-           "preset", "sites",
-           "__version__"]
+__all__ = ["AdaptedModel", "Part", "Recipe", "UnipeftError", "attach", "from_pretrained", "import_peft",
+           "list_presets", "load", "preset", "sites", "__version__"]

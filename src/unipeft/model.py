@@ -278,6 +278,12 @@ class AdaptedModel(nn.Module):
 
         return save_adapters(self, Path(directory), [name] if name else list(self.recipes))
 
+    def export_peft(self, directory: str | Path, name: str | None = None) -> Path:
+        """Write adapter `name` as a Hugging Face peft checkpoint (LoRA / rsLoRA / DoRA recipes)."""
+        from .peft_io import export_peft
+
+        return export_peft(self, directory, name)
+
     def load(self, directory: str | Path, name: str | None = None) -> AdaptedModel:
         """Load adapters saved by `save` into this model (default: all of them; `name` picks one)."""
         from .io import load_adapters
