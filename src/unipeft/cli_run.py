@@ -222,9 +222,7 @@ def merge(
     to: Annotated[str, typer.Option("--to", help="Folder for the merged plain transformers model.")],
 ) -> None:
     """Merge a run's adapter into the weights and save a plain transformers model (no unipeft needed to load it)."""
-    import os
-    import shutil
-    import tempfile
+    from .fsutil import atomic_folder
 
     cfg, run_dir = read_run(run)
     target = Path(to)
@@ -236,17 +234,9 @@ def merge(
     recipe = am.recipes["default"]
     am.merge()  # a non-mergeable recipe raises its one-line reason here, before anything is written
     model = am.detach()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         run_tokenizer(run_dir).save_pretrained(tmp)
-        if target.exists():
-            target.rmdir()
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(f"merged {recipe.name} into {type(model).__name__} → {target} (load with "
                   "transformers' from_pretrained)", highlight=False)
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UnipeftError
+from .fsutil import atomic_folder
 from .recipe import Recipe
 
 if TYPE_CHECKING:
@@ -72,9 +71,7 @@ def save_adapters(am: AdaptedModel, directory: Path, names: list[str]) -> Path:
         if foreign:
             raise UnipeftError(f"'{directory}' also holds {foreign[0]}, which saving would delete; move it or save "
                                "elsewhere")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_folder(directory) as tmp:
         index: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "base": fingerprint(am.model),
                                  "active": [n for n in am.active if n in names], "adapters": {}}
         for n in names:
@@ -87,16 +84,6 @@ def save_adapters(am: AdaptedModel, directory: Path, names: list[str]) -> Path:
             json.dump(index, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.rename(directory, old / "x")
-        os.rename(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -12,10 +12,7 @@ peft semantics reproduced: s = lora_alpha / r (use_rslora: / √r), per-module r
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .arch import is_linear, logical_modules
 from .errors import UnipeftError
+from .fsutil import atomic_folder
 from .recipe import Part, Recipe
 
 PREFIX = "base_model.model."
@@ -208,15 +206,7 @@ def export_peft(am, directory: str | Path, name: str | None = None) -> Path:
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise UnipeftError(f"'{directory}' is not empty; export into a new folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_folder(directory) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if directory.exists():
-            directory.rmdir()
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
