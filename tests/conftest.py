@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +67,42 @@ def smollm2_path():
     from unipeft.assets import smollm2_path
 
     return str(smollm2_path())
+
+
+# ---- tiny models saved to disk with the real shipped tokenizers, and a tiny labelled data file ------------------
+POS = ["a wonderful, moving film", "brilliant acting and a sharp script", "funny, warm and clever", "a joy to watch",
+       "beautifully shot and deeply felt", "an instant classic", "smart and touching", "great fun from start to end"]
+NEG = ["a dull, lifeless mess", "tedious and far too long", "the plot makes no sense", "badly acted and boring",
+       "a waste of two hours", "clumsy, loud and empty", "painfully unfunny", "I wanted to leave early"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_path) -> str:
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, max_position_embeddings=128)
+    T.BertModel(cfg).save_pretrained(d)
+    T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2_path) -> str:
+    d = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256,
+                        tie_word_embeddings=True)
+    T.LlamaForCausalLM(cfg).save_pretrained(d)
+    T.AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def sentiment(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"review": t, "sentiment": "pos"} for t in POS] + [{"review": t, "sentiment": "neg"} for t in NEG]
+    path = d / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    return path

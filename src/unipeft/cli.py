@@ -73,6 +73,23 @@ def sites(
     console.print(table)
 
 
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="A peft adapter folder, a unipeft adapter folder or a run folder.")],
+    dst: Annotated[str, typer.Argument(help="The folder to write (new or empty).")],
+    to: Annotated[str | None, typer.Option("--to", help="peft or unipeft; detected from SRC when omitted.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="The base model (folder, minilm or smollm2); default: the one SRC names.")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="peft → unipeft: the adapter's name (default: default); unipeft → peft: which one.")] = None,
+) -> None:
+    """Convert adapters between peft's format and unipeft's (direction from SRC; outputs are checked equal in tests)."""
+    from .convert import convert as run_convert
+
+    written, out = run_convert(src, dst, to=to, model=model, name=name)
+    print(f"wrote a {written} adapter folder: {out}")
+
+
 from . import cli_run  # noqa: E402,F401  (registers train/eval/predict/generate/merge/compare)
 
 

@@ -37,7 +37,8 @@ FORMAT_VERSION = 1
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """The base model's class, model_type and every frozen parameter's shape (adapters excluded)."""
+    """The base model's class, model_type and every frozen parameter's shape (adapters excluded), plus where it was
+    loaded from (a hint for `unipeft convert`, not checked)."""
     shapes: dict[str, list[int]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         parts = name.split(".")
@@ -45,7 +46,8 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
             continue
         shapes[".".join(c for c in parts if c != "base_layer")] = list(p.shape)
     config = getattr(model, "config", None)
-    return {"class": type(model).__name__, "model_type": getattr(config, "model_type", None), "shapes": shapes}
+    return {"class": type(model).__name__, "model_type": getattr(config, "model_type", None), "shapes": shapes,
+            "name_or_path": getattr(config, "_name_or_path", None) or None}
 
 
 def _sha256(path: Path) -> str:

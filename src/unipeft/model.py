@@ -37,6 +37,7 @@ class AdaptedModel(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self._wrappers: dict[str, AdapterLayer] = {}
+        self._position_hook: Any = None
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -112,6 +113,10 @@ class AdaptedModel(nn.Module):
         plan = [(part, b) for part in recipe.parts for b in resolve(self.model, part)]
         heads = self._resolve_train_modules(train_modules or [], plan)
         self._check_plan(recipe, plan)
+        shifts = any(p.function == "prefix" and p.positions == "shift" for p in recipe.parts)
+        if shifts and not _accepts(self.model, "position_ids"):
+            raise UnipeftError(f"positions: shift moves the real tokens after the prefix, which needs a model whose "
+                               f"forward takes position_ids; {type(self.model).__name__}'s does not")
         created: list[str] = []
         try:
             for part, b in plan:
@@ -132,6 +137,8 @@ class AdaptedModel(nn.Module):
             raise
         self.recipes[name] = recipe
         self.train_modules[name] = heads
+        if shifts and self._position_hook is None:
+            self._position_hook = self.model.register_forward_pre_hook(self._shift_positions, with_kwargs=True)
         if len(self.recipes) == 1:
             self.activate(name)
         else:
@@ -224,6 +231,9 @@ class AdaptedModel(nn.Module):
                 original = w.copies[keep]
             set_module(self.model, path, original)
         self._wrappers.clear()
+        if self._position_hook is not None:
+            self._position_hook.remove()
+            self._position_hook = None
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         self.recipes.clear(), self.train_modules.clear(), self.active.clear(), self.merged.clear()
@@ -394,6 +404,18 @@ class AdaptedModel(nn.Module):
             routing = Routing(names)
         for w in self._wrappers.values():
             w.routing = routing
+
+    def _shift_positions(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook of the wrapped model for prefixes with `positions: shift` (peft semantics): every row's
+        real tokens move right by the total length of the shifting prefixes that row uses. Runs inside `generate`
+        too, since transformers calls the wrapped model's forward there."""
+        lengths = {n: sum(p.length for p in self.recipes[n].parts if p.function == "prefix" and p.positions == "shift")
+                   for n in self.recipes if n not in self.merged}
+        routing = next(iter(self._wrappers.values())).routing if self._wrappers else None
+        names = list(dict.fromkeys(routing.names)) if routing is not None else self.active
+        if not any(lengths.get(n) for n in names):
+            return None
+        return prefix_mod.shifted_positions(args, kwargs, [(n, lengths[n]) for n in names if lengths.get(n)], routing)
 
     def _prompt_sources(self) -> list[tuple[str, torch.Tensor]]:
         routing_names = None

@@ -6,10 +6,12 @@ transformers ≥ 5 attention modules compute q, k, v (after RoPE, with the KV ca
 the adapter's l prefix keys/values (per KV head, so GQA models work) before calling the model's original eager or
 SDPA function. The mask gains l leading "attend" columns.
 
-Semantics (document-worthy, they differ from peft): prefix vectors are not stored in the KV cache and do not take
-positions, so the real tokens keep positions 0..T-1 and `generate()` works unchanged with the cache; every decoding
-step attends to the prefix again. A gated prefix (UniPELT) mixes the frozen and the prefixed attention per token
-with a learned sigmoid gate (see `prefix_attention`).
+Semantics (document-worthy): with `positions: keep` (the default) prefix vectors are not stored in the KV cache and
+do not take positions, so the real tokens keep positions 0..T-1 and `generate()` works unchanged with the cache; every
+decoding step attends to the prefix again. peft feeds prefixes as past key/values instead, which moves the real
+tokens to positions l..l+T-1; `positions: shift` reproduces that (a forward pre-hook adds l to the position ids, see
+`shifted_positions`), so imported peft prefix adapters give peft's outputs. A gated prefix (UniPELT) mixes the
+frozen and the prefixed attention per token with a learned sigmoid gate (see `prefix_attention`).
 """
 
 from __future__ import annotations
@@ -127,6 +129,41 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return out, weights
     base, _ = original(module, query, key, value, attention_mask, **kwargs)
     return base + gate[..., None] * (out - base), weights
+
+
+def shifted_positions(args: tuple, kwargs: dict, lengths: list[tuple[str, int]], routing) -> tuple[tuple, dict]:
+    """The wrapped model's (args, kwargs) with position_ids moved right by each row's prefix length.
+
+    Without explicit position_ids the positions are the cache positions (past length + 0..T-1), as transformers
+    numbers them; explicit ones (e.g. from `generate`, counted over the attention mask) are moved the same way."""
+    ref = kwargs.get("input_ids")
+    if ref is None:
+        ref = kwargs.get("inputs_embeds")
+    if ref is None and args:
+        ref = args[0]
+    if ref is None:
+        raise UnipeftError("a shifting prefix needs input_ids or inputs_embeds to number the positions")
+    batch, seq, device = ref.shape[0], ref.shape[1], ref.device
+    shift = torch.zeros(batch, dtype=torch.long, device=device)
+    for name, length in lengths:
+        if routing is None:
+            shift += length
+        else:
+            idx = routing.rows(name, batch, device)
+            if idx is not None:
+                shift[idx] += length
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        start = kwargs.get("cache_position")
+        if start is None:
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            positions = torch.arange(past, past + seq, device=device)[None].expand(batch, -1)
+        else:
+            positions = start.to(device)[None].expand(batch, -1)
+    kwargs = dict(kwargs)
+    kwargs["position_ids"] = positions + shift[:, None]
+    return args, kwargs
 
 
 def _extend_mask(module, mask, col_ok, q_len, s_len, dtype, is_causal_kw):

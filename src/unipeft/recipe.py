@@ -44,6 +44,9 @@ ACTIVATIONS = ("relu", "gelu", "swish", "tanh", "identity")
 INITS = ("lora", "bert", "near_identity", "ones", "vocab")
 DTYPES = ("float32", "float16", "bfloat16")
 SCALE_RULES = ("alpha/r", "alpha/sqrt(r)")
+#: Where the real tokens sit when a prefix is present: `keep` (unipeft: positions 0..T-1, the prefix takes none) or
+#: `shift` (peft: the prefix occupies positions 0..l-1 and the real tokens move to l..l+T-1).
+POSITIONS = ("keep", "shift")
 
 #: Which compositions and sites each function supports, and its default init. The validation below reads this table.
 _FUNCTION_RULES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -69,6 +72,7 @@ _KNOB_APPLIES: dict[str, Any] = {
     "layer_norm": lambda p: p.function == "bottleneck",
     "length": lambda p: p.function in ("prefix", "tokens"),
     "reparam_hidden": lambda p: p.function == "prefix",
+    "positions": lambda p: p.function == "prefix",
     "alpha": lambda p: p.composition == "scaled",
     "scale": lambda p: p.composition == "scaled",
     "learn_scale": lambda p: p.composition == "scaled",
@@ -85,7 +89,7 @@ class Part:
       layers: "all", a list of layer indices, or a range "start:stop".
       insertion: parallel (x_src = the sublayer's input) or sequential (x_src = its output h).
       function: lowrank (r; magnitude=True adds DoRA's magnitude vector), bottleneck (r or reduction_factor,
-        activation, layer_norm), prefix (length, reparam_hidden), tokens (length), vector.
+        activation, layer_norm), prefix (length, reparam_hidden, positions: keep | shift), tokens (length), vector.
       composition: add (h + Δh), scaled (h + s·Δh, s from alpha and the scale rule, or a number; learn_scale makes s a
         parameter), gated (h + σ(x_src·w_g + b_g)·Δh), multiply (h ⊙ v), concat (prompt tokens before the input).
       init: lora (Kaiming-uniform down, zero up), bert (N(0, 0.02)), near_identity (N(0, 1e-3) down, zero up),
@@ -106,6 +110,7 @@ class Part:
     layer_norm: bool = False
     length: int | None = None
     reparam_hidden: int | None = None
+    positions: str = "keep"
     alpha: float | None = None
     scale: float | str | None = None
     learn_scale: bool = False
@@ -208,6 +213,9 @@ class Part:
                 bad("magnitude (DoRA) needs add or scaled composition")
         if self.function in ("prefix", "tokens") and (not isinstance(self.length, int) or self.length < 1):
             bad(f"{self.function} needs an integer length >= 1")
+        if self.positions not in POSITIONS:
+            bad(f"positions '{self.positions}' is not keep (unipeft: real tokens keep positions 0..T-1) or shift "
+                "(peft: the prefix takes positions 0..l-1)")
         if self.reparam_hidden is not None and (not isinstance(self.reparam_hidden, int) or self.reparam_hidden < 1):
             bad("reparam_hidden must be an integer >= 1 (or null for no reparametrisation)")
         if self.composition == "scaled":
