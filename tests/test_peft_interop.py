@@ -366,6 +366,8 @@ def minilm(minilm_path):
 
 REAL_CONFIGS = {
     "lora": lambda targets: peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False),
+    "rslora": lambda targets: peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_rslora=True,
+                                              init_lora_weights=False),
     "dora": lambda targets: peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_dora=True,
                                             init_lora_weights=False),
     "ia3": lambda targets: peft.IA3Config(target_modules=targets, feedforward_modules=targets[-1:],
@@ -373,8 +375,8 @@ REAL_CONFIGS = {
     "prefix": lambda targets: peft.PrefixTuningConfig(num_virtual_tokens=4),
     "prompt": lambda targets: peft.PromptTuningConfig(num_virtual_tokens=4),
 }
-REAL = [("smollm2", m) for m in ("lora", "dora", "ia3", "prefix", "prompt")] + [
-    ("minilm", m) for m in ("lora", "ia3", "prompt")]
+REAL = [("smollm2", m) for m in ("lora", "rslora", "dora", "ia3", "prefix", "prompt")] + [
+    ("minilm", m) for m in ("lora", "rslora", "dora", "ia3", "prompt")]
 
 
 @pytest.mark.parametrize("which,method", REAL)
