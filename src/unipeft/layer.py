@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import fused
 from .functions import SiteAdapter
 from .recipe import ALL_SITES
 
@@ -36,6 +37,10 @@ class Routing:
 
     names: list[str]
     _cache: dict = field(default_factory=dict)
+    key: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = tuple(self.names)
 
     def rows(self, name: str, batch: int, device: torch.device) -> torch.Tensor | None:
         key = (name, batch, device)
@@ -50,6 +55,21 @@ class Routing:
                     k = batch // n
                     t = (t[:, None] * k + torch.arange(k)[None, :]).reshape(-1)
                 self._cache[key] = t.to(device)
+        return self._cache[key]
+
+    def row_index(self, names: tuple[str, ...], batch: int, device: torch.device) -> torch.Tensor:
+        """For each batch row, the position of its adapter in `names` (len(names) for rows of none of them); built
+        once per call and shared by every layer (the fused mixed-batch path gathers adapter weights with it)."""
+        key = ("index", names, batch, device)
+        if key not in self._cache:
+            index = [len(names)] * len(self.names)
+            for i, name in enumerate(self.names):
+                if name in names:
+                    index[i] = names.index(name)
+            t = torch.tensor(index, dtype=torch.long)
+            if batch != len(self.names) and batch % len(self.names) == 0:
+                t = t.repeat_interleave(batch // len(self.names))
+            self._cache[key] = t.to(device)
         return self._cache[key]
 
 
@@ -76,6 +96,7 @@ class AdapterLayer(nn.Module):
         if sa.part_name not in parts:
             parts[sa.part_name] = nn.ModuleDict()
         parts[sa.part_name][_site_key(sa)] = sa
+        self._forget_plan()
 
     def sites_of(self, name: str) -> Iterator[SiteAdapter]:
         if name in self.adapters:
@@ -90,6 +111,7 @@ class AdapterLayer(nn.Module):
             if name in d:
                 del d[name]
         self.active = [a for a in self.active if a != name]
+        self._forget_plan()
 
     def is_empty(self) -> bool:
         return not self.adapters and not self.copies
@@ -103,17 +125,38 @@ class AdapterLayer(nn.Module):
     def _rows(self, name: str, batch: int, device: torch.device) -> torch.Tensor | None:
         return None if self.routing is None else self.routing.rows(name, batch, device)
 
+    def _forget_plan(self) -> None:
+        self.__dict__.pop("_unipeft_plan", None)
+        self.__dict__.pop("_unipeft_stacks", None)
+        self.__dict__.pop("_unipeft_rows", None)
+
+    def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], bool]:
+        """(items in effect, their roles, whether the fused LoRA path applies), cached per routing / active set /
+        merge state / train mode, so a call's Python cost does not grow with the number of adapters."""
+        key = (None if self.routing is None else self.routing.key, tuple(self.active), tuple(self.merged),
+               self.training)
+        cached = self.__dict__.get("_unipeft_plan")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        items = [(n, sa) for n in self._in_effect() for sa in self.sites_of(n)]
+        plan = (items, {sa.role for _, sa in items}, fused.fusable(self, items))
+        self.__dict__["_unipeft_plan"] = (key, plan)
+        return plan
+
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if self.copies:
             wanted = dict.fromkeys(self.routing.names) if self.routing is not None else self.active
             copies = [n for n in wanted if n in self.copies]
             return self._forward_copies(copies, args, kwargs) if copies else self.base_layer(*args, **kwargs)
-        names = self._in_effect()
-        if not names:
+        items, roles, fast = self._plan()
+        if not items:
             return self.base_layer(*args, **kwargs)
-        items = [(n, sa) for n in names for sa in self.sites_of(n)]
-        roles = {sa.role for _, sa in items}
+        if fast and fused.enabled():
+            x = args[0] if args else next(iter(kwargs.values()))
+            out = fused.forward(self, x, items)
+            if out is not None:
+                return out
         if roles & {"out", "in"}:
             return self._forward_projection(args, kwargs, items)
         if roles & {"block", "prefix"}:
@@ -189,11 +232,13 @@ class AdapterLayer(nn.Module):
         for sa in self.sites_of(name):
             sa.merge_into(self.base_layer)
         self.merged.append(name)
+        self._forget_plan()
 
     def unmerge(self, name: str) -> None:
         for sa in reversed(list(self.sites_of(name))):
             sa.unmerge_from(self.base_layer)
         self.merged.remove(name)
+        self._forget_plan()
 
 
 def _site_key(sa: SiteAdapter) -> str:

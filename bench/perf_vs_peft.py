@@ -1,0 +1,205 @@
+"""unipeft vs peft on the GPU, side by side in one process, with the shared anchor harness (peft_baseline.py).
+
+Usage (on the GPU machine, harness copied into an ignored folder that travels with `carry`):
+    PYTHONPATH=src python3 bench/perf_vs_peft.py --harness .gpu_carry/bench --out perf.json [--compile] [--only a,b]
+
+Cases (Llama-shaped 953M model, bf16, batch 8 × 1024, LoRA r=16 on all 7 linears, dropout 0, AdamW; median of 10):
+  train: frozen floor, peft LoRA, unipeft LoRA (fused path), unipeft LoRA reference path (UNIPEFT_FUSED=0)
+  forward: merged (= base), peft unmerged, unipeft unmerged (fused, reference)
+  mixed: 4 adapters at 8 × 1024 (peft, unipeft), 32 adapters at 32 × 256 (merged, peft, unipeft)
+  decode: 32 × 256 prompt + 32 new tokens, merged vs unipeft with 32 adapters (peft's 21 s anchor is not re-run)
+Every contender's references are deleted and `release()` is called before the next, so peak memory is its own.
+Prints one JSON line per case and a table with the ratios the performance issue targets; writes all rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+SITES = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def _unipeft(model, n_adapters: int = 1):
+    import unipeft
+
+    am = unipeft.attach(model, "lora", r=16, alpha=32, targets=SITES)
+    for k in range(1, n_adapters):
+        am.add(f"a{k}", "lora", r=16, alpha=32, targets=SITES)
+    return am
+
+
+def _peft(model, n_adapters: int = 1):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=_h.TARGETS, lora_dropout=0.0))
+    for k in range(1, n_adapters):
+        pm.add_adapter(f"a{k}", LoraConfig(r=16, lora_alpha=32, target_modules=_h.TARGETS))
+    return pm
+
+
+def _trainable(m) -> list[torch.nn.Parameter]:
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+def _nonzero_b(m) -> None:
+    """LoRA's B starts at zero; give it values so no path can skip work on zeros."""
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ("lora_B" in n or ".up.weight" in n) and p.requires_grad:
+                p.normal_(0, 0.01)
+
+
+def _generate(case: str, model, names=None) -> dict:
+    x = torch.randint(0, _h.VOCAB, (_h.B, _h.T), device="cuda")
+    kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    if names is not None:
+        kw["adapter_names"] = names
+    times = []
+    with torch.no_grad():
+        for _ in range(4):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return _h.report(case, sorted(times[1:])[1])
+
+
+def run(compile_: bool, only: set[str] | None) -> list[dict]:
+    rows: list[dict] = []
+    wrap = torch.compile if compile_ else (lambda m: m)
+    tag = "compiled_" if compile_ else ""
+
+    def want(case: str) -> bool:
+        return only is None or case in only
+
+    def train(case, make, params_of):
+        if not want(case):
+            return
+        m = make()
+        rows.append(_h.time_train(tag + case, wrap(m), params_of(m)))
+        del m
+        _h.release()
+
+    train("frozen_floor", lambda: _h.make_model(), lambda m: _h.frozen_floor(m))
+    train("peft_lora_r16", lambda: _peft(_h.make_model()), _trainable)
+    train("unipeft_lora_r16", lambda: _unipeft(_h.make_model()), _trainable)
+    if not compile_ and want("unipeft_lora_r16_reference"):
+        os.environ["UNIPEFT_FUSED"] = "0"
+        train("unipeft_lora_r16_reference", lambda: _unipeft(_h.make_model()), _trainable)
+        os.environ["UNIPEFT_FUSED"] = "1"
+    if compile_:
+        return rows
+
+    if want("forward"):
+        m = _h.make_model().eval()
+        rows.append(_h.time_forward("forward_merged", m))
+        pm = _peft(m)
+        _nonzero_b(pm)
+        pm.eval()
+        rows.append(_h.time_forward("peft_unmerged_forward", pm))
+        for k in range(1, 4):
+            pm.add_adapter(f"a{k}", __import__("peft").LoraConfig(r=16, lora_alpha=32, target_modules=_h.TARGETS))
+        names = ["default", "a1", "a2", "a3"] * (_h.B // 4)
+        rows.append(_h.time_forward("peft_mixed_4_adapters_forward", pm, adapter_names=names))
+        m = pm.unload()
+        del pm
+        _h.release()
+        am = _unipeft(m, 4).eval()
+        _nonzero_b(am)
+        am.activate("default")
+        rows.append(_h.time_forward("unipeft_unmerged_forward", am))
+        os.environ["UNIPEFT_FUSED"] = "0"
+        rows.append(_h.time_forward("unipeft_unmerged_forward_reference", am))
+        rows.append(_h.time_forward("unipeft_mixed_4_adapters_forward_reference", am, adapter_names=names))
+        os.environ["UNIPEFT_FUSED"] = "1"
+        rows.append(_h.time_forward("unipeft_mixed_4_adapters_forward", am, adapter_names=names))
+        am.merge("default")
+        rows.append(_h.time_forward("unipeft_merged_forward", am))
+        del am, m
+        _h.release()
+
+    if want("mixed32"):
+        b0, t0 = _h.B, _h.T
+        _h.B, _h.T = 32, 256
+        names = [f"a{k}" if k else "default" for k in range(32)]
+        m = _h.make_model().eval()
+        rows.append(_h.time_forward("forward_merged_32x256", m))
+        rows.append(_generate("generate_merged_32x256_32new", m))
+        am = _unipeft(m, 32).eval()
+        _nonzero_b(am)
+        rows.append(_h.time_forward("unipeft_32_adapters_forward_32x256", am, adapter_names=names))
+        rows.append(_generate("unipeft_32_adapters_generate_32x256_32new", am, names))
+        m = am.detach()
+        del am
+        _h.release()
+        pm = _peft(m, 32).eval()
+        rows.append(_h.time_forward("peft_32_adapters_forward_32x256", pm, adapter_names=names))
+        del pm, m
+        _h.release()
+        _h.B, _h.T = b0, t0
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    by = {r["case"].removeprefix("compiled_") + ("@c" if r["case"].startswith("compiled_") else ""): r for r in rows}
+
+    def ratio(a: str, b: str) -> str:
+        return f"{by[a]['step_ms'] / by[b]['step_ms']:.3f}" if a in by and b in by else "-"
+
+    def mem(a: str, b: str) -> str:
+        return f"{by[a]['peak_gib'] / by[b]['peak_gib']:.3f}" if a in by and b in by else "-"
+
+    lines = ["| case | ms | peak GiB | ratio | vs |", "|---|---|---|---|---|"]
+    refs = {"peft_lora_r16": "frozen_floor", "unipeft_lora_r16": "frozen_floor",
+            "unipeft_lora_r16_reference": "frozen_floor", "peft_lora_r16@c": "frozen_floor@c",
+            "unipeft_lora_r16@c": "frozen_floor@c", "peft_unmerged_forward": "forward_merged",
+            "unipeft_unmerged_forward": "forward_merged", "unipeft_unmerged_forward_reference": "forward_merged",
+            "peft_mixed_4_adapters_forward": "forward_merged", "unipeft_mixed_4_adapters_forward": "forward_merged",
+            "unipeft_mixed_4_adapters_forward_reference": "forward_merged",
+            "unipeft_merged_forward": "forward_merged",
+            "unipeft_32_adapters_forward_32x256": "forward_merged_32x256",
+            "peft_32_adapters_forward_32x256": "forward_merged_32x256",
+            "unipeft_32_adapters_generate_32x256_32new": "generate_merged_32x256_32new"}
+    for key, r in by.items():
+        ref = refs.get(key, "")
+        extra = f" (mem {mem(key, ref)})" if "peak_gib" in r and ref in by and "peak_gib" in by[ref] else ""
+        lines.append(f"| {key} | {r['step_ms']} | {r.get('peak_gib', '')} | {ratio(key, ref) if ref else ''}{extra} "
+                     f"| {ref} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global _h
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--harness", default=".gpu_carry/bench", help="folder holding peft_baseline.py")
+    ap.add_argument("--out", default="perf.json")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated case names")
+    args = ap.parse_args()
+    sys.path.insert(0, args.harness)
+    import peft
+    import peft_baseline as harness
+    import transformers
+
+    _h = harness
+    meta = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), H=_h.H, L=_h.L, I=_h.I, B=_h.B,
+                T=_h.T, compiled=args.compile)
+    print(json.dumps(meta), flush=True)
+    rows = run(args.compile, set(args.only.split(",")) if args.only else None)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    print(table(rows))
+
+
+_h = None
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Plot the perf_vs_peft.py ratios against the performance targets: bench/results/*.json → docs/perf_vs_peft.png.
+
+Usage: python bench/plot_perf.py [--results bench/results] [--out docs/perf_vs_peft.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+#: (label, contender case, reference case, target ratio)
+PAIRS = [
+    ("train eager", "{who}_lora_r16", "frozen_floor", 1.10),
+    ("train compiled", "compiled_{who}_lora_r16", "compiled_frozen_floor", 1.10),
+    ("unmerged fwd", "{who}_unmerged_forward", "forward_merged", 1.10),
+    ("4 adapters, 8x1024", "{who}_mixed_4_adapters_forward", "forward_merged", 1.15),
+    ("32 adapters, 32x256", "{who}_32_adapters_forward_32x256", "forward_merged_32x256", 1.30),
+    ("decode, 32 adapters", "{who}_32_adapters_generate_32x256_32new", "generate_merged_32x256_32new", 1.50),
+]
+PEFT_DECODE = 21201 / 498  # the issue's anchor (not re-run: 21 s per call)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default="bench/results")
+    ap.add_argument("--out", default="docs/perf_vs_peft.png")
+    args = ap.parse_args()
+    rows: dict[str, float] = {}
+    for f in sorted(Path(args.results).glob("perf_*.json")):
+        for r in json.loads(f.read_text())["rows"]:
+            rows[r["case"]] = r["step_ms"]  # later files (newer runs) win
+    labels, ours, theirs, targets = [], [], [], []
+    for label, case, ref, target in PAIRS:
+        if ref not in rows:
+            continue
+        labels.append(label)
+        targets.append(target)
+        ours.append(rows.get(case.format(who="unipeft"), float("nan")) / rows[ref])
+        peft = rows.get(case.format(who="peft"))
+        theirs.append(peft / rows[ref] if peft else (PEFT_DECODE if "decode" in label else float("nan")))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], theirs, 0.4, label="peft 0.21", color="#bbbbbb")
+    ax.bar([x + 0.2 for x in xs], ours, 0.4, label="unipeft", color="#3a6ea5")
+    ax.scatter(list(xs), targets, marker="_", s=600, color="red", label="target", zorder=3)
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), labels, rotation=15)
+    ax.set_ylabel("time / reference (log)")
+    ax.set_title("LoRA r=16, Llama-shaped 953M, bf16, one H200 (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
