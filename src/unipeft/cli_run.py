@@ -72,6 +72,9 @@ def train(
     max_eval_examples: Annotated[int | None, typer.Option(help="Evaluate on a fixed seeded subset of this many "
                                                                 "validation/test examples (default: all).")] = None,
     out: Annotated[str | None, typer.Option(help="Output folder.")] = None,
+    quantize: Annotated[str | None, typer.Option(help="Train adapters on a bitsandbytes-quantized base (QLoRA): "
+                                                      "nf4 | fp4 | int8. Needs unipeft[quant].")] = None,
+    optim: Annotated[str | None, typer.Option(help="adamw | adamw8bit (bitsandbytes 8-bit states).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe knob override, e.g. --set r=16.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
@@ -96,7 +99,8 @@ def train(
              "prompt_column": prompt_column, "response_column": response_column, "epochs": epochs,
              "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
              "max_length": max_length, "schedule": schedule, "warmup": warmup, "eval_every": eval_every,
-             "save_every": save_every, "seed": seed, "max_eval_examples": max_eval_examples, "out": out}
+             "save_every": save_every, "seed": seed, "max_eval_examples": max_eval_examples, "out": out,
+             "quantize": quantize, "optim": optim}
     for k, v in flags.items():
         if v is not None:
             setattr(cfg, k, v)
@@ -232,8 +236,11 @@ def merge(
         raise UnipeftError(f"'{run}' is a full fine-tune: its model/ folder already is a plain transformers model")
     am = from_pretrained(run_dir)
     recipe = am.recipes["default"]
-    am.merge()  # a non-mergeable recipe raises its one-line reason here, before anything is written
-    model = am.detach()
+    if cfg.quantize:  # QLoRA: merge exactly into the dequantized weights; the result is a plain float model
+        model = am.merge_dequantized()
+    else:
+        am.merge()  # a non-mergeable recipe raises its one-line reason here, before anything is written
+        model = am.detach()
     with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         run_tokenizer(run_dir).save_pretrained(tmp)

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from . import quant
 from .arch import Binding, linear_dims
 from .errors import UnipeftError
 from .recipe import Part
@@ -136,7 +137,10 @@ class Tokens(nn.Module):
 # ---- the base weight as a (d_out × d_in) matrix, whatever layer holds it --------------------------------------------
 def base_weight(base: nn.Module) -> torch.Tensor:
     """The frozen weight as (d_out × d_in): nn.Linear stores it so; transformers' Conv1D stores (d_in × d_out).
-    The returned tensor is a view: in-place changes reach the module (merge relies on this)."""
+    The returned tensor is a view: in-place changes reach the module (merge relies on this) — except for a quantized
+    base, whose dequantized weight is a fresh float32 tensor (merging there goes through quant.py)."""
+    if quant.is_quantized(base):
+        return quant.dequantized_weight(base)
     w = base.weight
     return w.data if isinstance(base, nn.Linear) else w.data.t()
 
@@ -161,6 +165,9 @@ class SiteAdapter(nn.Module):
         ref = next(base.parameters(), None) if base is not None else None
         dtype = _DTYPES[part.dtype] if part.dtype else (ref.dtype if ref is not None and ref.is_floating_point()
                                                         else torch.float32)
+        if base is not None and quant.is_quantized(base):
+            if not part.dtype:
+                dtype = quant.compute_dtype(base)  # a packed 4/8-bit weight says nothing about the compute dtype
         d_src = d_out = hidden or 0
         if binding.role in ("out", "in"):
             d_in, d_full = linear_dims(base)

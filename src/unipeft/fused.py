@@ -104,19 +104,56 @@ def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter) -> torch.Tens
 
 
 def fusable(layer, items: list[tuple[str, SiteAdapter]]) -> bool:
-    """Whether `forward` can compute these items (decided once per plan, see AdapterLayer._plan)."""
-    if not items or not _plain_linear(layer.base_layer):
+    """Whether `forward` can compute these items (decided once per plan, see AdapterLayer._plan). Quantized and
+    other non-plain bases take the fused delta (`_LoraDelta`) on top of their own forward."""
+    if not items or not all(simple_lora(sa, layer.training) for _, sa in items):
         return False
-    if not all(simple_lora(sa, layer.training) for _, sa in items):
-        return False
-    return len(items) == 1 if layer.routing is None else len({n for n, _ in items}) == len(items)
+    if layer.routing is None:
+        return len(items) == 1
+    return _plain_linear(layer.base_layer) and len({n for n, _ in items}) == len(items)
 
 
 def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]]) -> torch.Tensor | None:
     """The fused result for this projection call, or None when the reference path must run."""
     if layer.routing is None:
-        return lora_linear(x, layer.base_layer, items[0][1]) if x.dim() >= 2 else None
+        if x.dim() < 2:
+            return None
+        base = layer.base_layer
+        if _plain_linear(base):
+            return lora_linear(x, base, items[0][1])
+        return lora_delta(base(x), x, items[0][1])
     return routed_lora(layer, x, items) if x.dim() == 3 else None
+
+
+class _LoraDelta(torch.autograd.Function):
+    """y + s·(x·Aᵀ)·Bᵀ as one GEMM that reads y as its addend (any base: a quantized layer computes y). Out of
+    place — the same traffic as in place (read y, write the sum) — because y may be a view a base layer returned."""
+
+    @staticmethod
+    def forward(ctx, y, x, a, b, s: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ a.t()
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, b.t(), alpha=s)
+        ctx.save_for_backward(x, a, b, xa)
+        ctx.s = s
+        return out.view(y.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, a, b, xa = ctx.saved_tensors
+        g = gy.reshape(-1, gy.shape[-1])
+        ga = (g @ b).mul_(ctx.s)
+        dx = (ga @ a).view(x.shape) if ctx.needs_input_grad[1] else None
+        da = ga.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[2] else None
+        db = (g.t() @ xa).mul_(ctx.s) if ctx.needs_input_grad[3] else None
+        return gy, dx, da, db, None
+
+
+def lora_delta(y: torch.Tensor, x: torch.Tensor, sa: SiteAdapter) -> torch.Tensor:
+    a, b = sa.fn.down.weight, sa.fn.up.weight
+    if len({x.dtype, a.dtype, y.dtype}) > 1:
+        x, a, b = x.to(y.dtype), a.to(y.dtype), b.to(y.dtype)
+    return _LoraDelta.apply(y, x, a, b, float(sa.s))
 
 
 def routed_lora(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]]) -> torch.Tensor:

@@ -9,6 +9,7 @@ model's — same signatures — plus one optional keyword, `adapter_names=[...]`
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from . import prefix as prefix_mod
+from . import quant
 from .arch import Binding, get_module, logical_modules, resolve, set_module, text_config
 from .errors import UnipeftError
 from .functions import SiteAdapter
@@ -41,6 +43,8 @@ class AdaptedModel(nn.Module):
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
+        for m in model.modules():  # quantized bases: bitsandbytes' exact CPU path (see quant.keep_exact_on_cpu)
+            quant.keep_exact_on_cpu(m)
 
     # -- pass-through -----------------------------------------------------------------------------------------------
     @property
@@ -175,7 +179,7 @@ class AdaptedModel(nn.Module):
         self._refresh()
         return self
 
-    def merge(self, name: str | None = None) -> AdaptedModel:
+    def merge(self, name: str | None = None, requantize: bool = False) -> AdaptedModel:
         """Fold adapters (default: the active ones) into the frozen weights: zero added latency. Refused, with the
         reason, for recipes whose knobs are not mergeable."""
         if name is not None and not isinstance(name, str):
@@ -202,16 +206,37 @@ class AdaptedModel(nn.Module):
                     if before:
                         raise UnipeftError(f"adapter '{n}' composes after unmerged '{before[0]}' on the same layer; "
                                            "merging it would change the output: merge both or reorder activate()")
-        for n in names:
-            for w in self._wrappers.values():
-                if n in w.adapters:
-                    w.merge(n)
-            self.merged.append(n)
+        quantized = any(quant.is_quantized(w.base_layer) for w in self._wrappers.values() for n in names
+                        if n in w.adapters)
+        if quantized and not requantize:
+            raise UnipeftError("the base is quantized: am.merge_dequantized() returns a plain model with the adapters "
+                               "merged exactly; am.merge(requantize=True) rounds them into the 4/8-bit weights")
+        if quantized:
+            self.merge_report = quant.merge_requantized(self, names)
+            self._requantized = [*getattr(self, "_requantized", []), *names]
+            warnings.warn(f"merged {', '.join(names)} into quantized weights; rounding error up to "
+                          f"{self.merge_report['max_abs_rounding_error']:.3g} (am.merge_report)", stacklevel=2)
+        else:
+            for n in names:
+                for w in self._wrappers.values():
+                    if n in w.adapters:
+                        w.merge(n)
+        self.merged.extend(names)
         self._refresh()
         return self
 
+    def merge_dequantized(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """QLoRA's exact merge: the active adapters folded into the *dequantized* weights of the quantized base; returns
+        a plain float model (the compute dtype unless `dtype`) whose outputs match this quantized + adapter model.
+        This handle is detached afterwards."""
+        return quant.merge_dequantized(self, dtype)
+
     def unmerge(self) -> AdaptedModel:
         """Take every merged adapter back out of the weights (exact up to the weights' dtype rounding)."""
+        lossy = [n for n in self.merged if n in getattr(self, "_requantized", ())]
+        if lossy:
+            raise UnipeftError(f"'{lossy[0]}' was merged into quantized weights with rounding and cannot be taken out "
+                               "exactly; reload the base model")
         for n in reversed(list(self.merged)):
             for w in self._wrappers.values():
                 if n in w.merged:

@@ -61,6 +61,8 @@ class RunConfig:
     max_eval_examples: int | None = None
     chat: bool | None = None
     out: str = "runs/default"
+    quantize: str | None = None
+    optim: str = "adamw"
     label_names: list[str] = field(default_factory=list)
 
     def loop(self) -> LoopConfig:
@@ -105,7 +107,11 @@ class RunConfig:
                   (self.max_eval_examples is None or self.max_eval_examples >= 1, "--max-eval-examples must be >= 1"),
                   (self.lr is None or self.lr > 0, "--lr must be > 0"),
                   (self.schedule in ("linear", "cosine", "constant"), "--schedule is linear, cosine or constant"),
-                  (self.task in (None, "classification", "causal-lm"), "--task is classification or causal-lm")]
+                  (self.task in (None, "classification", "causal-lm"), "--task is classification or causal-lm"),
+                  (self.quantize in (None, "nf4", "fp4", "int8"), "--quantize is nf4, fp4 or int8"),
+                  (self.optim in ("adamw", "adamw8bit"), "--optim is adamw or adamw8bit"),
+                  (not (self.quantize and self.method == "full"),
+                   "--quantize freezes a quantized base for adapters; --method full trains every weight")]
         for ok, msg in checks:
             if not ok:
                 raise UnipeftError(msg)
@@ -195,6 +201,10 @@ def load_base(cfg: RunConfig, task: str, label_names: list[str]):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if torch.cuda.is_available():
         model = model.to("cuda")
+    if cfg.quantize:  # QLoRA: bf16 compute on the GPU, fp32 on the CPU
+        from .quant import quantize
+
+        quantize(model, cfg.quantize, compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     return model, tok
 
 

@@ -41,6 +41,7 @@ class LoopConfig:
     eval_every: int | None = None
     save_every: int | None = None
     seed: int = 0
+    optim: str = "adamw"
 
 
 @dataclass
@@ -147,6 +148,16 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def make_optimizer(cfg: LoopConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (block-wise quantized moments: ~2 bytes of state per parameter instead
+    of 8). No paged optimizers: they use CUDA managed memory, which can hang a shared GPU."""
+    if cfg.optim == "adamw8bit":
+        from .quant import _bnb
+
+        return _bnb().optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 class Trainer:
     """Runs the loop for one model; `params` are the trainable tensors by stable names (what checkpoints hold)."""
 
@@ -157,7 +168,7 @@ class Trainer:
         self.log = log or (lambda *a, **k: None)
         self.device = next(p for p in model.parameters()).device
         self.total = total_steps(len(train), cfg)
-        self.optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(cfg, list(params.values()))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total))
         self.state = LoopState()
         self.best: dict[str, torch.Tensor] | None = None

@@ -1,0 +1,95 @@
+"""QLoRA on the GPU: a bitsandbytes NF4/FP4 base (double-quantized, bf16 compute) vs the bf16 base, LoRA r=16 on all 7
+linears, same harness model as the performance issue (peft_baseline.py), contenders timed one after another in one
+process (each one's references deleted first so its peak memory is its own).
+
+Usage (on the GPU machine; carry the harness and the bitsandbytes wheel):
+    PYTHONPATH=src python3 bench/qlora_bench.py --harness .gpu_carry/bench --out qlora.json
+Reports step time and peak memory (vs bf16 LoRA with our fused path; target: QLoRA ≤ 1.10× its time), bytes per
+quantized weight and for the whole model, peft's QLoRA on the same quantized base, and the max abs logit difference
+between the unmerged quantized + adapter model and `merge_dequantized()`'s plain bf16 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+SITES = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--harness", default=".gpu_carry/bench")
+    ap.add_argument("--out", default="qlora.json")
+    args = ap.parse_args()
+    sys.path.insert(0, args.harness)
+    import bitsandbytes
+    import peft
+    import peft_baseline as h
+    import transformers
+
+    import unipeft
+    from unipeft import quant
+
+    meta = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                bitsandbytes=bitsandbytes.__version__, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+                H=h.H, L=h.L, I=h.I, B=h.B, T=h.T)
+    print(json.dumps(meta), flush=True)
+    rows = []
+
+    def trainable(m):
+        return [p for p in m.parameters() if p.requires_grad]
+
+    m = h.make_model()
+    am = unipeft.attach(m, "lora", r=16, alpha=32, targets=SITES)
+    rows.append(h.time_train("unipeft_lora_r16_bf16", am, trainable(am)))
+    del m, am
+    h.release()
+    for kind, dq in (("nf4", True), ("fp4", True), ("nf4", False)):
+        m = quant.quantize(h.make_model(), kind, double_quant=dq, compute_dtype=torch.bfloat16)
+        h.release()
+        fp = quant.footprint(m)
+        am = unipeft.attach(m, "lora", r=16, alpha=32, targets=SITES)
+        row = h.time_train(f"unipeft_qlora_{kind}{'' if dq else '_no_double_quant'}_r16", am, trainable(am))
+        row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in fp.items()})
+        rows.append(row)
+        if kind == "nf4" and dq:
+            torch.manual_seed(1)
+            with torch.no_grad():
+                for p in trainable(am):
+                    p.add_(torch.randn_like(p) * 0.01)
+                x = torch.randint(0, h.VOCAB, (2, 128), device="cuda")
+                unmerged = am(input_ids=x).logits.float()
+                plain = am.merge_dequantized()
+                merged = plain(input_ids=x).logits.float()
+            rows.append({"case": "merge_dequantized_nf4", "max_abs_logit_diff": float((merged - unmerged).abs().max()),
+                         "logit_scale": float(unmerged.abs().max())})
+            print(json.dumps(rows[-1]), flush=True)
+            del plain
+        del m, am
+        h.release()
+    m = quant.quantize(h.make_model(), "nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    h.release()
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, target_modules=h.TARGETS, lora_dropout=0.0))
+    rows.append(h.time_train("peft_qlora_nf4_r16", pm, trainable(pm)))
+    del m, pm
+    h.release()
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    ref = rows[0]
+    print("| case | ms | vs bf16 LoRA | peak GiB | vs bf16 | bytes / quantized weight | bytes / param (model) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "step_ms" not in r:
+            continue
+        print(f"| {r['case']} | {r['step_ms']} | {r['step_ms'] / ref['step_ms']:.3f} | {r['peak_gib']} | "
+              f"{r['peak_gib'] / ref['peak_gib']:.3f} | {r.get('bytes_per_quantized_weight', '')} | "
+              f"{r.get('bytes_per_parameter', '')} |")
+
+
+if __name__ == "__main__":
+    main()

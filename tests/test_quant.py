@@ -1,0 +1,224 @@
+"""Quantized bases (QLoRA) with bitsandbytes on CPU (fp32 compute): every preset family attaches, numerics equal the
+same adapter on the dequantized float model, the exact dequantized merge, the flagged lossy merge, transformers'
+BitsAndBytesConfig bases, QLoRA on the real SmolLM2, and the CLI (--quantize, --optim adamw8bit, merge)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import warnings
+
+import pytest
+import torch
+import transformers as T
+from conftest import inputs, output_of, tiny_model
+from test_engine import randomize
+from test_train_cli import cli
+
+import unipeft
+from unipeft import UnipeftError, quant
+
+pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+KINDS = ("nf4", "fp4", "int8")
+FAMILIES = ("lora", "dora", "ia3", "houlsby", "parallel", "prefix", "prompt", "mam", "unipelt")
+
+
+def _quantized(kind: str, seed: int = 0) -> torch.nn.Module:
+    return quant.quantize(tiny_model("llama", seed=seed), kind, compute_dtype=torch.float32)
+
+
+def _twin(am, reference: torch.nn.Module, preset: str):
+    """The same adapter weights on another base (here: the dequantized float model)."""
+    other = unipeft.attach(reference, preset)
+    with torch.no_grad():
+        for k, p in other.adapter_parameters("default").items():
+            p.copy_(am.adapter_parameters("default")[k])
+    return other
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_every_preset_family_on_a_quantized_base(kind: str, preset: str) -> None:
+    model = _quantized(kind)
+    assert sum(quant.is_quantized(m) for m in model.modules()) == 14  # 7 linears × 2 layers; head stays float
+    reference = quant.dequantize_model(copy.deepcopy(model), torch.float32)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    am = unipeft.attach(model, preset)
+    randomize(am)
+    twin = _twin(am, reference, preset)
+    x = inputs()
+    out = output_of(am(**x))
+    torch.testing.assert_close(out, output_of(twin(**x)), rtol=1e-5, atol=1e-5)
+    out.float().pow(2).mean().backward()
+    adapter = am.adapter_parameters("default")
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.values())
+    torch.optim.AdamW(adapter.values(), lr=1e-2).step()
+    for n, p in am.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"{n} changed"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("preset", ["lora", "dora", "ia3"])
+def test_merge_dequantized_gives_a_plain_model_with_the_same_outputs(kind: str, preset: str, tmp_path) -> None:
+    am = unipeft.attach(_quantized(kind), preset)
+    randomize(am)
+    x = inputs()
+    with torch.no_grad():
+        expected = output_of(am(**x))
+    plain = am.merge_dequantized()
+    assert not any(quant.is_quantized(m) or getattr(m, "_unipeft_wrapper", False) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(plain(**x)), expected, rtol=1e-5, atol=1e-5)
+    plain.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    again = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(again(**x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_non_mergeable_recipes_are_refused_before_anything_changes() -> None:
+    am = unipeft.attach(_quantized("nf4"), "houlsby")
+    with pytest.raises(UnipeftError, match="cannot be merged"):
+        am.merge_dequantized()
+    assert any(quant.is_quantized(w.base_layer) for w in am._wrappers.values()) or am._wrappers
+
+
+def test_merge_into_quantized_weights_needs_the_flag_and_reports_the_rounding() -> None:
+    am = unipeft.attach(_quantized("nf4"), "lora")
+    randomize(am, std=0.5)
+    x = inputs()
+    with torch.no_grad():
+        before = output_of(am(**x))
+    with pytest.raises(UnipeftError, match="merge_dequantized"):
+        am.merge()
+    with pytest.warns(UserWarning, match="rounding error up to"):
+        am.merge(requantize=True)
+    report = am.merge_report
+    assert report["quantized_modules"] == 4 and report["max_abs_rounding_error"] > 0  # q and v in 2 layers
+    assert all(quant.is_quantized(w.base_layer) for w in am._wrappers.values())
+    with torch.no_grad():
+        after = output_of(am(**x))
+    assert (after - before).abs().max() < 0.5 and not torch.equal(after, before)
+    with pytest.raises(UnipeftError, match="cannot be taken out exactly"):
+        am.unmerge()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bases_loaded_with_transformers_bitsandbytes_config(bits: int, tmp_path) -> None:
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=128)).save_pretrained(tmp_path)
+    cfg = (T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32) if bits == 4 else
+           T.BitsAndBytesConfig(load_in_8bit=True))
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg, device_map="cpu")
+    assert any(quant.is_quantized(m) for m in model.modules())
+    am = unipeft.attach(model, "lora").eval()  # attach opts the layers out of bitsandbytes' lossy CPU repacking
+    randomize(am)
+    with torch.no_grad():
+        out = output_of(am(**inputs()))
+    plain = am.merge_dequantized()
+    with torch.no_grad():  # int8 here casts activations to fp16 inside bitsandbytes: a looser match
+        torch.testing.assert_close(output_of(plain(**inputs())), out, rtol=0,
+                                   atol=1e-5 if bits == 4 else 5e-3)
+
+
+def test_dequantized_weight_survives_bitsandbytes_cpu_repacking() -> None:
+    """On CPUs with AVX512-bf16, bitsandbytes repacks a 4-bit weight for its CPU kernel at the first eval-mode
+    forward (block scales rounded to bf16) unless the layer opted out. For layers that did not go through unipeft,
+    `dequantized_weight` must undo the packing, not misread it."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    model = torch.nn.Sequential(lin)
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    model[0] = q.to("cpu")
+    before = quant.dequantized_weight(model[0])
+    with torch.no_grad():
+        model.eval()(torch.randn(3, 128))
+    packed = getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
+    after = quant.dequantized_weight(model[0])
+    if packed:
+        torch.testing.assert_close(after, before, rtol=0, atol=2e-2 * before.abs().max().item())
+    else:
+        assert torch.equal(after, before)
+    assert (after - lin.weight).abs().max() < 0.2 * lin.weight.abs().max()
+
+
+def test_qlora_on_smollm2_lowers_the_loss(smollm2_path) -> None:
+    model = T.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    tok = T.AutoTokenizer.from_pretrained(smollm2_path)
+    quant.quantize(model, "nf4", double_quant=True, compute_dtype=torch.float32)
+    fp = quant.footprint(model)
+    assert 0.5 < fp["bytes_per_quantized_weight"] < 0.56, fp  # 4 bits + double-quantized block scales
+    am = unipeft.attach(model, "lora", r=8)
+    batch = tok(["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"],
+                return_tensors="pt")
+    opt = torch.optim.AdamW(am.adapter_parameters("default").values(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        loss = am(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_cli_quantized_run_adamw8bit_and_merge(tiny_llama, tmp_path, capsys) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    run = tmp_path / "run"
+    cli("train", "--model", tiny_llama, "--data", str(corpus), "--quantize", "nf4", "--optim", "adamw8bit",
+        "--max-steps", "3", "--batch-size", "4", "--max-length", "32", "--out", str(run), "--quiet", capsys=capsys)
+    results = json.loads((run / "results.json").read_text())
+    assert results["summary"]["steps"] == 3
+    am = unipeft.from_pretrained(run)
+    assert any(quant.is_quantized(w.base_layer) for w in am._wrappers.values())
+    cli("merge", str(run), "--to", str(tmp_path / "merged"), capsys=capsys)
+    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, am(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    text = cli("train", "--model", tiny_llama, "--data", str(corpus), "--quantize", "nf4", "--method", "full",
+               "--out", str(tmp_path / "x"), expect=2, capsys=capsys)
+    assert "--quantize freezes a quantized base" in text
+
+
+def test_without_bitsandbytes_quantization_is_a_one_line_error(monkeypatch, tiny_llama, tmp_path, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(UnipeftError, match=r"pip install 'unipeft\[quant\]'"):
+        quant.quantize(tiny_model("llama"), "nf4")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some words to train on. " * 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = cli("train", "--model", tiny_llama, "--data", str(corpus), "--quantize", "nf4", "--out",
+                   str(tmp_path / "r"), "--quiet", expect=2, capsys=capsys)
+    assert text.strip().count("\n") == 0 and "unipeft[quant]" in text and "Traceback" not in text
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_fused_qlora_path_matches_the_reference_path(kind: str, monkeypatch) -> None:
+    """The fused LoRA delta on a quantized base against the unfused reference path: outputs and adapter gradients,
+    fp32 on CPU."""
+    am = unipeft.attach(_quantized(kind), "lora").train()
+    randomize(am)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("UNIPEFT_FUSED", flag)
+        am.zero_grad(set_to_none=True)
+        out = output_of(am(**inputs()))
+        out.pow(2).mean().backward()
+        results[flag] = (out.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()})
+    torch.testing.assert_close(results["1"][0], results["0"][0], rtol=1e-5, atol=1e-6)
+    for k, g in results["0"][1].items():
+        torch.testing.assert_close(results["1"][1][k], g, rtol=1e-4, atol=1e-6)
+    assert all(w._plan()[2] for w in am._wrappers.values())
