@@ -9,15 +9,17 @@ one operation on a frozen model, h ← compose(h, f(x_src·W_down)·W_up) (He et
 """
 
 from .arch import sites
+from .combine import combine
 from .errors import UnipeftError
 from .io import load
 from .model import AdaptedModel, attach
 from .peft_io import import_peft
 from .presets import list_presets, preset
+from .quant import quantize
 from .recipe import Part, Recipe
 from .run import from_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptedModel", "Part", "Recipe", "UnipeftError", "attach", "from_pretrained", "import_peft",
-           "list_presets", "load", "preset", "sites", "__version__"]
+__all__ = ["AdaptedModel", "Part", "Recipe", "UnipeftError", "attach", "combine", "from_pretrained", "import_peft",
+           "list_presets", "load", "preset", "quantize", "sites", "__version__"]
