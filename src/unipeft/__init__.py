@@ -10,6 +10,7 @@ one operation on a frozen model, h ← compose(h, f(x_src·W_down)·W_up) (He et
 
 from .arch import sites
 from .combine import combine
+from .compose import Average, Fuse, Stack
 from .errors import UnipeftError
 from .io import load
 from .model import AdaptedModel, attach
@@ -21,5 +22,5 @@ from .run import from_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptedModel", "Part", "Recipe", "UnipeftError", "attach", "combine", "from_pretrained", "import_peft",
-           "list_presets", "load", "preset", "quantize", "sites", "__version__"]
+__all__ = ["AdaptedModel", "Average", "Fuse", "Part", "Recipe", "Stack", "UnipeftError", "attach", "combine",
+           "from_pretrained", "import_peft", "list_presets", "load", "preset", "quantize", "sites", "__version__"]

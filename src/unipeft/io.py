@@ -7,6 +7,10 @@ Folder layout (format 1):
                                                                  "file": "<name>.safetensors", "sha256": "..."}}}
     <name>.safetensors      only that adapter's tensors (and its copies of extra trainable modules)
 
+A composition travels with its adapters: "active" holds names and blocks ({"stack": [...]}, {"average": [...],
+"weights": [...]}, {"fuse": [...]}, see compose.to_json), and "fusions": {name: {"units": [...], "file":
+"fusion-<name>.safetensors", "sha256": "..."}} the AdapterFusion layers over saved adapters.
+
 Nothing is loaded through pickle. Writes are atomic: the folder is written under a temporary name and renamed into
 place. Loading is all-or-nothing: a checksum mismatch (truncated or corrupt file), another base architecture, a
 missing, extra or mis-shaped tensor raises an error naming it, and the model is left as it was.
@@ -42,7 +46,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     shapes: dict[str, list[int]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         parts = name.split(".")
-        if "adapters" in parts or "copies" in parts:
+        if "adapters" in parts or "copies" in parts or "fusions" in parts:
             continue
         shapes[".".join(c for c in parts if c != "base_layer")] = list(p.shape)
     config = getattr(model, "config", None)
@@ -68,14 +72,24 @@ def save_adapters(am: AdaptedModel, directory: Path, names: list[str]) -> Path:
         if not directory.is_dir() or (any(directory.iterdir()) and not (directory / INDEX).is_file()):
             raise UnipeftError(f"'{directory}' exists and is not a unipeft adapter folder; choose a new or empty "
                                "folder")
-        owned = {INDEX} | {f"{n}.safetensors" for n in _index_names(directory)}
+        owned = {INDEX} | {f"{n}.safetensors" for n in _index_names(directory)} | {
+            f"fusion-{n}.safetensors" for n in _index_names(directory, "fusions")}
         foreign = sorted(p.name for p in directory.iterdir() if p.name not in owned)
         if foreign:
             raise UnipeftError(f"'{directory}' also holds {foreign[0]}, which saving would delete; move it or save "
                                "elsewhere")
     with atomic_folder(directory) as tmp:
+        from .compose import adapter_names, to_json
+
         index: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "base": fingerprint(am.model),
-                                 "active": [n for n in am.active if n in names], "adapters": {}}
+                                 "active": [to_json(u) for u in am.active if set(adapter_names(u)) <= set(names)],
+                                 "adapters": {}, "fusions": {}}
+        for fname, fuse in am.fusions.items():
+            if set(fuse.units) <= set(names):
+                file = f"fusion-{fname}.safetensors"
+                tensors = {k: p.detach().contiguous().cpu() for k, p in am.fusion_parameters(fname).items()}
+                save_file(tensors, str(tmp / file), metadata={"format": FORMAT, "fusion": fname})
+                index["fusions"][fname] = {"units": list(fuse.units), "file": file, "sha256": _sha256(tmp / file)}
         for n in names:
             tensors = {k: p.detach().contiguous().cpu() for k, p in am.adapter_parameters(n).items()}
             fname = f"{n}.safetensors"
@@ -89,9 +103,9 @@ def save_adapters(am: AdaptedModel, directory: Path, names: list[str]) -> Path:
     return directory
 
 
-def _index_names(directory: Path) -> list[str]:
+def _index_names(directory: Path, key: str = "adapters") -> list[str]:
     try:
-        return list(json.loads((directory / INDEX).read_text(encoding="utf-8")).get("adapters", {}))
+        return list(json.loads((directory / INDEX).read_text(encoding="utf-8")).get(key, {}))
     except (OSError, ValueError, AttributeError):
         return []
 
@@ -171,14 +185,43 @@ def load_adapters(am: AdaptedModel, directory: Path, name: str | None = None) ->
             am.add(n, recipe, train_modules=entry.get("train_modules") or None)
             loaded.append(n)
             _fill(am.adapter_parameters(n), tensors, Path(directory) / entry["file"])
+        fusions = _load_fusions(am, directory, index, loaded)
     except BaseException:
+        for fuse in reversed(locals().get("fusions") or []):
+            am.remove_fusion(fuse)
         for n in reversed(loaded):
-            am.remove(n)
+            if n in am.recipes:
+                am.remove(n)
         raise
     if not had_active:
-        saved_active = [n for n in index.get("active", []) if n in loaded]
-        am.activate(*saved_active)
+        from .compose import adapter_names, from_json
+
+        units = [from_json(u) for u in index.get("active", [])]
+        am.activate(*[u for u in units if set(adapter_names(u)) <= set(loaded)])
     return loaded
+
+
+def _load_fusions(am: AdaptedModel, directory: Path, index: dict[str, Any], loaded: list[str]) -> list:
+    from .compose import Fuse
+
+    added = []
+    try:
+        for fname, entry in (index.get("fusions") or {}).items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("units"), list) or not isinstance(
+                    entry.get("file"), str):
+                raise UnipeftError(f"{Path(directory) / INDEX}: the entry of fusion '{fname}' is corrupt")
+            if not set(entry["units"]) <= set(loaded):
+                continue
+            fuse = Fuse(*entry["units"])
+            am.add_fusion(fuse)
+            added.append(fuse)
+            path = Path(directory) / entry["file"]
+            _fill(am.fusion_parameters(fuse), _read_tensors(path, entry.get("sha256")), path)
+    except BaseException:
+        for fuse in reversed(added):
+            am.remove_fusion(fuse)
+        raise
+    return added
 
 
 def _fill(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], path: Path) -> None:

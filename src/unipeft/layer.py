@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import fused
+from . import compose, fused
 from .functions import SiteAdapter
 from .recipe import ALL_SITES
 
@@ -83,7 +83,8 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.copies = nn.ModuleDict()
-        self.active: list[str] = []
+        self.fusions = nn.ModuleDict()
+        self.active: list = []
         self.merged: list[str] = []
         self.routing: Routing | None = None
         self.prefix_call: tuple[list[tuple[str, SiteAdapter]], torch.Tensor | None] | None = None
@@ -116,11 +117,15 @@ class AdapterLayer(nn.Module):
     def is_empty(self) -> bool:
         return not self.adapters and not self.copies
 
-    def _in_effect(self) -> list[str]:
-        """Adapter names that act in this call: the routed ones, or the active unmerged ones in activation order."""
+    def _in_effect(self) -> list:
+        """Units (adapter names or composition blocks) that act in this call: the routed ones, or the active unmerged
+        ones in activation order."""
         if self.routing is not None:
-            return [n for n in dict.fromkeys(self.routing.names) if n != BASE and self.has(n)]
-        return [n for n in self.active if self.has(n) and n not in self.merged]
+            return [u for u in dict.fromkeys(self.routing.names) if u != BASE and self._touches(u)]
+        return [u for u in self.active if self._touches(u) and u not in self.merged]
+
+    def _touches(self, unit) -> bool:
+        return any(self.has(n) for n in compose.adapter_names(unit))
 
     def _rows(self, name: str, batch: int, device: torch.device) -> torch.Tensor | None:
         return None if self.routing is None else self.routing.rows(name, batch, device)
@@ -130,16 +135,20 @@ class AdapterLayer(nn.Module):
         self.__dict__.pop("_unipeft_stacks", None)
         self.__dict__.pop("_unipeft_rows", None)
 
-    def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], bool]:
-        """(items in effect, their roles, whether the fused LoRA path applies), cached per routing / active set /
-        merge state / train mode, so a call's Python cost does not grow with the number of adapters."""
+    def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], bool, list, bool]:
+        """(items in effect, their roles, whether the fused LoRA path applies, the units, whether any unit is a
+        block), cached per routing / active set / merge state / train mode, so a call's Python cost does not grow
+        with the number of adapters."""
         key = (None if self.routing is None else self.routing.key, tuple(self.active), tuple(self.merged),
                self.training)
         cached = self.__dict__.get("_unipeft_plan")
         if cached is not None and cached[0] == key:
             return cached[1]
-        items = [(n, sa) for n in self._in_effect() for sa in self.sites_of(n)]
-        plan = (items, {sa.role for _, sa in items}, fused.fusable(self, items))
+        units = self._in_effect()
+        names = dict.fromkeys(n for u in units for n in compose.adapter_names(u))
+        items = [(n, sa) for n in names for sa in self.sites_of(n)]
+        composed = any(not isinstance(u, str) for u in units)
+        plan = (items, {sa.role for _, sa in items}, not composed and fused.fusable(self, items), units, composed)
         self.__dict__["_unipeft_plan"] = (key, plan)
         return plan
 
@@ -147,11 +156,19 @@ class AdapterLayer(nn.Module):
     def forward(self, *args, **kwargs):
         if self.copies:
             wanted = dict.fromkeys(self.routing.names) if self.routing is not None else self.active
-            copies = [n for n in wanted if n in self.copies]
+            copies = []  # (unit, the head copy it uses: the last of its adapters that has one)
+            for u in wanted:
+                own = [n for n in compose.adapter_names(u) if n in self.copies] if u != BASE else []
+                if own:
+                    copies.append((u, own[-1]))
             return self._forward_copies(copies, args, kwargs) if copies else self.base_layer(*args, **kwargs)
-        items, roles, fast = self._plan()
+        items, roles, fast, units, composed = self._plan()
         if not items:
             return self.base_layer(*args, **kwargs)
+        if composed:
+            if roles & {"block", "prefix"}:
+                return self._forward_block(args, kwargs, items, units)
+            return self._forward_composed(args, kwargs, units)
         if fast and fused.enabled():
             x = args[0] if args else next(iter(kwargs.values()))
             out = fused.forward(self, x, items)
@@ -160,7 +177,7 @@ class AdapterLayer(nn.Module):
         if roles & {"out", "in"}:
             return self._forward_projection(args, kwargs, items)
         if roles & {"block", "prefix"}:
-            return self._forward_block(args, kwargs, items)
+            return self._forward_block(args, kwargs, items, units)
         return self.base_layer(*args, **kwargs)
 
     def _routed(self, name: str, h: torch.Tensor, fn) -> torch.Tensor:
@@ -186,7 +203,38 @@ class AdapterLayer(nn.Module):
                                                                               self.base_layer))
         return h
 
-    def _forward_block(self, args, kwargs, items):
+    def _forward_composed(self, args, kwargs, units) -> torch.Tensor:
+        """Projection outputs under composition blocks: each unit maps h to h' (compose.apply)."""
+        x = args[0] if args else next(iter(kwargs.values()))
+        x_in = x
+        for u in units:  # projection-input scaling comes only from plain adapter units (blocks refuse it)
+            if isinstance(u, str):
+                for sa in self.sites_of(u):
+                    if sa.role == "in":
+                        x_in = self._routed(u, x_in, lambda r, sa=sa, xi=x_in: xi[r] * sa.input_factor().to(xi.dtype))
+        base, base_out = self.base_layer, self.base_layer(x_in)
+
+        def fusion(f, hh, deltas):
+            return self.fusions[f.name](hh, deltas) if f.name in self.fusions else hh
+
+        h = base_out
+        for u in units:
+            def run(r, u=u, h=h):
+                xr, br = x[r], base_out[r]
+
+                def one(n, hh):
+                    for sa in self.sites_of(n):
+                        if sa.role == "out":
+                            hh = sa.apply_out(hh, xr, br, base)
+                    return hh
+
+                return compose.apply(u, h[r], one, fusion)
+
+            h = self._routed(u, h, run)
+        return h
+
+    def _forward_block(self, args, kwargs, items, units):
+        """Parallel sublayer adapters (their Δ depends only on the sublayer input x) and prefixes."""
         block_items = [(n, sa) for n, sa in items if sa.role == "block"]
         prefix_items = [(n, sa) for n, sa in items if sa.role == "prefix"]
         args = list(args)
@@ -196,11 +244,27 @@ class AdapterLayer(nn.Module):
             x = kwargs[block.arg] if in_kwargs else args[block.position]
         else:
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+
+        def one_delta(n, xr):
+            total = None
+            for sa in self.sites_of(n):
+                if sa.role == "block":
+                    c = sa.contribution(xr)
+                    total = c if total is None else total + c
+            return total
+
+        def add_units(t: torch.Tensor) -> torch.Tensor:
+            for u in units:
+                def run(r, u=u, t=t):
+                    d = compose.delta(u, x[r], one_delta)
+                    return t[r] if d is None else t[r] + d
+
+                t = self._routed(u, t, run)
+            return t
+
         residual = block is not None and block.mode == "residual"
         if residual:
-            new_x = x
-            for name, sa in block_items:
-                new_x = self._routed(name, new_x, lambda r, sa=sa, nx=new_x: nx[r] + sa.contribution(x[r]))
+            new_x = add_units(x)
             if in_kwargs:
                 kwargs[block.arg] = new_x
             else:
@@ -212,17 +276,16 @@ class AdapterLayer(nn.Module):
             self.prefix_call = None
         if block is None or residual:
             return out
-        h = out[0] if isinstance(out, tuple) else out
-        for name, sa in block_items:
-            h = self._routed(name, h, lambda r, sa=sa, hh=h: hh[r] + sa.contribution(x[r]))
+        h = add_units(out[0] if isinstance(out, tuple) else out)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    def _forward_copies(self, names, args, kwargs):
+    def _forward_copies(self, copies, args, kwargs):
+        """A trained head copy per unit (the last adapter of a block that has one)."""
         if self.routing is None:
-            return self.copies[names[0]](*args, **kwargs)
+            return self.copies[copies[0][1]](*args, **kwargs)
         out = self.base_layer(*args, **kwargs)
-        for name in names:
-            idx = self._rows(name, out.shape[0], out.device)
+        for unit, name in copies:
+            idx = self._rows(unit, out.shape[0], out.device)
             if idx is not None:
                 out = out.index_copy(0, idx, self.copies[name](*args, **kwargs)[idx])
         return out

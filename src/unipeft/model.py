@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compose, quant
 from . import prefix as prefix_mod
-from . import quant
+from . import prompt as prompt_mod
 from .arch import Binding, get_module, logical_modules, resolve, set_module, text_config
 from .errors import UnipeftError
 from .functions import SiteAdapter
@@ -36,8 +37,9 @@ class AdaptedModel(nn.Module):
         self.model = model
         self.recipes: dict[str, Recipe] = {}
         self.train_modules: dict[str, list[str]] = {}
-        self.active: list[str] = []
+        self.active: list = []
         self.merged: list[str] = []
+        self.fusions: dict[str, compose.Fuse] = {}
         self._wrappers: dict[str, AdapterLayer] = {}
         self._position_hook: Any = None
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -53,18 +55,18 @@ class AdaptedModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         self._set_routing(adapter_names, args, kwargs)
-        args, kwargs, n_prompt = self._with_prompt(args, kwargs)
+        args, kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
         if not n_prompt:
             return self.model(*args, **kwargs)
         want_tuple = kwargs.get("return_dict") is False
         kwargs["return_dict"] = True
-        out = _strip_prompt(self.model(*args, **kwargs), n_prompt, kwargs["inputs_embeds"].shape[1])
+        out = prompt_mod.strip_prompt(self.model(*args, **kwargs), n_prompt, kwargs["inputs_embeds"].shape[1])
         return out.to_tuple() if want_tuple else out
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         self._set_routing(adapter_names, args, kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        new_args, new_kwargs, n_prompt = self._with_prompt(args, kwargs)
+        new_args, new_kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
         if not n_prompt:
             return self.model.generate(*args, **kwargs)
         out = self.model.generate(*new_args, **new_kwargs)
@@ -149,17 +151,55 @@ class AdaptedModel(nn.Module):
             self._refresh()
         return self
 
-    def activate(self, *names: str) -> AdaptedModel:
-        """Make exactly these adapters active (their effects compose in this order) and trainable."""
-        for n in names:
-            if not isinstance(n, str):
+    def activate(self, *units) -> AdaptedModel:
+        """Make exactly these units active — adapter names or blocks (`Stack`, `Average`, `Fuse`, see compose.py) —
+        composed in this order. Active adapters train, except a Fuse's members (its fusion layers train instead)."""
+        for u in units:
+            if isinstance(u, (list, tuple)):
                 raise UnipeftError(f"activate takes adapter names as separate arguments, e.g. activate('a', 'b'); got "
-                                   f"{type(n).__name__}")
-            if n not in self.recipes:
-                raise UnipeftError(f"no adapter '{n}'; adapters are {', '.join(self.recipes) or 'none'}")
-        self.active = list(dict.fromkeys(names))
+                                   f"{type(u).__name__}")
+            compose.check(self, u)
+        self.active = list(dict.fromkeys(units))
         self._refresh()
         return self
+
+    def add_fusion(self, fuse: compose.Fuse) -> AdaptedModel:
+        """Add AdapterFusion layers over `fuse`'s adapters at every sublayer output they adapt (not activated:
+        `am.activate(fuse)`; training then updates only the fusion layers)."""
+        if not isinstance(fuse, compose.Fuse):
+            raise UnipeftError(f"add_fusion takes a Fuse(...), not {type(fuse).__name__}")
+        if fuse.name in self.fusions:
+            raise UnipeftError(f"{fuse!r} already exists")
+        for n in fuse.units:
+            compose.check(self, n, "Fuse")
+        for w in self._wrappers.values():
+            sites = [sa for n in fuse.units for sa in w.sites_of(n) if sa.role == "out"]
+            if sites:
+                d = sites[0].span[1] - sites[0].span[0]
+                w.fusions[fuse.name] = compose.FusionLayer(d, sites[0].dtype, sites[0].fn.up.weight.device)
+                w._forget_plan()
+        self.fusions[fuse.name] = fuse
+        self._refresh()
+        return self
+
+    def remove_fusion(self, fuse: compose.Fuse) -> AdaptedModel:
+        if fuse.name not in self.fusions:
+            raise UnipeftError(f"no fusion {fuse!r}")
+        if any(u == fuse or (not isinstance(u, str) and fuse in u.units) for u in self.active):
+            raise UnipeftError(f"{fuse!r} is active; deactivate it first")
+        for w in self._wrappers.values():
+            if fuse.name in w.fusions:
+                del w.fusions[fuse.name]
+                w._forget_plan()
+        del self.fusions[fuse.name]
+        return self
+
+    def fusion_parameters(self, fuse: compose.Fuse | str) -> dict[str, nn.Parameter]:
+        name = fuse.name if isinstance(fuse, compose.Fuse) else fuse
+        if name not in self.fusions:
+            raise UnipeftError(f"no fusion '{name}'; fusions are {', '.join(self.fusions) or 'none'}")
+        return {f"{path}::{name}.{pn}": p for path, w in self._wrappers.items() if name in w.fusions
+                for pn, p in w.fusions[name].named_parameters()}
 
     def deactivate(self) -> AdaptedModel:
         """No adapter acts (merged weights stay merged): the model behaves as the base."""
@@ -169,6 +209,10 @@ class AdaptedModel(nn.Module):
 
     def remove(self, name: str) -> AdaptedModel:
         self._require(name)
+        users = [u for u in [*self.active, *self.fusions.values()] if not isinstance(u, str) and
+                 name in compose.adapter_names(u)]
+        if users:
+            raise UnipeftError(f"adapter '{name}' is part of {users[0]!r}; deactivate or remove that first")
         if name in self.merged:
             raise UnipeftError(f"adapter '{name}' is merged into the weights; call unmerge() before removing it")
         for w in self._wrappers.values():
@@ -184,7 +228,10 @@ class AdaptedModel(nn.Module):
         reason, for recipes whose knobs are not mergeable."""
         if name is not None and not isinstance(name, str):
             raise UnipeftError(f"merge takes one adapter name (or None for the active ones), not {type(name).__name__}")
-        names = [name] if name is not None else [n for n in self.active if n not in self.merged]
+        in_blocks = {n for u in self.active if not isinstance(u, str) for n in compose.adapter_names(u)}
+        if name is not None and name in in_blocks:
+            raise UnipeftError(f"adapter '{name}' is part of an active block; blocks are not merged (deactivate it)")
+        names = [name] if name is not None else [n for n in self.active if isinstance(n, str) and n not in self.merged]
         if not names:
             raise UnipeftError("no adapter to merge: none is active and unmerged; pass a name or activate one")
         for n in names:
@@ -287,7 +334,7 @@ class AdaptedModel(nn.Module):
         seen = set()
         total = 0
         for n, p in self.model.named_parameters():
-            if ".adapters." in f".{n}" or ".copies." in f".{n}" or id(p) in seen:
+            if ".adapters." in f".{n}" or ".copies." in f".{n}" or ".fusions." in f".{n}" or id(p) in seen:
                 continue
             seen.add(id(p))
             total += p.numel()
@@ -397,10 +444,27 @@ class AdaptedModel(nn.Module):
         for w in self._wrappers.values():
             w.active = list(self.active)
             w.merged = [n for n in self.merged if n in w.adapters]
+        training: set[str] = set()
+        fusing: set[str] = set()
+
+        def collect(unit) -> None:
+            if isinstance(unit, str):
+                training.add(unit)
+            elif isinstance(unit, compose.Fuse):
+                fusing.add(unit.name)
+            else:
+                for u in unit.units:
+                    collect(u)
+
+        for u in self.active:
+            collect(u)
         for name in self.recipes:
-            train = name in self.active and name not in self.merged
+            train = name in training and name not in self.merged
             for p in self.adapter_parameters(name).values():
                 p.requires_grad_(train)
+        for w in self._wrappers.values():
+            for fname, layer in w.fusions.items():
+                layer.requires_grad_(fname in fusing)
         for name in self.merged:  # a merged adapter's head still trains only while active
             for path in self.train_modules.get(name, []):
                 self._wrappers[path].copies[name].requires_grad_(name in self.active)
@@ -415,7 +479,10 @@ class AdaptedModel(nn.Module):
         routing = None
         if adapter_names is not None:
             names = list(adapter_names)
-            unknown = sorted({n for n in names if n != BASE and n not in self.recipes})
+            for n in names:
+                if not isinstance(n, str):
+                    compose.check(self, n)
+            unknown = sorted({n for n in names if isinstance(n, str) and n != BASE and n not in self.recipes})
             if unknown:
                 raise UnipeftError(f"adapter_names has unknown adapter(s) {unknown}; adapters are "
                                    f"{', '.join(self.recipes)} (or '{BASE}' for none)")
@@ -441,77 +508,6 @@ class AdaptedModel(nn.Module):
         if not any(lengths.get(n) for n in names):
             return None
         return prefix_mod.shifted_positions(args, kwargs, [(n, lengths[n]) for n in names if lengths.get(n)], routing)
-
-    def _prompt_sources(self) -> list[tuple[str, torch.Tensor]]:
-        routing_names = None
-        for w in self._wrappers.values():
-            routing_names = None if w.routing is None else w.routing.names
-            break
-        wanted = [n for n in dict.fromkeys(routing_names)] if routing_names is not None else self.active
-        out = []
-        for w in self._wrappers.values():
-            for n in wanted:
-                for sa in w.sites_of(n):
-                    if sa.role == "embed":
-                        out.append((n, sa.fn()))
-        return out
-
-    def _with_prompt(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
-        """Prompt tuning: embed the input, put the learned tokens first, extend mask / labels / token types."""
-        sources = self._prompt_sources()
-        if not sources:
-            return args, kwargs, 0
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            return args, kwargs, 0  # the prompt is already in the cache (and the caller's mask covers it)
-        kwargs = dict(kwargs)
-        if args:
-            if len(args) > 1:
-                raise UnipeftError("with prompt tuning pass inputs as keywords (input_ids=..., attention_mask=...)")
-            kwargs["input_ids"] = args[0]
-        if kwargs.get("position_ids") is not None:
-            raise UnipeftError("prompt tuning shifts positions: omit position_ids and let the model number them")
-        input_ids = kwargs.pop("input_ids", None)
-        embeds = kwargs.pop("inputs_embeds", None)
-        if embeds is None:
-            if input_ids is None:
-                raise UnipeftError("prompt tuning needs input_ids or inputs_embeds")
-            embeds = self.model.get_input_embeddings()(input_ids)
-        batch, seq = embeds.shape[:2]
-        routing = next(iter(self._wrappers.values())).routing
-        chunks, masks = [], []
-        for name, tokens in sources:
-            t = tokens.to(embeds.dtype)[None].expand(batch, -1, -1)
-            rows = torch.ones(batch, dtype=torch.bool, device=embeds.device)
-            if routing is not None:
-                idx = routing.rows(name, batch, embeds.device)
-                rows = torch.zeros_like(rows)
-                if idx is not None:
-                    rows[idx] = True
-                t = t * rows[:, None, None].to(t.dtype)
-            chunks.append(t)
-            masks.append(rows[:, None].expand(batch, tokens.shape[0]))
-        n_prompt = sum(c.shape[1] for c in chunks)
-        kwargs["inputs_embeds"] = torch.cat([*chunks, embeds], dim=1)
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones(batch, seq, dtype=torch.long, device=embeds.device)
-        kwargs["attention_mask"] = torch.cat([torch.cat(masks, dim=1).to(mask.dtype), mask], dim=1)
-        if kwargs.get("token_type_ids") is not None:
-            tt = kwargs["token_type_ids"]
-            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(batch, n_prompt), tt], dim=1)
-        if routing is not None and not bool(kwargs["attention_mask"][:, :n_prompt].all()) and _accepts(
-                self.model, "position_ids"):
-            # Rows without (all of) the prompt keep their real tokens at the positions they would have alone.
-            skipped = (1 - torch.cat(masks, dim=1).long()).sum(dim=1, keepdim=True)
-            width = kwargs["attention_mask"].shape[1]
-            positions = torch.arange(width, device=embeds.device)[None].expand(batch, -1)
-            kwargs["position_ids"] = (positions - skipped).clamp(min=0)
-        labels = kwargs.get("labels")
-        if labels is not None and labels.dim() == 2 and labels.shape[1] == seq:
-            kwargs["labels"] = torch.cat([labels.new_full((batch, n_prompt), -100), labels], dim=1)
-        return (), kwargs, n_prompt
-
 
 _SIGNATURE_CLASSES: dict[tuple[type, type], type] = {}
 
@@ -550,19 +546,6 @@ def _accepts(model: nn.Module, arg: str) -> bool:
     import inspect
 
     return arg in inspect.signature(model.forward).parameters
-
-
-def _strip_prompt(out: Any, n: int, width: int) -> Any:
-    """Drop the prompt positions from per-token outputs so they line up with the caller's input (the loss was
-    computed inside with the labels shifted accordingly). Outputs that cover fewer positions (logits_to_keep) stay."""
-    for key in ("logits", "last_hidden_state"):
-        t = getattr(out, key, None)
-        if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[1] == width:
-            setattr(out, key, t[:, n:])
-    hs = getattr(out, "hidden_states", None)
-    if isinstance(hs, tuple):
-        out.hidden_states = tuple(h[:, n:] if h.shape[1] == width else h for h in hs)
-    return out
 
 
 def attach(model: nn.Module, preset_or_recipe: Recipe | str | Path | Mapping[str, Any] = "lora",
