@@ -217,3 +217,17 @@ def test_a_composition_saves_and_loads_whole(tmp_path) -> None:
     with pytest.raises(UnipeftError, match="truncated or corrupt"):
         unipeft.load(fresh, tmp_path / "saved")
     assert not any(getattr(m, "_unipeft_wrapper", False) for m in fresh.modules())
+
+
+def test_dora_is_additive_for_average() -> None:
+    am = unipeft.attach(tiny_model("llama"), "dora", targets=["o", "down"])
+    am.add("b", "lora", targets=["o", "down"])
+    randomize(am, "default", seed=1)
+    randomize(am, "b", seed=2)
+    w, _ = _site(am, "default")
+    x = torch.randn(2, w.base_layer.in_features)
+    outs = {u: _wrapper_out(am, w, x, u) for u in ("default", "b")}
+    base = _wrapper_out(am, w, x)
+    got = _wrapper_out(am, w, x, Average("default", "b", weights=[0.5, 2.0]))
+    torch.testing.assert_close(got, base + 0.5 * (outs["default"] - base) + 2.0 * (outs["b"] - base),
+                               rtol=1e-5, atol=1e-6)

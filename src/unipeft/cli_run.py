@@ -75,6 +75,11 @@ def train(
     quantize: Annotated[str | None, typer.Option(help="Train adapters on a bitsandbytes-quantized base (QLoRA): "
                                                       "nf4 | fp4 | int8. Needs unipeft[quant].")] = None,
     optim: Annotated[str | None, typer.Option(help="adamw | adamw8bit (bitsandbytes 8-bit states).")] = None,
+    base_adapters: Annotated[str | None, typer.Option(
+        help="Earlier runs (comma-separated folders) whose adapters load frozen next to the new one: sequential "
+             "multi-task training without forgetting.")] = None,
+    fuse: Annotated[bool, typer.Option(help="Train AdapterFusion over the --base-adapters adapters instead of a new "
+                                            "adapter.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe knob override, e.g. --set r=16.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
@@ -100,7 +105,9 @@ def train(
              "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
              "max_length": max_length, "schedule": schedule, "warmup": warmup, "eval_every": eval_every,
              "save_every": save_every, "seed": seed, "max_eval_examples": max_eval_examples, "out": out,
-             "quantize": quantize, "optim": optim}
+             "quantize": quantize, "optim": optim,
+             "base_adapters": [r.strip() for r in base_adapters.split(",") if r.strip()] if base_adapters else None,
+             "fuse": fuse or None}
     for k, v in flags.items():
         if v is not None:
             setattr(cfg, k, v)

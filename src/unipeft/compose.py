@@ -125,9 +125,9 @@ def check(am, unit, inside: str | None = None) -> None:
                 raise UnipeftError(f"{inside} cannot hold '{unit}': its part '{p.name}' ({p.function} at "
                                    f"{', '.join(p.sites or p.targets)}) does not act on an output representation")
             if inside in ("Average", "Fuse") and (p.function not in ("lowrank", "bottleneck") or
-                                                  p.composition not in ("add", "scaled", "gated") or p.magnitude):
+                                                  p.composition not in ("add", "scaled", "gated")):
                 raise UnipeftError(f"{inside} needs additive adapters (h + Δ); '{unit}' part '{p.name}' is "
-                                   f"{p.function} with {p.composition}{' (DoRA)' if p.magnitude else ''}")
+                                   f"{p.function} with {p.composition}")
             on_output = all(s in ("o", "down") or (s in ("attn", "ffn") and p.insertion == "sequential")
                             for s in p.sites)
             if inside == "Fuse" and (p.targets or not on_output):

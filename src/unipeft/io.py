@@ -89,7 +89,9 @@ def save_adapters(am: AdaptedModel, directory: Path, names: list[str]) -> Path:
                 file = f"fusion-{fname}.safetensors"
                 tensors = {k: p.detach().contiguous().cpu() for k, p in am.fusion_parameters(fname).items()}
                 save_file(tensors, str(tmp / file), metadata={"format": FORMAT, "fusion": fname})
-                index["fusions"][fname] = {"units": list(fuse.units), "file": file, "sha256": _sha256(tmp / file)}
+                heads = [p for p, w in am._wrappers.items() if fname in w.copies]
+                index["fusions"][fname] = {"units": list(fuse.units), "train_modules": heads, "file": file,
+                                           "sha256": _sha256(tmp / file)}
         for n in names:
             tensors = {k: p.detach().contiguous().cpu() for k, p in am.adapter_parameters(n).items()}
             fname = f"{n}.safetensors"
@@ -164,15 +166,19 @@ def _read_tensors(path: Path, sha: str | None) -> dict[str, torch.Tensor]:
         raise UnipeftError(f"adapter weights '{path}' are unreadable: {str(e).splitlines()[0]}") from None
 
 
-def load_adapters(am: AdaptedModel, directory: Path, name: str | None = None) -> list[str]:
-    """Add the saved adapters (all, or `name`) to `am` and fill their weights; all or nothing."""
+def load_adapters(am: AdaptedModel, directory: Path, name: str | None = None, as_name: str | None = None) -> list[str]:
+    """Add the saved adapters (all, or `name`; `as_name` renames a single one) to `am` and fill their weights; all or
+    nothing."""
     index = read_index(directory)
     check_fingerprint(am.model, index.get("base", {}), directory)
     entries = index["adapters"]
     names = [name] if name is not None else list(entries)
     if name is not None and name not in entries:
         raise UnipeftError(f"'{directory}' has no adapter '{name}'; it has {', '.join(entries)}")
-    clash = [n for n in names if n in am.recipes]
+    if as_name is not None and len(names) != 1:
+        raise UnipeftError(f"'{directory}' holds {len(names)} adapters; as_name renames one: pass name= too")
+    target = {n: (as_name if as_name is not None else n) for n in names}
+    clash = [target[n] for n in names if target[n] in am.recipes]
     if clash:
         raise UnipeftError(f"adapter '{clash[0]}' already exists in this model; remove it first")
     loaded: list[str] = []
@@ -182,10 +188,10 @@ def load_adapters(am: AdaptedModel, directory: Path, name: str | None = None) ->
             entry = entries[n]
             tensors = _read_tensors(Path(directory) / entry["file"], entry.get("sha256"))
             recipe = Recipe.from_dict(entry["recipe"])
-            am.add(n, recipe, train_modules=entry.get("train_modules") or None)
-            loaded.append(n)
-            _fill(am.adapter_parameters(n), tensors, Path(directory) / entry["file"])
-        fusions = _load_fusions(am, directory, index, loaded)
+            am.add(target[n], recipe, train_modules=entry.get("train_modules") or None)
+            loaded.append(target[n])
+            _fill(am.adapter_parameters(target[n]), tensors, Path(directory) / entry["file"])
+        fusions = _load_fusions(am, directory, index, loaded) if as_name is None else []
     except BaseException:
         for fuse in reversed(locals().get("fusions") or []):
             am.remove_fusion(fuse)
@@ -213,7 +219,7 @@ def _load_fusions(am: AdaptedModel, directory: Path, index: dict[str, Any], load
             if not set(entry["units"]) <= set(loaded):
                 continue
             fuse = Fuse(*entry["units"])
-            am.add_fusion(fuse)
+            am.add_fusion(fuse, train_modules=entry.get("train_modules") or None)
             added.append(fuse)
             path = Path(directory) / entry["file"]
             _fill(am.fusion_parameters(fuse), _read_tensors(path, entry.get("sha256")), path)

@@ -159,6 +159,8 @@ class AdapterLayer(nn.Module):
             copies = []  # (unit, the head copy it uses: the last of its adapters that has one)
             for u in wanted:
                 own = [n for n in compose.adapter_names(u) if n in self.copies] if u != BASE else []
+                if isinstance(u, compose.Fuse) and u.name in self.copies:
+                    own = [u.name]  # a fusion's own head
                 if own:
                     copies.append((u, own[-1]))
             return self._forward_copies(copies, args, kwargs) if copies else self.base_layer(*args, **kwargs)

@@ -163,9 +163,10 @@ class AdaptedModel(nn.Module):
         self._refresh()
         return self
 
-    def add_fusion(self, fuse: compose.Fuse) -> AdaptedModel:
+    def add_fusion(self, fuse: compose.Fuse, train_modules: list[str] | None = None) -> AdaptedModel:
         """Add AdapterFusion layers over `fuse`'s adapters at every sublayer output they adapt (not activated:
-        `am.activate(fuse)`; training then updates only the fusion layers)."""
+        `am.activate(fuse)`; training then updates only the fusion layers, and its own copies of `train_modules`,
+        e.g. a task head, while the fused adapters stay frozen)."""
         if not isinstance(fuse, compose.Fuse):
             raise UnipeftError(f"add_fusion takes a Fuse(...), not {type(fuse).__name__}")
         if fuse.name in self.fusions:
@@ -178,6 +179,10 @@ class AdaptedModel(nn.Module):
                 d = sites[0].span[1] - sites[0].span[0]
                 w.fusions[fuse.name] = compose.FusionLayer(d, sites[0].dtype, sites[0].fn.up.weight.device)
                 w._forget_plan()
+        created: list[str] = []
+        for path in self._resolve_train_modules(train_modules or [], []):
+            wrapper = self._wrap(path, created)
+            wrapper.copies[fuse.name] = copy.deepcopy(wrapper.base_layer).requires_grad_(True)
         self.fusions[fuse.name] = fuse
         self._refresh()
         return self
@@ -188,18 +193,23 @@ class AdaptedModel(nn.Module):
         if any(u == fuse or (not isinstance(u, str) and fuse in u.units) for u in self.active):
             raise UnipeftError(f"{fuse!r} is active; deactivate it first")
         for w in self._wrappers.values():
-            if fuse.name in w.fusions:
-                del w.fusions[fuse.name]
-                w._forget_plan()
+            for d in (w.fusions, w.copies):
+                if fuse.name in d:
+                    del d[fuse.name]
+            w._forget_plan()
         del self.fusions[fuse.name]
+        self._unwrap_empty()
         return self
 
     def fusion_parameters(self, fuse: compose.Fuse | str) -> dict[str, nn.Parameter]:
         name = fuse.name if isinstance(fuse, compose.Fuse) else fuse
         if name not in self.fusions:
             raise UnipeftError(f"no fusion '{name}'; fusions are {', '.join(self.fusions) or 'none'}")
-        return {f"{path}::{name}.{pn}": p for path, w in self._wrappers.items() if name in w.fusions
-                for pn, p in w.fusions[name].named_parameters()}
+        out = {f"{path}::{name}.{pn}": p for path, w in self._wrappers.items() if name in w.fusions
+               for pn, p in w.fusions[name].named_parameters()}
+        out.update({f"{path}::{name}.module.{pn}": p for path, w in self._wrappers.items() if name in w.copies
+                    for pn, p in w.copies[name].named_parameters()})
+        return out
 
     def deactivate(self) -> AdaptedModel:
         """No adapter acts (merged weights stay merged): the model behaves as the base."""
@@ -366,11 +376,12 @@ class AdaptedModel(nn.Module):
 
         return export_peft(self, directory, name)
 
-    def load(self, directory: str | Path, name: str | None = None) -> AdaptedModel:
-        """Load adapters saved by `save` into this model (default: all of them; `name` picks one)."""
+    def load(self, directory: str | Path, name: str | None = None, as_name: str | None = None) -> AdaptedModel:
+        """Load adapters saved by `save` into this model (default: all of them; `name` picks one, `as_name` renames
+        it, e.g. to load two runs' "default" adapters side by side)."""
         from .io import load_adapters
 
-        load_adapters(self, Path(directory), name)
+        load_adapters(self, Path(directory), name, as_name=as_name)
         return self
 
     # -- internals --------------------------------------------------------------------------------------------------
@@ -465,6 +476,9 @@ class AdaptedModel(nn.Module):
         for w in self._wrappers.values():
             for fname, layer in w.fusions.items():
                 layer.requires_grad_(fname in fusing)
+            for fname in self.fusions:
+                if fname in w.copies:
+                    w.copies[fname].requires_grad_(fname in fusing)
         for name in self.merged:  # a merged adapter's head still trains only while active
             for path in self.train_modules.get(name, []):
                 self._wrappers[path].copies[name].requires_grad_(name in self.active)

@@ -30,6 +30,8 @@ from .train import LoopConfig, Trainer, evaluate, peak_memory_bytes
 #: Learning rates that work out of the box, from a sweep on Rotten Tomatoes + MiniLM (docs/training.md): a full
 #: fine-tune needs a much smaller one, and the prefix-based methods diverge at the adapters' 2e-3.
 DEFAULT_LR = {"full": 5e-5, "prompt": 3e-3, "prefix": 1e-3, "mam": 5e-4, "unipelt": 1e-3}
+#: AdapterFusion's query/key/value matrices are d × d: a gentler rate than the adapters' (value starts at identity).
+FUSION_LR = 5e-4
 
 
 @dataclass
@@ -63,12 +65,15 @@ class RunConfig:
     out: str = "runs/default"
     quantize: str | None = None
     optim: str = "adamw"
+    base_adapters: list[str] = field(default_factory=list)
+    fuse: bool = False
     label_names: list[str] = field(default_factory=list)
 
     def loop(self) -> LoopConfig:
         """The loop's knobs are the same-named fields of this config; only lr gets a per-method default."""
         values = {f.name: getattr(self, f.name) for f in fields(LoopConfig)}
-        values["lr"] = self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 2e-3)
+        values["lr"] = self.lr if self.lr is not None else (
+            FUSION_LR if self.fuse else DEFAULT_LR.get(self.method, 2e-3))
         return LoopConfig(**values)
 
     def columns(self) -> Columns:
@@ -111,7 +116,11 @@ class RunConfig:
                   (self.quantize in (None, "nf4", "fp4", "int8"), "--quantize is nf4, fp4 or int8"),
                   (self.optim in ("adamw", "adamw8bit"), "--optim is adamw or adamw8bit"),
                   (not (self.quantize and self.method == "full"),
-                   "--quantize freezes a quantized base for adapters; --method full trains every weight")]
+                   "--quantize freezes a quantized base for adapters; --method full trains every weight"),
+                  (not (self.fuse and len(self.base_adapters) < 2),
+                   "--fuse trains AdapterFusion over the adapters of at least two --base-adapters runs"),
+                  (not (self.base_adapters and self.method == "full"),
+                   "--base-adapters adds adapters to a frozen base; --method full trains every weight")]
         for ok, msg in checks:
             if not ok:
                 raise UnipeftError(msg)
@@ -243,8 +252,48 @@ def attach_method(model, cfg: RunConfig, task: str):
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         return model, params, None
     heads = head_modules(model, getattr(model, "_unipeft_missing_keys", [])) if task == "classification" else None
-    am = unipeft.attach(model, cfg.method, train_modules=heads, **cfg.overrides)
+    if not cfg.base_adapters:
+        am = unipeft.attach(model, cfg.method, train_modules=heads, **cfg.overrides)
+        return am, am.adapter_parameters("default"), am
+    am = unipeft.AdaptedModel(model)
+    names = load_base_adapters(am, cfg, task)
+    if cfg.fuse:  # AdapterFusion over the earlier runs' adapters, which stay frozen
+        fuse = unipeft.Fuse(*names)
+        am.add_fusion(fuse, train_modules=heads)
+        am.activate(fuse)
+        return am, am.fusion_parameters(fuse), am
+    am.add("default", cfg.method, train_modules=heads, **cfg.overrides)
+    am.activate("default")
     return am, am.adapter_parameters("default"), am
+
+
+def load_base_adapters(am, cfg: RunConfig, task: str) -> list[str]:
+    """Load each earlier run's adapter (frozen, inactive) under the run folder's name: sequential multi-task
+    training adds a new adapter next to them, so their behaviour cannot change (the base never moves)."""
+    import re
+
+    from .assets import model_path
+
+    names = []
+    for run in cfg.base_adapters:
+        rcfg, rdir = read_run(run)
+        if rcfg.method == "full":
+            raise UnipeftError(f"--base-adapters '{run}' is a full fine-tune, not an adapter run")
+        if model_path(rcfg.model).resolve() != model_path(cfg.model).resolve() or rcfg.quantize != cfg.quantize:
+            raise UnipeftError(f"--base-adapters '{run}' was trained on model {rcfg.model}"
+                               f"{' (' + rcfg.quantize + ')' if rcfg.quantize else ''}; this run uses {cfg.model}"
+                               f"{' (' + cfg.quantize + ')' if cfg.quantize else ''}")
+        if rcfg.task != task or (task == "classification" and rcfg.label_names != cfg.label_names):
+            raise UnipeftError(f"--base-adapters '{run}' is a {rcfg.task} run with labels {rcfg.label_names}; this "
+                               f"run is {task} with labels {cfg.label_names}")
+        name = re.sub(r"\W", "_", Path(rdir).resolve().name) or "run"
+        name = name if name[0].isalpha() else "run_" + name
+        if name in am.recipes or name == "default":
+            raise UnipeftError(f"two --base-adapters runs would both be called '{name}'; give their folders "
+                               "distinct names")
+        am.load(Path(rdir) / "adapter", name="default", as_name=name)
+        names.append(name)
+    return names
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
