@@ -11,10 +11,13 @@ the same math is one custom autograd function that touches each big tensor as fe
                dx = g·W;  dx += ga·A             (accumulated in place)
                dA = gaᵀ·x;  dB = s·gᵀ·xa
 
-It saves only x (the same tensor q, k and v read, so saved once) and the small xa. Mixed batches (`adapter_names=`)
-with many LoRA adapters go through `routed_lora`: each row's A and s·B are gathered from stacked adapter weights and
-two batched GEMMs add every row's delta — a fixed number of launches for any number of adapters (SGMV-style), where
-a loop over adapters launches per adapter.
+It saves only x (the same tensor q, k and v read, so saved once) and the small xa. Without gradients and with
+many rows (prefill, batch scoring) it instead forms W' = W + s·B·A for the call — one pass over W, rounded once in
+the GEMM, the same numerics as `merge()` — and runs one GEMM; decoding (few rows) keeps the unmerged form.
+
+Mixed batches (`adapter_names=`) with many LoRA adapters go through `routed_lora`: each row's A and s·B are gathered
+from stacked adapter weights and two batched GEMMs add every row's delta — a fixed number of launches for any number
+of adapters (SGMV-style), where a loop over adapters launches per adapter.
 
 `UNIPEFT_FUSED=0` turns these paths off (the reference path is always there; tests compare the two).
 """
@@ -100,7 +103,19 @@ def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter) -> torch.Tens
     if len({x.dtype, w.dtype, a.dtype, dtype}) > 1:
         x, w, a, b = x.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    if not torch.is_grad_enabled() and _merge_pays(x, w):
+        # Inference on many rows: W' = W + s·B·A costs one pass over W (the GEMM adds W in fp32 and rounds once,
+        # like merge() and no worse), far less than the extra passes over x and y; the weights stay untouched.
+        return nn.functional.linear(x, torch.addmm(w, b, a, alpha=float(sa.s)), bias)
     return _LoraLinear.apply(x, w, bias, a, b, float(sa.s))
+
+
+def _merge_pays(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether forming W' per call moves fewer bytes than the unmerged extra work: 2·d_out·d_in (read W, write W')
+    against N·(d_in + 2·d_out) (read x for x·Aᵀ, read and write y for the accumulation)."""
+    d_out, d_in = w.shape
+    rows = x.numel() // max(x.shape[-1], 1)
+    return rows * (d_in + 2 * d_out) > 2 * d_out * d_in
 
 
 def fusable(layer, items: list[tuple[str, SiteAdapter]]) -> bool:
