@@ -231,3 +231,16 @@ def test_dora_is_additive_for_average() -> None:
     got = _wrapper_out(am, w, x, Average("default", "b", weights=[0.5, 2.0]))
     torch.testing.assert_close(got, base + 0.5 * (outs["default"] - base) + 2.0 * (outs["b"] - base),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_detach_with_a_fusion_restores_the_model_bit_exactly() -> None:
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    am = unipeft.attach(model, "pfeiffer")
+    am.add("b", "pfeiffer")
+    am.add_fusion(Fuse("default", "b"), train_modules=["lm_head"])
+    am.activate(Fuse("default", "b"))
+    plain = am.detach()
+    after = plain.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not am.fusions and not am.recipes

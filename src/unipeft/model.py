@@ -319,6 +319,7 @@ class AdaptedModel(nn.Module):
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         self.recipes.clear(), self.train_modules.clear(), self.active.clear(), self.merged.clear()
+        self.fusions.clear()
         model = self.model
         return model
 
