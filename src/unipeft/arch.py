@@ -99,6 +99,13 @@ class Binding:
     block: Block | None = None
 
 
+def accepts(model: nn.Module, arg: str) -> bool:
+    """Whether the model's forward declares argument `arg` (e.g. position_ids)."""
+    import inspect
+
+    return arg in inspect.signature(model.forward).parameters
+
+
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 

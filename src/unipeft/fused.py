@@ -174,7 +174,7 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, sa: SiteAdapter) -> torch.Tenso
 def routed_lora(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]]) -> torch.Tensor:
     """Per-row adapters: y = base(x) + x·A_rowᵀ·(s·B_row)ᵀ with A_row/B_row gathered per batch row (zero for rows
     routed to the base or to an adapter that has no site here); the second batched GEMM accumulates into y."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = _compute_dtype(x)
     a_rows, b_rows = _row_weights(layer, items, x.shape[0], x.device, dtype)
     y = layer.base_layer(x)
     xa = torch.bmm(x.to(dtype), a_rows)

@@ -87,22 +87,27 @@ def save_adapters(am: AdaptedModel, directory: Path, names: list[str]) -> Path:
         for fname, fuse in am.fusions.items():
             if set(fuse.units) <= set(names):
                 file = f"fusion-{fname}.safetensors"
-                tensors = {k: p.detach().contiguous().cpu() for k, p in am.fusion_parameters(fname).items()}
-                save_file(tensors, str(tmp / file), metadata={"format": FORMAT, "fusion": fname})
+                sha = _write_tensors(am.fusion_parameters(fname), tmp / file, {"fusion": fname})
                 heads = [p for p, w in am._wrappers.items() if fname in w.copies]
                 index["fusions"][fname] = {"units": list(fuse.units), "train_modules": heads, "file": file,
-                                           "sha256": _sha256(tmp / file)}
+                                           "sha256": sha}
         for n in names:
-            tensors = {k: p.detach().contiguous().cpu() for k, p in am.adapter_parameters(n).items()}
             fname = f"{n}.safetensors"
-            save_file(tensors, str(tmp / fname), metadata={"format": FORMAT, "adapter": n})
+            sha = _write_tensors(am.adapter_parameters(n), tmp / fname, {"adapter": n})
             index["adapters"][n] = {"recipe": am.recipes[n].to_dict(), "train_modules": am.train_modules[n],
-                                    "file": fname, "sha256": _sha256(tmp / fname)}
+                                    "file": fname, "sha256": sha}
         with open(tmp / INDEX, "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
     return directory
+
+
+def _write_tensors(params: dict[str, nn.Parameter], path: Path, meta: dict[str, str]) -> str:
+    """Write parameters as safetensors (CPU, contiguous); returns the file's sha256."""
+    save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, str(path),
+              metadata={"format": FORMAT, **meta})
+    return _sha256(path)
 
 
 def _index_names(directory: Path, key: str = "adapters") -> list[str]:

@@ -135,9 +135,9 @@ class AdapterLayer(nn.Module):
         self.__dict__.pop("_unipeft_stacks", None)
         self.__dict__.pop("_unipeft_rows", None)
 
-    def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], bool, list, bool]:
-        """(items in effect, their roles, whether the fused LoRA path applies, the units, whether any unit is a
-        block), cached per routing / active set / merge state / train mode, so a call's Python cost does not grow
+    def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], bool, list]:
+        """(items in effect, their roles, whether the fused LoRA path applies — never under blocks —, the units),
+        cached per routing / active set / merge state / train mode, so a call's Python cost does not grow
         with the number of adapters."""
         key = (None if self.routing is None else self.routing.key, tuple(self.active), tuple(self.merged),
                self.training)
@@ -148,7 +148,7 @@ class AdapterLayer(nn.Module):
         names = dict.fromkeys(n for u in units for n in compose.adapter_names(u))
         items = [(n, sa) for n in names for sa in self.sites_of(n)]
         composed = any(not isinstance(u, str) for u in units)
-        plan = (items, {sa.role for _, sa in items}, not composed and fused.fusable(self, items), units, composed)
+        plan = (items, {sa.role for _, sa in items}, not composed and fused.fusable(self, items), units)
         self.__dict__["_unipeft_plan"] = (key, plan)
         return plan
 
@@ -164,20 +164,16 @@ class AdapterLayer(nn.Module):
                 if own:
                     copies.append((u, own[-1]))
             return self._forward_copies(copies, args, kwargs) if copies else self.base_layer(*args, **kwargs)
-        items, roles, fast, units, composed = self._plan()
+        items, roles, fast, units = self._plan()
         if not items:
             return self.base_layer(*args, **kwargs)
-        if composed:
-            if roles & {"block", "prefix"}:
-                return self._forward_block(args, kwargs, items, units)
-            return self._forward_composed(args, kwargs, units)
         if fast and fused.enabled():
             x = args[0] if args else next(iter(kwargs.values()))
             out = fused.forward(self, x, items)
             if out is not None:
                 return out
         if roles & {"out", "in"}:
-            return self._forward_projection(args, kwargs, items)
+            return self._forward_projection(args, kwargs, units)
         if roles & {"block", "prefix"}:
             return self._forward_block(args, kwargs, items, units)
         return self.base_layer(*args, **kwargs)
@@ -191,22 +187,9 @@ class AdapterLayer(nn.Module):
             return h
         return h.index_copy(0, idx, fn(idx))
 
-    def _forward_projection(self, args, kwargs, items) -> torch.Tensor:
-        x = args[0] if args else next(iter(kwargs.values()))
-        x_in = x
-        for name, sa in items:
-            if sa.role == "in":
-                x_in = self._routed(name, x_in, lambda r, sa=sa, xi=x_in: xi[r] * sa.input_factor().to(xi.dtype))
-        base_out = self.base_layer(x_in)
-        h = base_out
-        for name, sa in items:
-            if sa.role == "out":
-                h = self._routed(name, h, lambda r, sa=sa, h=h: sa.apply_out(h[r], x[r], base_out[r],
-                                                                              self.base_layer))
-        return h
-
-    def _forward_composed(self, args, kwargs, units) -> torch.Tensor:
-        """Projection outputs under composition blocks: each unit maps h to h' (compose.apply)."""
+    def _forward_projection(self, args, kwargs, units) -> torch.Tensor:
+        """The reference path for projections: each unit (an adapter name or a block) maps the output h to h'
+        (compose.apply), routed to its rows; input scaling first."""
         x = args[0] if args else next(iter(kwargs.values()))
         x_in = x
         for u in units:  # projection-input scaling comes only from plain adapter units (blocks refuse it)

@@ -21,7 +21,7 @@ from torch import nn
 from . import compose, quant
 from . import prefix as prefix_mod
 from . import prompt as prompt_mod
-from .arch import Binding, get_module, logical_modules, resolve, set_module, text_config
+from .arch import Binding, accepts, get_module, logical_modules, resolve, set_module, text_config
 from .errors import UnipeftError
 from .functions import SiteAdapter
 from .layer import BASE, AdapterLayer, Routing
@@ -120,7 +120,7 @@ class AdaptedModel(nn.Module):
         heads = self._resolve_train_modules(train_modules or [], plan)
         self._check_plan(recipe, plan)
         shifts = any(p.function == "prefix" and p.positions == "shift" for p in recipe.parts)
-        if shifts and not _accepts(self.model, "position_ids"):
+        if shifts and not accepts(self.model, "position_ids"):
             raise UnipeftError(f"positions: shift moves the real tokens after the prefix, which needs a model whose "
                                f"forward takes position_ids; {type(self.model).__name__}'s does not")
         created: list[str] = []
@@ -557,10 +557,6 @@ def _with_model_signature(cls: type, model_cls: type) -> type:
     return _SIGNATURE_CLASSES[key]
 
 
-def _accepts(model: nn.Module, arg: str) -> bool:
-    import inspect
-
-    return arg in inspect.signature(model.forward).parameters
 
 
 def attach(model: nn.Module, preset_or_recipe: Recipe | str | Path | Mapping[str, Any] = "lora",

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .arch import accepts
 from .errors import UnipeftError
 
 
@@ -68,7 +69,7 @@ def with_prompt(am, args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
     if kwargs.get("token_type_ids") is not None:
         tt = kwargs["token_type_ids"]
         kwargs["token_type_ids"] = torch.cat([tt.new_zeros(batch, n_prompt), tt], dim=1)
-    if routing is not None and not bool(kwargs["attention_mask"][:, :n_prompt].all()) and _accepts(
+    if routing is not None and not bool(kwargs["attention_mask"][:, :n_prompt].all()) and accepts(
             am.model, "position_ids"):
         # Rows without (all of) the prompt keep their real tokens at the positions they would have alone.
         skipped = (1 - torch.cat(masks, dim=1).long()).sum(dim=1, keepdim=True)
@@ -94,7 +95,3 @@ def strip_prompt(out: Any, n: int, width: int) -> Any:
     return out
 
 
-def _accepts(model, arg: str) -> bool:
-    import inspect
-
-    return arg in inspect.signature(model.forward).parameters
