@@ -12,10 +12,10 @@ import unipeft
 from unipeft import fused
 
 
-def _run(am, monkeypatch, flag: str, **kwargs):
+def _run(am, monkeypatch, flag: str, seq: int = 7, **kwargs):
     monkeypatch.setenv("UNIPEFT_FUSED", flag)
     am.zero_grad(set_to_none=True)
-    out = output_of(am(**inputs(batch=4), **kwargs))
+    out = output_of(am(**inputs(batch=4, seq=seq), **kwargs))
     (out.float() ** 2).mean().backward()
     grads = {k: p.grad.clone() for n in am.recipes for k, p in am.adapter_parameters(n).items() if p.grad is not None}
     return out.detach(), grads
@@ -30,16 +30,64 @@ def _same(am, monkeypatch, **kwargs) -> None:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def _forms(monkeypatch) -> list[bool]:
+    """Record which form (merged or not) each fused projection call picks."""
+    seen: list[bool] = []
+    real = fused._merged_pays
+
+    def spy(*args):
+        seen.append(real(*args))
+        return seen[-1]
+    monkeypatch.setattr(fused, "_merged_pays", spy)
+    return seen
+
+
 @pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
 @pytest.mark.parametrize("preset", ["lora", "rslora"])
-def test_fused_lora_matches_reference(family: str, preset: str, monkeypatch) -> None:
+@pytest.mark.parametrize("seq,merged", [(3, False), (48, True)])
+def test_fused_lora_matches_reference(family: str, preset: str, seq: int, merged: bool, monkeypatch) -> None:
+    """Both forms (few rows: unmerged; many rows: W' = W + s·B·A) against the reference path, training mode."""
     targets = ["c_attn", "c_proj", "c_fc"] if family == "gpt2" else None  # whole Conv1D modules on GPT-2
     am = unipeft.attach(tiny_model(family), preset, **({"targets": targets} if targets else {}))
     randomize(am)
     am.train()
     wrappers = list(am._wrappers.values())
-    _same(am, monkeypatch)
+    seen = _forms(monkeypatch)
+    _same(am, monkeypatch, seq=seq)
     assert all(w._plan()[2] for w in wrappers), "every LoRA projection took the fused path"
+    assert seen and set(seen) == {merged}
+
+
+@pytest.mark.parametrize("merged,source", [(False, False), (True, False), (True, True)])
+def test_lora_function_matches_the_formula(merged: bool, source: bool) -> None:
+    """`_LoraLinear` against y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ differentiated by autograd, fp64: output and the gradients
+    of x, W, b, A and B (a dequantizing `source` gives W instead of the tensor argument, always merged)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, bias, a, b = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                        for shape in [(3, 5, 8), (6, 8), (6,), (4, 8), (6, 4)])
+    s = 0.7
+    expected = x @ w.t() + bias + s * (x @ a.t()) @ b.t()
+    gy = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(expected, (x, w, bias, a, b), gy)
+    if source:
+        y = fused._LoraLinear.apply(x, None, bias, a, b, s, True, lambda: w.detach().clone())
+        got = torch.autograd.grad(y, (x, bias, a, b), gy)
+        want = want[:1] + want[2:]
+    else:
+        y = fused._LoraLinear.apply(x, w, bias, a, b, s, merged, None)
+        got = torch.autograd.grad(y, (x, w, bias, a, b), gy)
+    torch.testing.assert_close(y, expected)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww)
+    if source:
+        assert torch.equal(w, w.detach().clone()), "the dequantized copy is updated in place, never W itself"
+
+
+def test_merged_form_is_picked_by_bytes_moved() -> None:
+    """Many rows relative to the weight take the merged form; few rows (decoding) do not."""
+    assert fused._merged_pays(8192, 2048, 2048, True) and fused._merged_pays(8192, 2048, 2048, False)
+    assert not fused._merged_pays(32, 2048, 2048, True) and not fused._merged_pays(32, 2048, 2048, False)
+    assert fused._merged_pays(2048, 2048, 2048, False) and not fused._merged_pays(2048, 2048, 2048, True)
 
 
 def test_fused_routed_mixed_batch_matches_reference(monkeypatch) -> None:

@@ -17,7 +17,7 @@ from test_engine import randomize
 from test_train_cli import cli
 
 import unipeft
-from unipeft import UnipeftError, quant
+from unipeft import UnipeftError, fused, quant
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -205,20 +205,37 @@ def test_without_bitsandbytes_quantization_is_a_one_line_error(monkeypatch, tiny
     assert not (tmp_path / "r" / "results.json").exists()
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_fused_qlora_path_matches_the_reference_path(kind: str, monkeypatch) -> None:
-    """The fused LoRA delta on a quantized base against the unfused reference path: outputs and adapter gradients,
-    fp32 on CPU."""
+@pytest.mark.parametrize("kind,seq", [("nf4", 7), ("nf4", 48), ("int8", 7), ("int8", 48)])
+def test_fused_qlora_path_matches_the_reference_path(kind: str, seq: int, monkeypatch) -> None:
+    """The fused paths on a quantized base against the unfused reference path: outputs and adapter gradients,
+    fp32 on CPU. 4-bit bases with many rows take the merged form (W dequantized, W' = W + s·B·A); int8 bases and
+    few rows add the delta to bitsandbytes' own output."""
     am = unipeft.attach(_quantized(kind), "lora").train()
     randomize(am)
+    seen = []
+    real = fused._merged_pays
+    monkeypatch.setattr(fused, "_merged_pays", lambda *a: seen.append(real(*a)) or seen[-1])
     results = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("UNIPEFT_FUSED", flag)
         am.zero_grad(set_to_none=True)
-        out = output_of(am(**inputs()))
+        out = output_of(am(**inputs(seq=seq)))
         out.pow(2).mean().backward()
         results[flag] = (out.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()})
     torch.testing.assert_close(results["1"][0], results["0"][0], rtol=1e-5, atol=1e-6)
     for k, g in results["0"][1].items():
         torch.testing.assert_close(results["1"][1][k], g, rtol=1e-4, atol=1e-6)
     assert all(w._plan()[2] for w in am._wrappers.values())
+    assert set(seen) == ({seq > 7} if kind == "nf4" else set())  # int8 never merges: bitsandbytes' int8 GEMM stays
+
+
+@pytest.mark.parametrize("kind,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_direct_dequantizer_equals_bitsandbytes_dequantize(kind: str, double_quant: bool) -> None:
+    """The fused QLoRA path's dequantizer (bitsandbytes' ops called directly, absmax decoded once) gives exactly the
+    weight bitsandbytes' own dequantize_4bit gives, every time it is called."""
+    model = quant.quantize(tiny_model("llama"), kind, double_quant=double_quant, compute_dtype=torch.float32)
+    for name, module in model.named_modules():
+        if quant.is_quantized(module):
+            weight = quant.dequantizer(module, torch.float32)
+            expected = quant.dequantized_weight(module)
+            assert torch.equal(weight(), expected) and torch.equal(weight(), expected), name

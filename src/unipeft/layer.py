@@ -88,6 +88,7 @@ class AdapterLayer(nn.Module):
         self.merged: list[str] = []
         self.routing: Routing | None = None
         self.prefix_call: tuple[list[tuple[str, SiteAdapter]], torch.Tensor | None] | None = None
+        self.holds_prompt = False  #: whether any adapter here has prompt tokens (lets a model call skip the rest)
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------------
     def add_site(self, name: str, sa: SiteAdapter) -> None:
@@ -97,6 +98,7 @@ class AdapterLayer(nn.Module):
         if sa.part_name not in parts:
             parts[sa.part_name] = nn.ModuleDict()
         parts[sa.part_name][_site_key(sa)] = sa
+        self.holds_prompt = self.holds_prompt or sa.role == "embed"
         self._forget_plan()
 
     def sites_of(self, name: str) -> Iterator[SiteAdapter]:
@@ -135,8 +137,9 @@ class AdapterLayer(nn.Module):
         self.__dict__.pop("_unipeft_stacks", None)
         self.__dict__.pop("_unipeft_rows", None)
 
-    def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], bool, list]:
-        """(items in effect, their roles, whether the fused LoRA path applies — never under blocks —, the units),
+    def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], str, list]:
+        """(items in effect, their roles, the fused path's kind — "" when it does not apply, never under blocks —,
+        the units),
         cached per routing / active set / merge state / train mode, so a call's Python cost does not grow
         with the number of adapters."""
         key = (None if self.routing is None else self.routing.key, tuple(self.active), tuple(self.merged),
@@ -148,7 +151,7 @@ class AdapterLayer(nn.Module):
         names = dict.fromkeys(n for u in units for n in compose.adapter_names(u))
         items = [(n, sa) for n in names for sa in self.sites_of(n)]
         composed = any(not isinstance(u, str) for u in units)
-        plan = (items, {sa.role for _, sa in items}, not composed and fused.fusable(self, items), units)
+        plan = (items, {sa.role for _, sa in items}, "" if composed else fused.fusable(self, items), units)
         self.__dict__["_unipeft_plan"] = (key, plan)
         return plan
 
@@ -169,7 +172,7 @@ class AdapterLayer(nn.Module):
             return self.base_layer(*args, **kwargs)
         if fast and fused.enabled():
             x = args[0] if args else next(iter(kwargs.values()))
-            out = fused.forward(self, x, items)
+            out = fused.forward(self, x, items, fast)
             if out is not None:
                 return out
         if roles & {"out", "in"}:

@@ -19,6 +19,8 @@ def prompt_sources(am) -> list[tuple[str, torch.Tensor]]:
     wanted = [n for n in dict.fromkeys(routing_names)] if routing_names is not None else am.active
     out = []
     for w in am._wrappers.values():
+        if not w.holds_prompt:
+            continue
         for n in wanted:
             for sa in w.sites_of(n):
                 if sa.role == "embed":

@@ -43,7 +43,7 @@ def _bnb():
 
 
 # ---- the one interface -----------------------------------------------------------------------------------------------
-def _dequant_4bit(module: nn.Module) -> torch.Tensor:
+def _dequant_4bit(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     bnb = _bnb()
     state = module.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
@@ -53,7 +53,7 @@ def _dequant_4bit(module: nn.Module) -> torch.Tensor:
 
         module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data,
                                                                                                state)
-    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
 
 
 def _requant_4bit(module: nn.Module, weight: torch.Tensor) -> None:
@@ -73,9 +73,9 @@ def _int8_stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return w.data, scb
 
 
-def _dequant_int8(module: nn.Module) -> torch.Tensor:
+def _dequant_int8(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     cb, scb = _int8_stats(module)
-    return cb.float() * (scb.float()[:, None] / 127.0)
+    return (cb.float() * (scb.float()[:, None] / 127.0)).to(dtype)
 
 
 def _requant_int8(module: nn.Module, weight: torch.Tensor) -> None:
@@ -104,11 +104,34 @@ def kind_of(module: nn.Module) -> str:
     return _BACKENDS[type(module).__name__][2](module)
 
 
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The frozen weight as float32 (d_out × d_in), whatever format holds it."""
+def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The frozen weight as a fresh `dtype` tensor (d_out × d_in), whatever format holds it. 4-bit weights
+    dequantize straight to their stored dtype (bf16 for a bf16 model) and are cast only if `dtype` differs."""
     if not is_quantized(module):
         raise UnipeftError(f"{type(module).__name__} is not a quantized linear layer")
-    return _BACKENDS[type(module).__name__][0](module)
+    return _BACKENDS[type(module).__name__][0](module, dtype)
+
+
+def dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A function giving the weight as a fresh `dtype` tensor, for repeated use within one training step (the fused
+    QLoRA path dequantizes in forward and again in backward). For 4-bit weights it calls bitsandbytes' ops directly —
+    its Python wrappers cost more CPU time than the kernels take on the GPU — and decodes a double-quantized absmax
+    once, keeping it (4 bytes per 64 weights) until backward is done with the function."""
+    state = getattr(module.weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False) or state.quant_type not in ("nf4", "fp4"):
+        return lambda: dequantized_weight(module, dtype)
+    ops = torch.ops.bitsandbytes
+    absmax = state.absmax
+    if state.nested:
+        s2 = state.state2
+        absmax = ops.dequantize_blockwise.default(absmax, s2.absmax, s2.code, s2.blocksize, s2.dtype).float()
+        absmax = absmax + state.offset
+    data, args = module.weight.data, (state.blocksize, state.quant_type, state.shape, state.dtype)
+
+    def weight() -> torch.Tensor:
+        w = ops.dequantize_4bit.default(data, absmax, *args)
+        return w if w.dtype == dtype else w.to(dtype)
+    return weight
 
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> float:
