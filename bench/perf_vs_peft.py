@@ -8,6 +8,8 @@ Cases (Llama-shaped 953M model, bf16, batch 8 × 1024, LoRA r=16 on all 7 linear
   forward: merged (= base), peft unmerged, unipeft unmerged (fused, reference)
   mixed: 4 adapters at 8 × 1024 (peft, unipeft), 32 adapters at 32 × 256 (merged, peft, unipeft)
   decode: 32 × 256 prompt + 32 new tokens, merged vs unipeft with 32 adapters (peft's 21 s anchor is not re-run)
+  bottleneck: houlsby / parallel / scaled_parallel train steps (reference path) against the frozen floor
+  accelerate: unipeft.accelerate'd base (Liger-Kernel): its frozen floor, LoRA on it, and its loss vs the plain one
 Every contender's references are deleted and `release()` is called before the next, so peak memory is its own.
 Prints one JSON line per case and a table with the ratios the performance issue targets; writes all rows as JSON.
 """
@@ -96,6 +98,8 @@ def run(compile_: bool, only: set[str] | None) -> list[dict]:
         os.environ["UNIPEFT_FUSED"] = "1"
     if compile_:
         return rows
+    for preset in ("houlsby", "parallel", "scaled_parallel"):  # bottleneck adapters: the reference path's cost
+        train(f"unipeft_{preset}", lambda preset=preset: _bottleneck(_h.make_model(), preset), _trainable)
 
     if want("forward"):
         m = _h.make_model().eval()
@@ -144,6 +148,40 @@ def run(compile_: bool, only: set[str] | None) -> list[dict]:
         del pm, m
         _h.release()
         _h.B, _h.T = b0, t0
+    if want("accelerate"):  # last: accelerate swaps RoPE process-wide until restored
+        rows += _accelerated()
+    return rows
+
+
+def _bottleneck(model, preset: str):
+    import unipeft
+
+    return unipeft.attach(model, preset)
+
+
+def _accelerated() -> list[dict]:
+    """unipeft.accelerate (Liger-Kernel's fused RMSNorm, SwiGLU, RoPE, linear + cross-entropy): the frozen floor and
+    LoRA on the accelerated base, and the loss of the accelerated model against the plain one (same weights)."""
+    import unipeft
+
+    rows = []
+    m = _h.make_model()
+    x = torch.randint(0, _h.VOCAB, (2, 512), device="cuda")
+    with torch.no_grad():
+        plain = float(m(input_ids=x, labels=x).loss)
+        unipeft.accelerate(m)
+        fast = float(m(input_ids=x, labels=x).loss)
+    rows.append({"case": "accelerate_loss_check", "plain": plain, "accelerated": fast, "abs_diff": abs(plain - fast)})
+    print(json.dumps(rows[-1]), flush=True)
+    rows.append(_h.time_train("accel_frozen_floor", m, _h.frozen_floor(m)))
+    del m
+    _h.release()
+    am = _unipeft(_h.make_model())
+    unipeft.accelerate(am)
+    rows.append(_h.time_train("unipeft_accel_lora_r16", am, _trainable(am)))
+    unipeft.accelerate(am, enable=False)
+    del am
+    _h.release()
     return rows
 
 
@@ -159,6 +197,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| case | ms | peak GiB | ratio | vs |", "|---|---|---|---|---|"]
     refs = {"peft_lora_r16": "frozen_floor", "unipeft_lora_r16": "frozen_floor",
             "unipeft_lora_r16_reference": "frozen_floor", "peft_lora_r16@c": "frozen_floor@c",
+            "unipeft_houlsby": "frozen_floor", "unipeft_parallel": "frozen_floor",
+            "unipeft_scaled_parallel": "frozen_floor", "accel_frozen_floor": "frozen_floor",
+            "unipeft_accel_lora_r16": "accel_frozen_floor",
             "unipeft_lora_r16@c": "frozen_floor@c", "peft_unmerged_forward": "forward_merged",
             "unipeft_unmerged_forward": "forward_merged", "unipeft_unmerged_forward_reference": "forward_merged",
             "peft_mixed_4_adapters_forward": "forward_merged", "unipeft_mixed_4_adapters_forward": "forward_merged",
@@ -168,6 +209,9 @@ def table(rows: list[dict]) -> str:
             "peft_32_adapters_forward_32x256": "forward_merged_32x256",
             "unipeft_32_adapters_generate_32x256_32new": "generate_merged_32x256_32new"}
     for key, r in by.items():
+        if "step_ms" not in r:
+            lines.append(f"| {key} | {json.dumps({k: v for k, v in r.items() if k != 'case'})} | | | |")
+            continue
         ref = refs.get(key, "")
         extra = f" (mem {mem(key, ref)})" if "peak_gib" in r and ref in by and "peak_gib" in by[ref] else ""
         lines.append(f"| {key} | {r['step_ms']} | {r.get('peak_gib', '')} | {ratio(key, ref) if ref else ''}{extra} "

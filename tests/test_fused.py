@@ -58,10 +58,13 @@ def test_fused_lora_matches_reference(family: str, preset: str, seq: int, merged
     assert seen and set(seen) == {merged}
 
 
-@pytest.mark.parametrize("merged,source", [(False, False), (True, False), (True, True)])
-def test_lora_function_matches_the_formula(merged: bool, source: bool) -> None:
+@pytest.mark.parametrize("merged,source,compiling", [(False, False, False), (True, False, False),
+                                                     (True, True, False), (True, False, True), (True, True, True)])
+def test_lora_function_matches_the_formula(merged: bool, source: bool, compiling: bool, monkeypatch) -> None:
     """`_LoraLinear` against y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ differentiated by autograd, fp64: output and the gradients
-    of x, W, b, A and B (a dequantizing `source` gives W instead of the tensor argument, always merged)."""
+    of x, W, b, A and B (a dequantizing `source` gives W instead of the tensor argument, always merged). Under a
+    compiler, backward builds W'ᵀ by another expression; `compiling` runs that branch."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     g = torch.Generator().manual_seed(0)
     x, w, bias, a, b = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
                         for shape in [(3, 5, 8), (6, 8), (6,), (4, 8), (6, 4)])

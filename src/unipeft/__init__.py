@@ -8,6 +8,7 @@ one operation on a frozen model, h ← compose(h, f(x_src·W_down)·W_up) (He et
     am.save("adapter/"); unipeft.load(model, "adapter/")
 """
 
+from .base_ops import accelerate
 from .arch import sites
 from .combine import combine
 from .compose import Average, Fuse, Stack
@@ -22,5 +23,6 @@ from .run import from_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptedModel", "Average", "Fuse", "Part", "Recipe", "Stack", "UnipeftError", "attach", "combine",
-           "from_pretrained", "import_peft", "list_presets", "load", "preset", "quantize", "sites", "__version__"]
+__all__ = ["AdaptedModel", "Average", "Fuse", "Part", "Recipe", "Stack", "UnipeftError", "accelerate", "attach",
+           "combine", "from_pretrained", "import_peft", "list_presets", "load", "preset", "quantize", "sites",
+           "__version__"]

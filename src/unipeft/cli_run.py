@@ -80,6 +80,8 @@ def train(
              "multi-task training without forgetting.")] = None,
     fuse: Annotated[bool, typer.Option(help="Train AdapterFusion over the --base-adapters adapters instead of a new "
                                             "adapter.")] = False,
+    accelerate: Annotated[bool, typer.Option(help="Fused base ops (RMSNorm, SwiGLU, RoPE, linear + cross-entropy) "
+                                                  "on a CUDA GPU, Llama family. Needs unipeft[kernels].")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe knob override, e.g. --set r=16.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
@@ -107,7 +109,7 @@ def train(
              "save_every": save_every, "seed": seed, "max_eval_examples": max_eval_examples, "out": out,
              "quantize": quantize, "optim": optim,
              "base_adapters": [r.strip() for r in base_adapters.split(",") if r.strip()] if base_adapters else None,
-             "fuse": fuse or None}
+             "fuse": fuse or None, "accelerate": accelerate or None}
     for k, v in flags.items():
         if v is not None:
             setattr(cfg, k, v)

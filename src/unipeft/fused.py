@@ -142,10 +142,12 @@ class _LoraLinear(torch.autograd.Function):
         dx = dw = dbias = da = db = None
         ga = torch.mm(g, b) if (need_a or (need_x and not ctx.merged)) else None  # (g·B): N × r
         if need_x:
-            if ctx.merged:
-                # W'ᵀ built as (Wᵀ + s·Aᵀ·Bᵀ): the same numbers, but not the forward's expression, so a compiler
+            if ctx.merged and torch.compiler.is_compiling():
+                # W'ᵀ built as Wᵀ + s·Aᵀ·Bᵀ: the same numbers, but not the forward's expression, so the compiler
                 # cannot merge the two and keep W' alive from forward to backward (a copy of every adapted weight)
                 dx = torch.mm(g, _merged_weight_t(weight, ctx.source, a, b, s).t())
+            elif ctx.merged:
+                dx = torch.mm(g, _merged_weight(weight, ctx.source, a, b, s))
             else:
                 dx = torch.mm(g, weight).addmm_(ga, a, alpha=s)
             dx = dx.view(x.shape)

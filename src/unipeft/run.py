@@ -67,6 +67,7 @@ class RunConfig:
     optim: str = "adamw"
     base_adapters: list[str] = field(default_factory=list)
     fuse: bool = False
+    accelerate: bool = False
     label_names: list[str] = field(default_factory=list)
 
     def loop(self) -> LoopConfig:
@@ -214,6 +215,10 @@ def load_base(cfg: RunConfig, task: str, label_names: list[str]):
         from .quant import quantize
 
         quantize(model, cfg.quantize, compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    if cfg.accelerate:  # fused RMSNorm / SwiGLU / RoPE / linear + cross-entropy (GPU, Llama family)
+        from .base_ops import accelerate
+
+        accelerate(model)
     return model, tok
 
 
