@@ -8,8 +8,8 @@ one operation on a frozen model, h ← compose(h, f(x_src·W_down)·W_up) (He et
     am.save("adapter/"); unipeft.load(model, "adapter/")
 """
 
-from .base_ops import accelerate
 from .arch import sites
+from .base_ops import accelerate
 from .combine import combine
 from .compose import Average, Fuse, Stack
 from .errors import UnipeftError
