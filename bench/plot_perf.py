@@ -22,8 +22,10 @@ PAIRS = [
     ("4 adapters, 8x1024", "{who}_mixed_4_adapters_forward", "forward_merged", 1.15),
     ("32 adapters, 32x256", "{who}_32_adapters_forward_32x256", "forward_merged_32x256", 1.30),
     ("decode, 32 adapters", "{who}_32_adapters_generate_32x256_32new", "generate_merged_32x256_32new", 1.50),
+    ("train, accelerated base", "{who}_accel_lora_r16", "accel_frozen_floor", 1.10),
 ]
 PEFT_DECODE = 21201 / 498  # the anchor (not re-run: 21 s per call)
+PEFT_ACCEL = 155.4 / 66.5  # the Liger anchor: peft LoRA on a Liger-patched base / that base's floor
 
 
 def main() -> None:
@@ -31,19 +33,25 @@ def main() -> None:
     ap.add_argument("--results", default="bench/results")
     ap.add_argument("--out", default="docs/perf_vs_peft.png")
     args = ap.parse_args()
-    rows: dict[str, float] = {}
+    ratios: dict[tuple[str, str], float] = {}  # (case, reference) -> ratio, both from one file (one process)
     for f in sorted(Path(args.results).glob("perf_*.json")):
-        for r in json.loads(f.read_text())["rows"]:
-            rows[r["case"]] = r["step_ms"]  # later files (newer runs) win
+        rows = {r["case"]: r["step_ms"] for r in json.loads(f.read_text())["rows"] if "step_ms" in r}
+        for _, case, ref, _ in PAIRS:
+            for who in ("unipeft", "peft"):
+                name = case.format(who=who)
+                if name in rows and ref in rows:
+                    ratios[(name, ref)] = rows[name] / rows[ref]  # later files (newer runs) win
     labels, ours, theirs, targets = [], [], [], []
     for label, case, ref, target in PAIRS:
-        if ref not in rows:
+        mine = ratios.get((case.format(who="unipeft"), ref))
+        if mine is None:
             continue
         labels.append(label)
         targets.append(target)
-        ours.append(rows.get(case.format(who="unipeft"), float("nan")) / rows[ref])
-        peft = rows.get(case.format(who="peft"))
-        theirs.append(peft / rows[ref] if peft else (PEFT_DECODE if "decode" in label else float("nan")))
+        ours.append(mine)
+        peft = ratios.get((case.format(who="peft"), ref))
+        anchor = PEFT_DECODE if "decode" in label else PEFT_ACCEL if "accelerated" in label else float("nan")
+        theirs.append(peft if peft else anchor)
     fig, ax = plt.subplots(figsize=(9, 4))
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], theirs, 0.4, label="peft 0.21", color="#bbbbbb")
