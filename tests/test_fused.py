@@ -157,3 +157,26 @@ def test_both_forms_on_real_smollm2_match_the_reference(smollm2_path, monkeypatc
     for k, g in results["0"][1].items():  # fp32 rounding through 30 layers: compare whole tensors (observed ≤ 5e-5)
         assert ((results["1"][1][k] - g).norm() / g.norm()).item() < 1e-4, k
     assert set(seen) == {True, False}
+
+
+def test_fused_path_compiles_without_graph_breaks_and_matches_eager() -> None:
+    """torch.compile: the fused projections trace into one graph (no breaks), and the traced forward and backward
+    (AOTAutograd, where backward takes the compiler branch of the W' rebuild) give eager's loss and gradients."""
+    am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+    randomize(am)
+    batch = inputs(batch=4, seq=48)  # enough rows for the merged form
+
+    def step(model):
+        am.zero_grad(set_to_none=True)
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()}
+
+    explained = torch._dynamo.explain(lambda: am(**batch, labels=batch["input_ids"]).loss)()
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch._dynamo.reset()
+    eager_loss, eager_grads = step(am)
+    loss, grads = step(torch.compile(am, backend="aot_eager"))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for k, g in eager_grads.items():
+        assert ((grads[k] - g).norm() / g.norm()).item() < 1e-5, k

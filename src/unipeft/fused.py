@@ -102,6 +102,21 @@ def _merged_pays(rows: int, d_in: int, d_out: int, grad: bool) -> bool:
     return rows * (d_in + 2 * d_out) > 2 * d_out * d_in
 
 
+_ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # constant 0-dim zeros, see _scaled_mm
+
+
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
+    """s·(m1·m2) as one GEMM launch (no separate scaling kernel): addmm with beta=0 never reads its input, so a
+    cached 0-dim zero stands in for it. A compiler fuses the scaling itself (and must not see the cache filled)."""
+    if torch.compiler.is_compiling():
+        return torch.mm(m1, m2) * s
+    key = (m1.device, m1.dtype)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), device=m1.device, dtype=m1.dtype)
+    return torch.addmm(zero, m1, m2, beta=0, alpha=s)
+
+
 def _merged_weight(weight, source, a, b, s: float) -> torch.Tensor:
     """W' = W + s·B·A in one GEMM pass; `source` dequantizes a quantized W into a fresh tensor, updated in place."""
     if source is None:
@@ -156,9 +171,9 @@ class _LoraLinear(torch.autograd.Function):
         if need_bias:
             dbias = g.sum(0)
         if need_a:
-            da = torch.mm(ga.t(), x2).mul_(s)
+            da = _scaled_mm(ga.t(), x2, s)
         if need_b:
-            db = torch.mm(g.t(), xa.reshape(-1, xa.shape[-1])).mul_(s)
+            db = _scaled_mm(g.t(), xa.reshape(-1, xa.shape[-1]), s)
         return dx, dw, dbias, da, db, None, None, None
 
 
