@@ -137,7 +137,7 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, s: float, merged: bool, source):
-        xa = F.linear(x, a)
+        xa = F.linear(x, a) if (not merged or ctx.needs_input_grad[4]) else None  # merged: only dB needs xa
         if merged:
             y = F.linear(x, _merged_weight(weight, source, a, b, s), bias)
         else:
@@ -189,7 +189,6 @@ def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter, kind: str = L
             return lora_delta(base(x), x, sa)
         dtype = quant.compute_dtype(base)
         bias = None if base.bias is None else base.bias.to(dtype)
-
         source = quant.dequantizer(base, dtype)
         y = _LoraLinear.apply(x.to(dtype), None, bias, a.to(dtype), b.to(dtype), s, True, source)
         return y.to(x.dtype)
