@@ -180,7 +180,10 @@ class _LoraLinear(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter, kind: str = LINEAR) -> torch.Tensor:
     """The fused LoRA projection (see `_LoraLinear`) in the compute dtype: autocast's when on, a quantized base's
     compute dtype, else x's."""
-    a, b, s = sa.fn.down.weight, sa.fn.up.weight, float(sa.s)
+    # Parameters read from the module dicts: this runs once per projection call, and nn.Module.__getattr__ chains
+    # were a visible share of a CPU-bound step's host time.
+    fn = sa._modules["fn"]
+    a, b, s = fn._modules["down"]._parameters["weight"], fn._modules["up"]._parameters["weight"], float(sa.s)
     grad = torch.is_grad_enabled()
     d_out, d_in = b.shape[0], a.shape[1]
     merged = _merged_pays(x.numel() // d_in, d_in, d_out, grad)
@@ -192,7 +195,7 @@ def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter, kind: str = L
         source = quant.dequantizer(base, dtype)
         y = _LoraLinear.apply(x.to(dtype), None, bias, a.to(dtype), b.to(dtype), s, True, source)
         return y.to(x.dtype)
-    w, bias = base.weight, base.bias
+    w, bias = base._parameters["weight"], base._parameters.get("bias")
     if kind == CONV1D:
         w = w.t()  # transformers' Conv1D stores d_in × d_out
     dtype = _compute_dtype(x)

@@ -157,7 +157,7 @@ class AdapterLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        if self.copies:
+        if len(self._modules["copies"]):  # (dict access: this is every adapted call's hot path)
             wanted = dict.fromkeys(self.routing.names) if self.routing is not None else self.active
             copies = []  # (unit, the head copy it uses: the last of its adapters that has one)
             for u in wanted:
