@@ -139,9 +139,8 @@ class AdapterLayer(nn.Module):
 
     def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], str, list]:
         """(items in effect, their roles, the fused path's kind — "" when it does not apply, never under blocks —,
-        the units),
-        cached per routing / active set / merge state / train mode, so a call's Python cost does not grow
-        with the number of adapters."""
+        the units), cached per routing / active set / merge state / train mode, so a call's Python cost does not
+        grow with the number of adapters."""
         key = (None if self.routing is None else self.routing.key, tuple(self.active), tuple(self.merged),
                self.training)
         cached = self.__dict__.get("_unipeft_plan")
