@@ -11,6 +11,9 @@ import torch
 import transformers as T
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CPU tests run Triton kernels in Triton's interpreter; it must be on before anything imports triton, because the
+# library's own jitted helpers (tl.zeros, ...) are built at import time
+os.environ.setdefault("TRITON_INTERPRET", "1")
 T.logging.set_verbosity_error()
 
 FAMILIES = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")

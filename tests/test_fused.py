@@ -10,7 +10,7 @@ from test_engine import randomize
 from torch.nn import functional as F
 
 import unipeft
-from unipeft import fused
+from unipeft import fused, siblings
 
 
 def _run(am, monkeypatch, flag: str, seq: int = 7, **kwargs):
@@ -144,7 +144,8 @@ def test_fused_under_autocast_matches_reference(monkeypatch) -> None:
 
 def test_both_forms_on_real_smollm2_match_the_reference(smollm2_path, monkeypatch) -> None:
     """The real SmolLM2-135M (GQA: k/v are 576 → 192) at 2 × 320 tokens: the byte rule picks the merged form for
-    q/k/v/o and the unmerged one for gate/up/down; outputs and LoRA gradients equal the reference path. The model
+    q/k/v/o and the unmerged one for gate/up/down, and q/k/v run as one sibling group; outputs and LoRA gradients
+    equal the reference path. The model
     runs in fp64, so each projection agrees to ~1e-15; what is left is Llama's RMSNorm, which computes in fp32 even
     for fp64 inputs, and rounds the two paths' (1e-16-apart) inputs differently now and then (observed: loss 1e-9,
     gradients ≤ 1e-6 relative)."""
@@ -156,6 +157,9 @@ def test_both_forms_on_real_smollm2_match_the_reference(smollm2_path, monkeypatc
     randomize(am, std=0.02)  # a real model stays in its working regime (large random adapters make it chaotic)
     ids = torch.randint(5, 4000, (2, 320), generator=torch.Generator().manual_seed(0))
     seen = _forms(monkeypatch)
+    groups: list[int] = []
+    real_group = siblings._LoraGroup.apply
+    monkeypatch.setattr(siblings._LoraGroup, "apply", lambda *a: (groups.append(len(a[1])), real_group(*a))[1])
     results = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("UNIPEFT_FUSED", flag)
@@ -168,6 +172,7 @@ def test_both_forms_on_real_smollm2_match_the_reference(smollm2_path, monkeypatc
     for k, g in results["0"][1].items():
         assert ((results["1"][1][k] - g).norm() / g.norm()).item() < 1e-5, k
     assert set(seen) == {True, False}
+    assert groups == [3] * model.config.num_hidden_layers  # q/k/v as one group per layer (gate/up: unmerged, alone)
 
 
 def test_fused_path_compiles_without_graph_breaks_and_matches_eager() -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import quant
+from . import kernels, quant, siblings
 from .functions import SiteAdapter
 
 #: the kinds of base a projection can have on the fused path (`fusable` returns one; "" = reference path)
@@ -84,6 +84,10 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
     base, sa = layer.base_layer, items[0][1]
     if kind == DELTA:
         return lora_delta(base(x), x, sa)
+    if kind == LINEAR:
+        y = siblings.grouped_output(layer, x)  # q/k/v, gate/up: one group (siblings.py)
+        if y is not None:
+            return y
     return lora_linear(x, base, sa, kind)
 
 
@@ -110,18 +114,27 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
     cached 0-dim zero stands in for it. A compiler fuses the scaling itself (and must not see the cache filled)."""
     if torch.compiler.is_compiling():
         return torch.mm(m1, m2) * s
-    key = (m1.device, m1.dtype)
+    return torch.addmm(zero_like(m1), m1, m2, beta=0, alpha=s)
+
+
+def zero_like(t: torch.Tensor) -> torch.Tensor:
+    """A cached constant 0-dim zero of t's device and dtype (an addend that beta=0 GEMMs never read)."""
+    key = (t.device, t.dtype)
     zero = _ZEROS.get(key)
     if zero is None:
-        zero = _ZEROS[key] = torch.zeros((), device=m1.device, dtype=m1.dtype)
-    return torch.addmm(zero, m1, m2, beta=0, alpha=s)
+        zero = _ZEROS[key] = torch.zeros((), device=t.device, dtype=t.dtype)
+    return zero
 
 
 def _merged_weight(weight, source, a, b, s: float) -> torch.Tensor:
-    """W' = W + s·B·A in one GEMM pass; `source` dequantizes a quantized W into a fresh tensor, updated in place."""
+    """W' = W + s·B·A; `source` dequantizes a quantized W into a fresh tensor, updated in place. On CUDA the
+    Triton kernel does it in one pass over W (addmm copies W first: see kernels.py)."""
+    w = weight if source is None else source()
+    if kernels.available(w):
+        return kernels.merged_weight(w, b, a, s, out=None if source is None else w)
     if source is None:
-        return torch.addmm(weight, b, a, alpha=s)
-    return source().addmm_(b, a, alpha=s)
+        return torch.addmm(w, b, a, alpha=s)
+    return w.addmm_(b, a, alpha=s)
 
 
 def _merged_weight_t(weight, source, a, b, s: float) -> torch.Tensor:
@@ -203,7 +216,7 @@ def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter, kind: str = L
         x, w, a, b = x.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     if merged and not grad:
-        return F.linear(x, torch.addmm(w, b, a, alpha=s), bias)  # inference: W' for this call, weights untouched
+        return F.linear(x, _merged_weight(w, None, a, b, s), bias)  # inference: W' for this call, weights untouched
     return _LoraLinear.apply(x, w, bias, a, b, s, merged, None)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import compose, quant
+from . import compose, quant, siblings
 from . import prefix as prefix_mod
 from . import prompt as prompt_mod
 from .arch import Binding, accepts, get_module, logical_modules, resolve, set_module, text_config
@@ -453,6 +453,7 @@ class AdaptedModel(nn.Module):
 
     def _refresh(self) -> None:
         """Push the active/merged sets into the wrappers and set requires_grad: active, unmerged adapters train."""
+        siblings.link(self._wrappers)
         for w in self._wrappers.values():
             w.active = list(self.active)
             w.merged = [n for n in self.merged if n in w.adapters]

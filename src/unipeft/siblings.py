@@ -1,0 +1,185 @@
+"""Sibling projections — q/k/v, gate/up: modules that read the same input — trained as one fused LoRA group.
+
+Each LoRA projection on the fused path reads its input x twice beyond the frozen GEMMs: once for xa = x·Aᵀ in
+forward, once for dA = s·(g·B)ᵀ·x in backward. q, k and v read the same x, so one group does it once for all:
+
+    forward    xa = x·[A_q; A_k; A_v]ᵀ                          (one pass over x instead of three)
+               y_i = x·W_i'ᵀ + b_i,   W_i' = W_i + s_i·B_i·A_i    (as the single-projection merged form)
+    backward   ga = [s_q·g_q·B_q | s_k·g_k·B_k | …]                 (N × Σr)
+               dx = Σ_i g_i·W_i + ga·[A_q; A_k; …]                (accumulated in the GEMM epilogues: autograd would
+                                                                  otherwise add three N × d_in tensors, and no W_i'
+                                                                  is rebuilt — fewer bytes and launches)
+               dA = gaᵀ·x                                         (one pass over x), split per member
+               dB_i = s_i·g_iᵀ·xa_i
+
+The model still calls q_proj(x), k_proj(x), v_proj(x) one by one (no forward code is copied). The first member
+called computes every member's output and leaves the others' in the group's `pending` slot, keyed by the identity
+and version of x; a member called with that same x takes its output from there. Like routing, this is per-call
+state held on the modules for the duration of one forward — no thread-local globals, and a recompute under gradient
+checkpointing goes through the same calls. A member called with a different x than the one its output was computed
+from (cross-attention: q reads the decoder, k/v the encoder) turns the group off for good; every member then runs
+alone, with the same results.
+
+Only for training-shaped calls (gradients on, the merged form paying for every member, plain LoRA on nn.Linear
+bases in one dtype, no routing) and not under torch.compile (the compiler sees each projection). Members are
+found by name: modules with the same parent whose names form one of SIBLING_NAMES. `UNIPEFT_GROUPS=0` turns
+grouping off (for measuring it; results are the same either way).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+#: leaf-name sets of projections that read the same input (Llama/Mistral/Qwen, BERT, T5-style, gated T5)
+SIBLING_NAMES: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}),
+    frozenset({"query", "key", "value"}), frozenset({"q", "k", "v"}), frozenset({"wi_0", "wi_1"}),
+)
+
+
+@dataclass
+class _Pending:
+    x: torch.Tensor
+    version: int
+    outputs: dict[int, torch.Tensor]  # id(member) -> its output, until that member is called
+
+
+class SiblingGroup:
+    """Members in module order, whether grouping is still on, and the outputs computed ahead for this call."""
+
+    def __init__(self, members: list) -> None:
+        self.members = members
+        self.enabled = True
+        self.pending: _Pending | None = None
+
+
+def link(wrappers: dict) -> None:
+    """Give each wrapper (path -> AdapterLayer) its SiblingGroup, or none; called whenever wrappers change."""
+    by_parent: dict[str, dict[str, object]] = {}
+    for path, w in wrappers.items():
+        parent, _, leaf = path.rpartition(".")
+        by_parent.setdefault(parent, {})[leaf] = w
+        w.__dict__.pop("_unipeft_group", None)
+    for leaves in by_parent.values():
+        for names in SIBLING_NAMES:
+            present = [leaves[n] for n in sorted(names) if n in leaves]
+            if len(present) > 1:
+                group = SiblingGroup(present)
+                for w in present:
+                    w.__dict__["_unipeft_group"] = group
+
+
+def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """This member's output from its group — computed now for all members, or earlier in this call — or None when
+    the layer must run alone."""
+    group = layer.__dict__.get("_unipeft_group")
+    if group is None or not group.enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling() \
+            or os.environ.get("UNIPEFT_GROUPS") == "0":
+        return None
+    pending = group.pending
+    if pending is not None and id(layer) in pending.outputs:
+        if pending.x is x and pending.version == x._version:
+            out = pending.outputs.pop(id(layer))
+            if not pending.outputs:
+                group.pending = None
+            return out
+        group.enabled, group.pending = False, None  # members read different inputs: never group them
+        return None
+    members = _ready(group, x)
+    if members is None:
+        return None
+    ys = _LoraGroup.apply(x, tuple(s for _, _, _, s in members), *(t for m in members for t in m[:3]),
+                          *(layer_.base_layer._parameters.get("bias") for layer_ in group.members))
+    mine = group.members.index(layer)
+    group.pending = _Pending(x, x._version, {id(m): y for i, (m, y) in enumerate(zip(group.members, ys))
+                                             if i != mine})
+    return ys[mine]
+
+
+def _ready(group: SiblingGroup, x: torch.Tensor) -> list | None:
+    """(W, A, B, s) per member when every member takes the fused merged form on this x, else None."""
+    from . import fused
+
+    out = []
+    rows = x.numel() // x.shape[-1] if x.dim() >= 2 else 0
+    for m in group.members:
+        items, _, kind, _ = m._plan()
+        if kind != fused.LINEAR or len(items) != 1 or m.routing is not None or len(m._modules["copies"]):
+            return None
+        fn = items[0][1]._modules["fn"]
+        a, b = fn._modules["down"]._parameters["weight"], fn._modules["up"]._parameters["weight"]
+        w, bias = m.base_layer._parameters["weight"], m.base_layer._parameters.get("bias")
+        if not (x.dtype == w.dtype == a.dtype == b.dtype) or w.shape[1] != x.shape[-1] or w.requires_grad \
+                or (bias is not None and (bias.requires_grad or bias.dtype != w.dtype)) \
+                or torch.is_autocast_enabled(x.device.type):
+            return None  # (a base weight that trains, or any cast, runs alone: the group has no dW and no casts)
+        if not fused._merged_pays(rows, w.shape[1], w.shape[0], True):
+            return None
+        out.append((w, a, b, float(items[0][1].s)))
+    return out
+
+
+class _LoraGroup(torch.autograd.Function):
+    """Outputs y_i = x·W_iᵀ + b_i + s_i·(x·A_iᵀ)·B_iᵀ of k sibling projections (see the module docstring).
+    Inputs: x, the scales, then W, A, B of each member, then each member's bias (or None)."""
+
+    @staticmethod
+    def forward(ctx, x, scales, *tensors):
+        from .fused import _merged_weight
+
+        k = len(scales)
+        ws, as_, bs = tensors[0:3 * k:3], tensors[1:3 * k:3], tensors[2:3 * k:3]
+        biases = tensors[3 * k:]
+        need_b = any(ctx.needs_input_grad[2 + 3 * i + 2] for i in range(k))
+        a_cat = torch.cat(as_)  # Σr × d_in
+        xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None  # N × Σr: the one pass over x
+        ys = tuple(F.linear(x, _merged_weight(w, None, a, b, s), bias)
+                   for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
+        ctx.save_for_backward(x, xa, a_cat, *ws, *bs)
+        ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero-filled GEMMs
+        return ys
+
+    @staticmethod
+    def backward(ctx, *gys):
+        from .fused import _scaled_mm, zero_like
+
+        x, xa, a_cat, *rest = ctx.saved_tensors
+        scales = ctx.scales
+        k = len(scales)
+        ws, bs = rest[:k], rest[k:]
+        needs = ctx.needs_input_grad
+        x2 = x.reshape(-1, x.shape[-1])
+        gs = [None if gy is None else gy.reshape(-1, gy.shape[-1]) for gy in gys]
+        live = [i for i in range(k) if gs[i] is not None]
+        ranks = [b.shape[1] for b in bs]
+        offsets = [sum(ranks[:i]) for i in range(k + 1)]
+        # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (row blocks are contiguous, so each GEMM writes its block in place;
+        # blocks of members without a gradient are zero)
+        ga_t = x2.new_empty(offsets[-1], x2.shape[0]) if len(live) == k else x2.new_zeros(offsets[-1], x2.shape[0])
+        zero = zero_like(x2)
+        for i in live:
+            torch.addmm(zero, bs[i].t(), gs[i].t(), beta=0, alpha=scales[i], out=ga_t[offsets[i]:offsets[i + 1]])
+        dx = None
+        if needs[0] and live:
+            # dx = Σ g_i·W_i + gaᵀᵀ·A_cat: frozen GEMMs accumulating in their epilogue, then the low-rank part in
+            # one more accumulating GEMM — fewer bytes than rebuilding each W_i' (and one launch instead of k)
+            for i in live:
+                dx = torch.mm(gs[i], ws[i]) if dx is None else dx.addmm_(gs[i], ws[i])
+            dx = dx.addmm_(ga_t.t(), a_cat).view(x.shape)
+        grads_a, grads_b = [None] * k, [None] * k
+        if any(needs[2 + 3 * i + 1] for i in live):
+            da = torch.mm(ga_t, x2)  # the one pass over x
+            for i in live:
+                grads_a[i] = da[offsets[i]:offsets[i + 1]] if needs[2 + 3 * i + 1] else None
+        for i in live:
+            if needs[2 + 3 * i + 2]:
+                grads_b[i] = _scaled_mm(gs[i].t(), xa[:, offsets[i]:offsets[i + 1]], scales[i])
+        grads_bias = [gs[i].sum(0) if (i in live and ctx.has_bias[i] and needs[2 + 3 * k + i]) else None
+                      for i in range(k)]
+        flat = [t for i in range(k) for t in (None, grads_a[i], grads_b[i])]
+        return (dx, None, *flat, *grads_bias)
