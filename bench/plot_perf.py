@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/perf_vs_peft.png")
     args = ap.parse_args()
     ratios: dict[tuple[str, str], float] = {}  # (case, reference) -> ratio, both from one file (one process)
-    for f in sorted(Path(args.results).glob("perf_*.json")):
+    for f in sorted(Path(args.results).glob("perf_*.json"), key=lambda f: int(f.stem.split("_")[1])):
         rows = {r["case"]: r["step_ms"] for r in json.loads(f.read_text())["rows"] if "step_ms" in r}
         for _, case, ref, _ in PAIRS:
             for who in ("unipeft", "peft"):

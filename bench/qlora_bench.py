@@ -25,6 +25,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--harness", default=".gpu_carry/bench")
     ap.add_argument("--out", default="qlora.json")
+    ap.add_argument("--kinds", default="nf4,fp4,nf4-nodq", help="which 4-bit bases to time (nf4-nodq: no double quant)")
+    ap.add_argument("--no-peft", action="store_true", help="skip peft's QLoRA")
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
     import bitsandbytes
@@ -49,7 +51,7 @@ def main() -> None:
     rows.append(h.time_train("unipeft_lora_r16_bf16", am, trainable(am)))
     del m, am
     h.release()
-    for kind, dq in (("nf4", True), ("fp4", True), ("nf4", False)):
+    for kind, dq in [(k.split("-")[0], not k.endswith("-nodq")) for k in args.kinds.split(",")]:
         m = quant.quantize(h.make_model(), kind, double_quant=dq, compute_dtype=torch.bfloat16)
         h.release()
         fp = quant.footprint(m)
@@ -72,12 +74,13 @@ def main() -> None:
             del plain
         del m, am
         h.release()
-    m = quant.quantize(h.make_model(), "nf4", double_quant=True, compute_dtype=torch.bfloat16)
-    h.release()
-    pm = peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, target_modules=h.TARGETS, lora_dropout=0.0))
-    rows.append(h.time_train("peft_qlora_nf4_r16", pm, trainable(pm)))
-    del m, pm
-    h.release()
+    if not args.no_peft:
+        m = quant.quantize(h.make_model(), "nf4", double_quant=True, compute_dtype=torch.bfloat16)
+        h.release()
+        pm = peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, target_modules=h.TARGETS, lora_dropout=0.0))
+        rows.append(h.time_train("peft_qlora_nf4_r16", pm, trainable(pm)))
+        del m, pm
+        h.release()
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     ref = rows[0]

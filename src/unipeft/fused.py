@@ -127,14 +127,14 @@ def zero_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def _merged_weight(weight, source, a, b, s: float) -> torch.Tensor:
-    """W' = W + s·B·A; `source` dequantizes a quantized W into a fresh tensor, updated in place. On CUDA the
-    Triton kernel does it in one pass over W (addmm copies W first: see kernels.py)."""
-    w = weight if source is None else source()
-    if kernels.available(w):
-        return kernels.merged_weight(w, b, a, s, out=None if source is None else w)
-    if source is None:
-        return torch.addmm(w, b, a, alpha=s)
-    return w.addmm_(b, a, alpha=s)
+    """W' = W + s·B·A for a training step. A plain W on CUDA goes through the Triton kernel: one pass over W, where
+    addmm copies W first (see kernels.py). `source` dequantizes a quantized W into a fresh tensor, which addmm_
+    updates in place — already one pass, so there the kernel (more host time per launch) is not used."""
+    if source is not None:
+        return source().addmm_(b, a, alpha=s)
+    if kernels.available(weight):
+        return kernels.merged_weight(weight, b, a, s)
+    return torch.addmm(weight, b, a, alpha=s)
 
 
 def _merged_weight_t(weight, source, a, b, s: float) -> torch.Tensor:
@@ -216,7 +216,9 @@ def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter, kind: str = L
         x, w, a, b = x.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     if merged and not grad:
-        return F.linear(x, _merged_weight(w, None, a, b, s), bias)  # inference: W' for this call, weights untouched
+        # inference: W' for this call, weights untouched. addmm, not the Triton kernel: a no-grad forward is closer to
+        # host-bound than a training step, and the kernel's launch costs more host time than addmm's extra pass
+        return F.linear(x, torch.addmm(w, b, a, alpha=s), bias)
     return _LoraLinear.apply(x, w, bias, a, b, s, merged, None)
 
 
