@@ -13,7 +13,8 @@ from unipeft import kernels
 
 pytest.importorskip("triton")
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py turns Triton's interpreter on for CPU tests"
+if os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py turns it on unless the environment says otherwise
+    pytest.skip("these tests run Triton's interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
 
 @pytest.mark.parametrize("m,n,r", [(70, 130, 16), (33, 17, 4), (128, 64, 40)])
@@ -47,11 +48,15 @@ def test_merged_weight_refuses_mismatched_operands() -> None:
         kernels.merged_weight(torch.zeros(4, 6), torch.zeros(4, 2), torch.zeros(3, 6), 1.0)
     with pytest.raises(ValueError, match="shapes/dtypes disagree"):
         kernels.merged_weight(torch.zeros(4, 6), torch.zeros(4, 2).half(), torch.zeros(2, 6), 1.0)
+    with pytest.raises(ValueError, match="out must match W"):
+        kernels.merged_weight(torch.zeros(4, 6), torch.zeros(4, 2), torch.zeros(2, 6), 1.0,
+                              out=torch.zeros(4, 6).half())
 
 
 def test_triton_path_only_for_cuda_tensors_and_can_be_turned_off(monkeypatch) -> None:
     assert not kernels.available(torch.zeros(2))  # CPU: the PyTorch ops are the path (and the reference)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert kernels.available(torch.zeros(2)) == kernels._HAS_TRITON
+    assert not kernels.available(torch.zeros(2, dtype=torch.float64))  # the kernel would round W to fp32
     monkeypatch.setenv("UNIPEFT_TRITON", "0")
     assert not kernels.available(torch.zeros(2))

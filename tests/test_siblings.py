@@ -127,9 +127,26 @@ def test_members_reading_different_inputs_turn_their_group_off(monkeypatch) -> N
         results[flag] = (out.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()})
     group = am._wrappers["q_proj"].__dict__["_unipeft_group"]
     assert not group.enabled and group.pending is None
+    am.add("other", "lora", targets=["q_proj"])  # relinking keeps a group of the same members turned off
+    assert am._wrappers["q_proj"].__dict__["_unipeft_group"] is group and not group.enabled
     torch.testing.assert_close(results["1"][0], results["0"][0])
     for k, g in results["0"][1].items():
         torch.testing.assert_close(results["1"][1][k], g, msg=k)
+
+
+def test_a_shallow_copy_of_a_member_runs_alone(monkeypatch) -> None:
+    """nn.DataParallel replicas copy a module's __dict__, group included; a replica is not a member and must not
+    compute (or pick up) the originals' outputs."""
+    am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v"]).train()
+    randomize(am)
+    q = am._wrappers["model.layers.0.self_attn.q_proj"]
+    replica = q._replicate_for_data_parallel()
+    x = torch.randn(2, 48, 32, requires_grad=True)
+    calls = _spy(monkeypatch)
+    out = replica(x)
+    assert not calls and q.__dict__["_unipeft_group"].pending is None
+    monkeypatch.setenv("UNIPEFT_FUSED", "0")
+    torch.testing.assert_close(out, q(x))
 
 
 def test_groups_under_gradient_checkpointing_and_without_gradients(monkeypatch) -> None:
@@ -154,3 +171,75 @@ def test_groups_under_gradient_checkpointing_and_without_gradients(monkeypatch) 
         am(**batch)
     assert not calls
     assert all(w.__dict__["_unipeft_group"].pending is None for w in am._wrappers.values())
+
+
+def test_cross_attention_under_gradient_checkpointing(monkeypatch) -> None:
+    """A tiny BART (decoder cross-attention: q reads the decoder, k/v the encoder) with LoRA on every q/k/v and
+    gradient checkpointing: the recompute starts from the group states its forward started with, so it saves the
+    same tensors (the first step is where a group turns itself off), and gradients equal the reference path's."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                       dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    am = unipeft.attach(T.BartForConditionalGeneration(cfg), "lora", targets=["q_proj", "k_proj", "v_proj"]).train()
+    randomize(am)
+    am.gradient_checkpointing_enable()
+    ids = torch.randint(3, 64, (4, 48), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for flag in ("1", "1", "0"):  # the first step turns the cross-attention group off mid-segment
+        monkeypatch.setenv("UNIPEFT_FUSED", flag)
+        am.zero_grad(set_to_none=True)
+        am(input_ids=ids, labels=ids).loss.backward()
+        grads[flag] = {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()}
+    groups = {p: w.__dict__["_unipeft_group"] for p, w in am._wrappers.items()}
+    assert not groups["model.decoder.layers.0.encoder_attn.q_proj"].enabled
+    assert groups["model.decoder.layers.0.self_attn.q_proj"].enabled
+    for k, g in grads["0"].items():
+        torch.testing.assert_close(grads["1"][k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_outputs_computed_ahead_never_go_stale(monkeypatch) -> None:
+    """A member's output computed ahead is used only with the same x and unchanged weights, and no slot outlives a
+    model call, even one that raises."""
+    am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v"]).train()
+    randomize(am)
+    attn = "model.layers.0.self_attn."
+    q, k = am._wrappers[attn + "q_proj"], am._wrappers[attn + "k_proj"]
+    x = torch.randn(2, 48, 32, requires_grad=True)
+    q(x)  # computes k's and v's outputs ahead
+    with torch.no_grad():
+        next(iter(k.adapters["default"].parameters())).add_(0.5)  # an in-place update before k is called
+    got = k(x)
+    monkeypatch.setenv("UNIPEFT_FUSED", "0")
+    torch.testing.assert_close(got, k(x))
+    monkeypatch.setenv("UNIPEFT_FUSED", "1")
+
+    def boom(module, args, out):
+        raise RuntimeError("stop")
+    handle = am._wrappers[attn + "k_proj"].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="stop"):
+        am(**inputs(batch=2, seq=48))
+    handle.remove()
+    assert all(g.pending is None for g in am._groups)
+
+
+def test_group_function_supports_double_backward() -> None:
+    """create_graph=True (gradient penalties): the second derivative through the group equals the formula's."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=grad)
+
+    x, w0, w1 = rand(2, 6, 8), rand(8, 8, grad=False), rand(4, 8, grad=False)
+    a0, a1, b0, b1 = rand(2, 8), rand(2, 8), rand(8, 2), rand(4, 2)
+    ys = siblings._LoraGroup.apply(x, (0.5, 2.0), w0, a0, b0, w1, a1, b1, None, None)
+    want = [x @ w0.t() + 0.5 * (x @ a0.t()) @ b0.t(), x @ w1.t() + 2.0 * (x @ a1.t()) @ b1.t()]
+
+    def penalty(outs):
+        (gx,) = torch.autograd.grad(sum((o ** 2).sum() for o in outs), x, create_graph=True)
+        return torch.autograd.grad((gx ** 2).sum(), (a0, b0, a1, b1))
+
+    for got, expected in zip(penalty(ys), penalty(want)):
+        torch.testing.assert_close(got, expected)

@@ -24,10 +24,13 @@ _BUILT: dict[str | None, object] = {}  # the jitted kernel per TRITON_INTERPRET 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp64 would be rounded to fp32 inside the kernel
+
+
 def available(t: torch.Tensor) -> bool:
-    """Whether `merged_weight` can take the Triton path for this tensor."""
-    return (_HAS_TRITON and t.is_cuda and os.environ.get("UNIPEFT_TRITON", "1") != "0"
-            and not torch.compiler.is_compiling())
+    """Whether `merged_weight` can take the Triton path for this tensor (CUDA, 16/32-bit floats, int32 offsets)."""
+    return (_HAS_TRITON and t.is_cuda and t.dtype in _DTYPES and t.numel() < 2**31
+            and os.environ.get("UNIPEFT_TRITON", "1") != "0" and not torch.compiler.is_compiling())
 
 
 tl = None  # triton.language, bound on first use: the interpreter patches it in this module's globals
@@ -78,6 +81,9 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
                          f"B {tuple(b.shape)} {b.dtype}, A {tuple(a.shape)} {a.dtype}")
     if out is None:
         out = torch.empty((m, n), device=w.device, dtype=w.dtype)
+    elif out.shape != w.shape or out.dtype != w.dtype or out.device != w.device:
+        raise ValueError(f"merged_weight: out must match W ({tuple(w.shape)} {w.dtype} {w.device}); got "
+                         f"{tuple(out.shape)} {out.dtype} {out.device}")
     import triton
 
     bm, bn = 64, 128
@@ -85,7 +91,11 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
     args = (w, b, a, out, m, n, r, float(s), *w.stride(), *b.stride(), *a.stride(), *out.stride(),
             bm, bn, br, triton.cdiv(r, br), w.dtype == torch.float32)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), 1)
-    _launch(_kernel(), grid, args)
+    if w.is_cuda and w.device.index != torch.cuda.current_device():
+        with torch.cuda.device(w.device):  # Triton launches on the current device and its stream
+            _launch(_kernel(), grid, args)
+    else:
+        _launch(_kernel(), grid, args)
     return out
 
 
@@ -95,7 +105,8 @@ _NAMES = ("BM", "BN", "BR", "NR", "IEEE")
 
 def _launch(kernel, grid: tuple[int, int, int], args: tuple) -> None:
     """Launch with the compiled kernel looked up by every int argument's value, every pointer's 16-byte alignment,
-    the dtype and the device — everything Triton specializes on — instead of through `JITFunction.run`, whose
+    the dtype and the device (current = the tensors', see merged_weight) — everything Triton specializes this
+    kernel's arguments on, `out` sharing W's dtype — instead of through `JITFunction.run`, whose
     argument binding and cache-key hashing cost tens of µs of host time per call (a LoRA step launches this
     ~150 times, and eager steps on a fast GPU are close to host-bound). The first launch per key goes through
     Triton's own path and compiles; if the compiled kernel's launcher API differs (another Triton version), every

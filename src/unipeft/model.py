@@ -41,6 +41,7 @@ class AdaptedModel(nn.Module):
         self.merged: list[str] = []
         self.fusions: dict[str, compose.Fuse] = {}
         self._wrappers: dict[str, AdapterLayer] = {}
+        self._groups: list[siblings.SiblingGroup] = []  # q/k/v, gate/up (siblings.py), relinked by _refresh
         self._position_hook: Any = None
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
@@ -56,12 +57,15 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         self._set_routing(adapter_names, args, kwargs)
         args, kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
-        if not n_prompt:
-            return self.model(*args, **kwargs)
-        want_tuple = kwargs.get("return_dict") is False
-        kwargs["return_dict"] = True
-        out = prompt_mod.strip_prompt(self.model(*args, **kwargs), n_prompt, kwargs["inputs_embeds"].shape[1])
-        return out.to_tuple() if want_tuple else out
+        try:
+            if not n_prompt:
+                return self.model(*args, **kwargs)
+            want_tuple = kwargs.get("return_dict") is False
+            kwargs["return_dict"] = True
+            out = prompt_mod.strip_prompt(self.model(*args, **kwargs), n_prompt, kwargs["inputs_embeds"].shape[1])
+            return out.to_tuple() if want_tuple else out
+        finally:
+            siblings.clear(self._groups)  # outputs computed ahead never outlive the call (siblings.py)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         self._set_routing(adapter_names, args, kwargs)
@@ -88,22 +92,31 @@ class AdaptedModel(nn.Module):
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc, **kwargs)
 
     def _routing_context(self):
-        """For torch.utils.checkpoint: remember this segment's routing at forward time and restore it while the
-        segment is recomputed in backward — even if other forwards ran in between."""
+        """For torch.utils.checkpoint: remember this segment's routing and sibling-group states at forward time and
+        restore them while the segment is recomputed in backward — even if other forwards ran in between — so the
+        recompute takes the same paths and saves the same tensors."""
         import contextlib
 
         saved = {id(w): w.routing for w in self._wrappers.values()}
+        saved_groups = {id(g): g.enabled for g in self._groups}
 
         @contextlib.contextmanager
         def recompute():
             current = {id(w): w.routing for w in self._wrappers.values()}
+            current_groups = {id(g): g.enabled for g in self._groups}
             for w in self._wrappers.values():
                 w.routing = saved.get(id(w))
+            for g in self._groups:
+                g.enabled = saved_groups.get(id(g), g.enabled)
+            siblings.clear(self._groups)
             try:
                 yield
             finally:
                 for w in self._wrappers.values():
                     w.routing = current.get(id(w))
+                for g in self._groups:
+                    g.enabled = current_groups.get(id(g), g.enabled)
+                siblings.clear(self._groups)  # a recompute may stop early, before every member took its output
 
         return contextlib.nullcontext(), recompute()
 
@@ -313,6 +326,7 @@ class AdaptedModel(nn.Module):
                 original = w.copies[keep]
             set_module(self.model, path, original)
         self._wrappers.clear()
+        self._groups = []
         if self._position_hook is not None:
             self._position_hook.remove()
             self._position_hook = None
@@ -453,7 +467,7 @@ class AdaptedModel(nn.Module):
 
     def _refresh(self) -> None:
         """Push the active/merged sets into the wrappers and set requires_grad: active, unmerged adapters train."""
-        siblings.link(self._wrappers)
+        self._groups = siblings.link(self._wrappers)
         for w in self._wrappers.values():
             w.active = list(self.active)
             w.merged = [n for n in self.merged if n in w.adapters]

@@ -14,11 +14,13 @@ forward, once for dA = s·(g·B)ᵀ·x in backward. q, k and v read the same x, 
 
 The model still calls q_proj(x), k_proj(x), v_proj(x) one by one (no forward code is copied). The first member
 called computes every member's output and leaves the others' in the group's `pending` slot, keyed by the identity
-and version of x; a member called with that same x takes its output from there. Like routing, this is per-call
-state held on the modules for the duration of one forward — no thread-local globals, and a recompute under gradient
-checkpointing goes through the same calls. A member called with a different x than the one its output was computed
-from (cross-attention: q reads the decoder, k/v the encoder) turns the group off for good; every member then runs
-alone, with the same results.
+and version of x and by the version counters of each member's weights; a member called with that same x (and
+unchanged weights) takes its output from there, else it runs alone. Like routing, this is per-call state held on
+the modules, not thread-local: `AdaptedModel.forward` clears every group's slot when it returns (or raises), and
+under its gradient checkpointing a segment's recompute starts from the group states its forward started with, so
+it saves the same tensors. A member called with a different x than the one its output was computed from
+(cross-attention: q reads the decoder, k/v the encoder) turns its group off; `link` keeps it off while the members
+stay the same. Every member then runs alone, with the same results.
 
 Only for training-shaped calls (gradients on, the merged form paying for every member, plain LoRA on nn.Linear
 bases in one dtype, no routing) and not under torch.compile (the compiler sees each projection). Members are
@@ -45,11 +47,12 @@ SIBLING_NAMES: tuple[frozenset[str], ...] = (
 class _Pending:
     x: torch.Tensor
     version: int
-    outputs: dict[int, torch.Tensor]  # id(member) -> its output, until that member is called
+    #: id(member) -> (its output, the tensors it was computed from, their version counters then)
+    outputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[int, ...]]]
 
 
 class SiblingGroup:
-    """Members in module order, whether grouping is still on, and the outputs computed ahead for this call."""
+    """Members (sorted by name), whether grouping is on, and the outputs computed ahead within the current call."""
 
     def __init__(self, members: list) -> None:
         self.members = members
@@ -57,20 +60,36 @@ class SiblingGroup:
         self.pending: _Pending | None = None
 
 
-def link(wrappers: dict) -> None:
-    """Give each wrapper (path -> AdapterLayer) its SiblingGroup, or none; called whenever wrappers change."""
+def link(wrappers: dict) -> list[SiblingGroup]:
+    """Give each wrapper (path -> AdapterLayer) its SiblingGroup, or none, and return the groups; called whenever
+    wrappers change. A group whose members did not change is kept as it is (a group turned off stays off)."""
     by_parent: dict[str, dict[str, object]] = {}
     for path, w in wrappers.items():
         parent, _, leaf = path.rpartition(".")
         by_parent.setdefault(parent, {})[leaf] = w
-        w.__dict__.pop("_unipeft_group", None)
+    groups, grouped = [], set()
     for leaves in by_parent.values():
         for names in SIBLING_NAMES:
             present = [leaves[n] for n in sorted(names) if n in leaves]
-            if len(present) > 1:
-                group = SiblingGroup(present)
-                for w in present:
-                    w.__dict__["_unipeft_group"] = group
+            if len(present) < 2:
+                continue
+            old = present[0].__dict__.get("_unipeft_group")
+            group = old if old is not None and old.members == present else SiblingGroup(present)
+            group.pending = None
+            groups.append(group)
+            for w in present:
+                w.__dict__["_unipeft_group"] = group
+                grouped.add(id(w))
+    for w in wrappers.values():
+        if id(w) not in grouped:
+            w.__dict__.pop("_unipeft_group", None)
+    return groups
+
+
+def clear(groups: list[SiblingGroup]) -> None:
+    """Drop every outputs-computed-ahead slot: the end of a model call, or of a checkpointed segment's recompute."""
+    for g in groups:
+        g.pending = None
 
 
 def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
@@ -80,23 +99,30 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
     if group is None or not group.enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling() \
             or os.environ.get("UNIPEFT_GROUPS") == "0":
         return None
+    mine = next((i for i, m in enumerate(group.members) if m is layer), None)
+    if mine is None:  # a shallow copy sharing the group (nn.DataParallel's replicas): not a member, runs alone
+        return None
     pending = group.pending
     if pending is not None and id(layer) in pending.outputs:
-        if pending.x is x and pending.version == x._version:
-            out = pending.outputs.pop(id(layer))
-            if not pending.outputs:
-                group.pending = None
+        out, tensors, versions = pending.outputs.pop(id(layer))
+        if not pending.outputs:
+            group.pending = None
+        if pending.x is not x or pending.version != x._version:
+            group.enabled, group.pending = False, None  # members read different inputs: never group them
+            return None
+        if all(t._version == v for t, v in zip(tensors, versions)):
             return out
-        group.enabled, group.pending = False, None  # members read different inputs: never group them
-        return None
+        return None  # a weight changed in place since the group ran (not within one model call): run alone
     members = _ready(group, x)
     if members is None:
         return None
     ys = _LoraGroup.apply(x, tuple(s for _, _, _, s in members), *(t for m in members for t in m[:3]),
                           *(layer_.base_layer._parameters.get("bias") for layer_ in group.members))
-    mine = group.members.index(layer)
-    group.pending = _Pending(x, x._version, {id(m): y for i, (m, y) in enumerate(zip(group.members, ys))
-                                             if i != mine})
+    ahead = {}
+    for i, (m, y, (w, a, b, _)) in enumerate(zip(group.members, ys, members)):
+        if i != mine:
+            ahead[id(m)] = (y, (w, a, b), (w._version, a._version, b._version))
+    group.pending = _Pending(x, x._version, ahead)
     return ys[mine]
 
 
@@ -139,7 +165,7 @@ class _LoraGroup(torch.autograd.Function):
         xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None  # N × Σr: the one pass over x
         ys = tuple(F.linear(x, _merged_weight(w, None, a, b, s), bias)
                    for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
-        ctx.save_for_backward(x, xa, a_cat, *ws, *bs)
+        ctx.save_for_backward(x, xa, a_cat, *ws, *as_, *bs)  # the A's too: double backward differentiates through them
         ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero-filled GEMMs
         return ys
@@ -151,7 +177,7 @@ class _LoraGroup(torch.autograd.Function):
         x, xa, a_cat, *rest = ctx.saved_tensors
         scales = ctx.scales
         k = len(scales)
-        ws, bs = rest[:k], rest[k:]
+        ws, as_, bs = rest[:k], rest[k:2 * k], rest[2 * k:]
         needs = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         gs = [None if gy is None else gy.reshape(-1, gy.shape[-1]) for gy in gys]
@@ -160,22 +186,28 @@ class _LoraGroup(torch.autograd.Function):
         offsets = [sum(ranks[:i]) for i in range(k + 1)]
         # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (row blocks are contiguous, so each GEMM writes its block in place;
         # blocks of members without a gradient are zero)
-        ga_t = x2.new_empty(offsets[-1], x2.shape[0]) if len(live) == k else x2.new_zeros(offsets[-1], x2.shape[0])
-        zero = zero_like(x2)
-        for i in live:
-            torch.addmm(zero, bs[i].t(), gs[i].t(), beta=0, alpha=scales[i], out=ga_t[offsets[i]:offsets[i + 1]])
+        if torch.is_grad_enabled():  # double backward (create_graph=True): out= GEMMs are not differentiable
+            ga_t = torch.cat([(bs[i].t() @ gs[i].t()) * scales[i] if i in live
+                              else x2.new_zeros(ranks[i], x2.shape[0]) for i in range(k)])
+        else:
+            ga_t = x2.new_empty(offsets[-1], x2.shape[0]) if len(live) == k else x2.new_zeros(offsets[-1], x2.shape[0])
+            zero = zero_like(x2)
+            for i in live:
+                torch.addmm(zero, bs[i].t(), gs[i].t(), beta=0, alpha=scales[i], out=ga_t[offsets[i]:offsets[i + 1]])
         dx = None
         if needs[0] and live:
             # dx = Σ g_i·W_i + gaᵀᵀ·A_cat: frozen GEMMs accumulating in their epilogue, then the low-rank part in
             # one more accumulating GEMM — fewer bytes than rebuilding each W_i' (and one launch instead of k)
             for i in live:
                 dx = torch.mm(gs[i], ws[i]) if dx is None else dx.addmm_(gs[i], ws[i])
-            dx = dx.addmm_(ga_t.t(), a_cat).view(x.shape)
+            dx = dx.addmm_(ga_t.t(), torch.cat(as_) if torch.is_grad_enabled() else a_cat).view(x.shape)
         grads_a, grads_b = [None] * k, [None] * k
         if any(needs[2 + 3 * i + 1] for i in live):
             da = torch.mm(ga_t, x2)  # the one pass over x
             for i in live:
                 grads_a[i] = da[offsets[i]:offsets[i + 1]] if needs[2 + 3 * i + 1] else None
+        if torch.is_grad_enabled() and xa is not None:  # double backward: xa as a function of x and A
+            xa = torch.mm(x2, torch.cat(as_).t())
         for i in live:
             if needs[2 + 3 * i + 2]:
                 grads_b[i] = _scaled_mm(gs[i].t(), xa[:, offsets[i]:offsets[i + 1]], scales[i])
