@@ -190,13 +190,17 @@ class _LoraLinear(torch.autograd.Function):
         return dx, dw, dbias, da, db, None, None, None
 
 
+def lora_weights(sa: SiteAdapter) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, s) of a LoRA site. Read from the module dicts: this runs once per projection call, and
+    nn.Module.__getattr__ chains were a visible share of a CPU-bound step's host time."""
+    fn = sa._modules["fn"]
+    return fn._modules["down"]._parameters["weight"], fn._modules["up"]._parameters["weight"], float(sa.s)
+
+
 def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter, kind: str = LINEAR) -> torch.Tensor:
     """The fused LoRA projection (see `_LoraLinear`) in the compute dtype: autocast's when on, a quantized base's
     compute dtype, else x's."""
-    # Parameters read from the module dicts: this runs once per projection call, and nn.Module.__getattr__ chains
-    # were a visible share of a CPU-bound step's host time.
-    fn = sa._modules["fn"]
-    a, b, s = fn._modules["down"]._parameters["weight"], fn._modules["up"]._parameters["weight"], float(sa.s)
+    a, b, s = lora_weights(sa)
     grad = torch.is_grad_enabled()
     d_out, d_in = b.shape[0], a.shape[1]
     merged = _merged_pays(x.numel() // d_in, d_in, d_out, grad)

@@ -136,8 +136,7 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> list | None:
         items, _, kind, _ = m._plan()
         if kind != fused.LINEAR or len(items) != 1 or m.routing is not None or len(m._modules["copies"]):
             return None
-        fn = items[0][1]._modules["fn"]
-        a, b = fn._modules["down"]._parameters["weight"], fn._modules["up"]._parameters["weight"]
+        a, b, s = fused.lora_weights(items[0][1])
         w, bias = m.base_layer._parameters["weight"], m.base_layer._parameters.get("bias")
         if not (x.dtype == w.dtype == a.dtype == b.dtype) or w.shape[1] != x.shape[-1] or w.requires_grad \
                 or (bias is not None and (bias.requires_grad or bias.dtype != w.dtype)) \
@@ -145,7 +144,7 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> list | None:
             return None  # (a base weight that trains, or any cast, runs alone: the group has no dW and no casts)
         if not fused._merged_pays(rows, w.shape[1], w.shape[0], True):
             return None
-        out.append((w, a, b, float(items[0][1].s)))
+        out.append((w, a, b, s))
     return out
 
 
