@@ -1,7 +1,8 @@
 """Host time vs GPU time of one training step, and the same step captured as a CUDA graph (probe for issue 5).
 
-Usage (GPU machine): PYTHONPATH=src python3 bench/graph_probe.py --harness .gpu_carry/bench [--liger]
+Usage (GPU machine): PYTHONPATH=src python3 bench/graph_probe.py --harness .gpu_carry/bench [--liger] [--compile]
 Per case: eager wall ms, host ms (time until the CPU has issued the whole step, before the sync), graphed replay ms.
+With --compile each model is wrapped in torch.compile (no capture) and the row adds the graph and graph-break counts.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ def _median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def measure(h, case: str, model, params, graph: bool = True) -> dict:
+def measure(h, case: str, model, params, graph: bool = True, compile_: bool = False) -> dict:
+    if compile_:
+        torch._dynamo.reset()  # each variant compiles afresh (dynamo would reuse the last one's code)
+        torch._dynamo.utils.counters.clear()
+        model, graph = torch.compile(model), False
     x = torch.randint(0, h.VOCAB, (h.B, h.T), device="cuda")
     opt = torch.optim.AdamW(params, lr=1e-4, capturable=True)
     walls, hosts = [], []
@@ -35,7 +40,12 @@ def measure(h, case: str, model, params, graph: bool = True) -> dict:
         if i >= 3:
             walls.append(time.perf_counter() - t0)
             hosts.append(t1 - t0)
-    row = dict(case=case, eager_ms=round(_median(walls) * 1e3, 2), host_ms=round(_median(hosts) * 1e3, 2))
+    row = dict(case=case, eager_ms=round(_median(walls) * 1e3, 2), host_ms=round(_median(hosts) * 1e3, 2),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    torch.cuda.reset_peak_memory_stats()
+    if compile_:
+        c = torch._dynamo.utils.counters
+        row.update(graphs=c["stats"]["unique_graphs"], graph_breaks=sum(c["graph_break"].values()))
     try:
         if not graph:
             raise RuntimeError("capture not attempted (--no-graph)")
@@ -71,6 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--harness", default=".gpu_carry/bench")
     ap.add_argument("--liger", action="store_true")
+    ap.add_argument("--compile", action="store_true")
     ap.add_argument("--no-graph", action="store_true", help="eager only (Liger's fused loss syncs: no capture)")
     ap.add_argument("--out", default="graph_probe.json")
     ap.add_argument("--variants", default="unipeft_lora", help="e.g. lora,lora_notriton:UNIPEFT_TRITON=0")
@@ -84,7 +95,7 @@ def main() -> None:
     m = h.make_model()
     if args.liger:
         unipeft.accelerate(m)
-    rows.append(measure(h, "floor", m, h.frozen_floor(m), graph=not args.no_graph))
+    rows.append(measure(h, "floor", m, h.frozen_floor(m), graph=not args.no_graph, compile_=args.compile))
     del m
     h.release()
     import os
@@ -97,7 +108,8 @@ def main() -> None:
         if args.liger:
             unipeft.accelerate(m)
         am = unipeft.attach(m, "lora", r=16, alpha=32, targets=SITES)
-        rows.append(measure(h, name, am, [p for p in am.parameters() if p.requires_grad], graph=not args.no_graph))
+        params = [p for p in am.parameters() if p.requires_grad]
+        rows.append(measure(h, name, am, params, graph=not args.no_graph, compile_=args.compile))
         del m, am
         h.release()
         for k, v in old.items():

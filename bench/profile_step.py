@@ -5,13 +5,15 @@ Usage (GPU machine, harness carried as in perf_vs_peft.py):
     PYTHONPATH=src python3 bench/profile_step.py --harness .gpu_carry/bench --case lora[,floor,qlora,mixed4,decode32]
 Cases: floor (frozen floor train step), lora (unipeft LoRA r=16 train step), qlora (same on an NF4 base),
 mixed4 (no-grad forward, 4 adapters routed per row), decode32 (generate 8 tokens, 32 adapters, 32 × 256).
-`--liger` patches the base with Liger-Kernel first (class-level, as the anchor does).
+`--liger` patches the base with Liger-Kernel first (class-level, as the anchor does); `--compile` wraps each model in
+torch.compile. A case may carry environment settings for its run: `lora_notriton:UNIPEFT_TRITON=0`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -24,15 +26,20 @@ def _kernel_table(prof, steps: int, wall_ms: float, top: int) -> dict:
     rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
     busy = sum(e.self_device_time_total for e in rows) / 1e3 / steps
-    print(f"GPU busy {busy:.2f} ms per step of {wall_ms:.2f} ms wall ({busy / wall_ms:.0%})")
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"GPU busy {busy:.2f} ms per step of {wall_ms:.2f} ms wall ({busy / wall_ms:.0%}), peak {peak:.2f} GiB")
     print("| kernel | ms/step | calls/step |")
     print("|---|---|---|")
     for e in rows[:top]:
         print(f"| {e.key[:90]} | {e.self_device_time_total / 1e3 / steps:.3f} | {e.count / steps:.0f} |")
-    return dict(busy_ms=round(busy, 3), wall_ms=round(wall_ms, 3))
+    return dict(busy_ms=round(busy, 3), wall_ms=round(wall_ms, 3), peak_gib=round(peak, 2))
 
 
-def _profile(fn, steps: int = 3, warm: int = 3, top: int = 25) -> dict:
+_TOP = 25
+_CPU = False
+
+
+def _profile(fn, steps: int = 3, warm: int = 3) -> dict:
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
@@ -41,11 +48,20 @@ def _profile(fn, steps: int = 3, warm: int = 3, top: int = 25) -> dict:
         fn()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) * 1e3 / steps
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if _CPU else [])
+    with torch.profiler.profile(activities=acts) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    return _kernel_table(prof, steps, wall, top)
+    if _CPU:  # where the host time goes: operators by self CPU time
+        ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+        ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        print(f"host: {sum(e.self_cpu_time_total for e in ops) / 1e3 / steps:.2f} ms self CPU per step (profiled)")
+        print("| host op | self ms/step | calls/step |")
+        print("|---|---|---|")
+        for e in ops[:_TOP]:
+            print(f"| {e.key[:90]} | {e.self_cpu_time_total / 1e3 / steps:.3f} | {e.count / steps:.0f} |")
+    return _kernel_table(prof, steps, wall, _TOP)
 
 
 def _train_fn(h, model, params):
@@ -59,20 +75,37 @@ def _train_fn(h, model, params):
     return step
 
 
-def case(h, name: str) -> dict:
+def case(h, spec: str, wrap) -> dict:
+    """One case; `spec` is a case name, optionally `label:ENV=V;ENV=V` (label's prefix up to `_` is the case)."""
+    label, _, env = spec.partition(":")
+    name = label.split("_")[0]
+    settings = dict(e.split("=", 1) for e in env.split(";") if e)
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()  # a compiled case compiles afresh (dynamo would reuse the last case's code)
+    try:
+        return _case(h, name, label, wrap)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _case(h, name: str, label: str, wrap) -> dict:
     import unipeft
 
-    print(f"\n## {name}", flush=True)
+    print(f"\n## {label}", flush=True)
     if name == "floor":
         m = h.make_model()
-        return _profile(_train_fn(h, m, h.frozen_floor(m)))
+        params = h.frozen_floor(m)
+        return _profile(_train_fn(h, wrap(m), params))
     if name in ("lora", "qlora"):
         m = h.make_model()
         if name == "qlora":
             m = unipeft.quantize(m, "nf4", double_quant=True, compute_dtype=torch.bfloat16)
             h.release()
         am = unipeft.attach(m, "lora", r=16, alpha=32, targets=SITES)
-        return _profile(_train_fn(h, am, [p for p in am.parameters() if p.requires_grad]))
+        return _profile(_train_fn(h, wrap(am), [p for p in am.parameters() if p.requires_grad]))
     if name == "mixed4":
         am = unipeft.attach(h.make_model().eval(), "lora", r=16, alpha=32, targets=SITES)
         for k in range(1, 4):
@@ -102,6 +135,9 @@ def main() -> None:
     ap.add_argument("--harness", default=".gpu_carry/bench")
     ap.add_argument("--case", default="floor,lora")
     ap.add_argument("--liger", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--cpu", action="store_true", help="also profile host operators (self CPU time)")
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
     import peft_baseline as h
@@ -110,8 +146,11 @@ def main() -> None:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama()
     out = {}
-    for name in args.case.split(","):
-        out[name] = case(h, name)
+    wrap = torch.compile if args.compile else (lambda m: m)
+    global _TOP, _CPU
+    _TOP, _CPU = args.top, args.cpu
+    for spec in args.case.split(","):
+        out[spec] = case(h, spec, wrap)
         h.release()
     print(json.dumps(out))
 

@@ -60,3 +60,42 @@ def test_triton_path_only_for_cuda_tensors_and_can_be_turned_off(monkeypatch) ->
     assert not kernels.available(torch.zeros(2, dtype=torch.float64))  # the kernel would round W to fp32
     monkeypatch.setenv("UNIPEFT_TRITON", "0")
     assert not kernels.available(torch.zeros(2))
+
+
+def test_compiled_op_is_registered_and_matches_the_formula() -> None:
+    """The kernel as the custom op torch.compile graphs call (`unipeft::merged_weight`, a triton_op): called outside a
+    compiler it runs the same kernel; `tag` (forward 0, backward 1) only keeps the compiler from merging calls."""
+    assert hasattr(torch.ops.unipeft, "merged_weight")
+    g = torch.Generator().manual_seed(3)
+    w, b, a = torch.randn(50, 70, generator=g), torch.randn(50, 6, generator=g), torch.randn(6, 70, generator=g)
+    expected = w.double() + 1.5 * (b.double() @ a.double())
+    for tag in (0, 1):
+        torch.testing.assert_close(kernels.compiled_merged_weight(w, b, a, 1.5, tag).double(), expected,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="shapes/dtypes disagree"):
+        kernels.compiled_merged_weight(w, b, a.t().contiguous(), 1.0)
+
+
+def test_lora_function_compiler_branch_through_the_kernel(monkeypatch) -> None:
+    """`_LoraLinear` as a compiled graph runs it — W' from the custom op in forward and, tagged, in backward — against
+    y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ differentiated by autograd (fp32 tensors, compared in fp64)."""
+    from unipeft import fused
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(kernels, "available", lambda t: True)
+    calls = []
+    real = kernels.compiled_merged_weight
+    monkeypatch.setattr(kernels, "compiled_merged_weight",
+                        lambda *args, **kw: calls.append(kw.get("tag", 0)) or real(*args, **kw))
+    g = torch.Generator().manual_seed(1)
+    x, w, a, b = (torch.randn(*shape, generator=g, requires_grad=True) for shape in [(2, 5, 16), (12, 16), (4, 16),
+                                                                                       (12, 4)])
+    expected = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    gy = torch.randn(expected.shape, generator=g)
+    want = torch.autograd.grad(expected, (x, a, b), gy.double())
+    y = fused._LoraLinear.apply(x, w.detach(), None, a, b, 0.5, True, None)
+    got = torch.autograd.grad(y, (x, a, b), gy)
+    assert calls == [0, 1], "forward builds W' with tag 0, backward again with tag 1"
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg.double(), ww.double(), rtol=1e-4, atol=1e-4)

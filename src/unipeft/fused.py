@@ -128,20 +128,26 @@ def zero_like(t: torch.Tensor) -> torch.Tensor:
 
 def _merged_weight(weight, source, a, b, s: float) -> torch.Tensor:
     """W' = W + s·B·A for a training step. A plain W on CUDA goes through the Triton kernel: one pass over W, where
-    addmm copies W first (see kernels.py). `source` dequantizes a quantized W into a fresh tensor, which addmm_
-    updates in place — already one pass, so there the kernel (more host time per launch) is not used."""
+    addmm copies W first (see kernels.py); under torch.compile through its custom op. `source` dequantizes a
+    quantized W into a fresh tensor, which addmm_ updates in place — already one pass, so there the kernel (more
+    host time per launch) is not used."""
     if source is not None:
         return source().addmm_(b, a, alpha=s)
     if kernels.available(weight):
+        if torch.compiler.is_compiling():
+            return kernels.compiled_merged_weight(weight, b, a, s)
         return kernels.merged_weight(weight, b, a, s)
     return torch.addmm(weight, b, a, alpha=s)
 
 
-def _merged_weight_t(weight, source, a, b, s: float) -> torch.Tensor:
-    """W'ᵀ (d_in × d_out), for backward (see `_LoraLinear.backward`)."""
+def _merged_weight_again(weight, source, a, b, s: float) -> torch.Tensor:
+    """W' for the compiled backward, by an expression the compiler cannot merge with the forward's (merged, it
+    would keep W' alive from forward to backward: a second copy of every adapted weight). The same numbers."""
     if source is None:
-        return torch.addmm(weight.t(), a.t(), b.t(), alpha=s)
-    return source().t().addmm_(a.t(), b.t(), alpha=s)
+        if kernels.available(weight):
+            return kernels.compiled_merged_weight(weight, b, a, s, tag=1)
+        return torch.addmm(weight.t(), a.t(), b.t(), alpha=s).t()  # W'ᵀ = Wᵀ + s·Aᵀ·Bᵀ
+    return source().t().addmm_(a.t(), b.t(), alpha=s).t()
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -171,9 +177,7 @@ class _LoraLinear(torch.autograd.Function):
         ga = torch.mm(g, b) if (need_a or (need_x and not ctx.merged)) else None  # (g·B): N × r
         if need_x:
             if ctx.merged and torch.compiler.is_compiling():
-                # W'ᵀ built as Wᵀ + s·Aᵀ·Bᵀ: the same numbers, but not the forward's expression, so the compiler
-                # cannot merge the two and keep W' alive from forward to backward (a copy of every adapted weight)
-                dx = torch.mm(g, _merged_weight_t(weight, ctx.source, a, b, s).t())
+                dx = torch.mm(g, _merged_weight_again(weight, ctx.source, a, b, s))
             elif ctx.merged:
                 dx = torch.mm(g, _merged_weight(weight, ctx.source, a, b, s))
             else:

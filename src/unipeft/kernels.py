@@ -8,9 +8,10 @@ merged_weight:  W' = W + s·B·A in one pass over W.
   adds s·(B·A) accumulated in fp32 to W in fp32 and rounds once — the numbers addmm gives — in two passes.
   `out` may be W itself (a freshly dequantized 4-bit weight is updated in place).
 
-Used on CUDA tensors in eager mode when Triton is installed and `UNIPEFT_TRITON` is not "0"; under
-torch.compile the compiler sees the PyTorch op instead. Tests run the kernel under `TRITON_INTERPRET=1` on CPU
-(fp32) against the explicit formula.
+Used on CUDA tensors when Triton is installed and `UNIPEFT_TRITON` is not "0". In eager mode launches go through
+a cache of compiled kernels (`_launch`); under torch.compile the same kernel is the custom op
+`unipeft::merged_weight` (torch.library.triton_op), which the compiler launches from its generated code — no graph
+break. Tests run the kernel under `TRITON_INTERPRET=1` on CPU (fp32, fp16) against the explicit formula.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp64 would be rounde
 
 
 def available(t: torch.Tensor) -> bool:
-    """Whether `merged_weight` can take the Triton path for this tensor (CUDA, 16/32-bit floats, int32 offsets)."""
+    """Whether the Triton kernel can build W' for this weight (CUDA, 16/32-bit floats, int32 offsets) — through
+    `merged_weight` in eager mode, `compiled_merged_weight` under torch.compile."""
     return (_HAS_TRITON and t.is_cuda and t.dtype in _DTYPES and t.numel() < 2**31
-            and os.environ.get("UNIPEFT_TRITON", "1") != "0" and not torch.compiler.is_compiling())
+            and os.environ.get("UNIPEFT_TRITON", "1") != "0")
 
 
 tl = None  # triton.language, bound on first use: the interpreter patches it in this module's globals
@@ -74,29 +76,62 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """W + s·B·A (W: d_out × d_in, B: d_out × r, A: r × d_in, one dtype) by the Triton kernel, into `out`
     (a new contiguous tensor when None; may be `w`)."""
-    m, n = w.shape
-    r = a.shape[0]
-    if b.shape != (m, r) or a.shape != (r, n) or not (w.dtype == b.dtype == a.dtype):
-        raise ValueError(f"merged_weight: shapes/dtypes disagree: W {tuple(w.shape)} {w.dtype}, "
-                         f"B {tuple(b.shape)} {b.dtype}, A {tuple(a.shape)} {a.dtype}")
+    _check(w, b, a)
     if out is None:
-        out = torch.empty((m, n), device=w.device, dtype=w.dtype)
+        out = torch.empty(w.shape, device=w.device, dtype=w.dtype)
     elif out.shape != w.shape or out.dtype != w.dtype or out.device != w.device:
         raise ValueError(f"merged_weight: out must match W ({tuple(w.shape)} {w.dtype} {w.device}); got "
                          f"{tuple(out.shape)} {out.dtype} {out.device}")
-    import triton
-
-    bm, bn = 64, 128
-    br = max(16, min(64, triton.next_power_of_2(r)))
-    args = (w, b, a, out, m, n, r, float(s), *w.stride(), *b.stride(), *a.stride(), *out.stride(),
-            bm, bn, br, triton.cdiv(r, br), w.dtype == torch.float32)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), 1)
+    grid, args = _grid_args(w, b, a, s, out)
     if w.is_cuda and w.device.index != torch.cuda.current_device():
         with torch.cuda.device(w.device):  # Triton launches on the current device and its stream
             _launch(_kernel(), grid, args)
     else:
         _launch(_kernel(), grid, args)
     return out
+
+
+def _check(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> None:
+    m, n = w.shape
+    r = a.shape[0]
+    if b.shape != (m, r) or a.shape != (r, n) or not (w.dtype == b.dtype == a.dtype):
+        raise ValueError(f"merged_weight: shapes/dtypes disagree: W {tuple(w.shape)} {w.dtype}, "
+                         f"B {tuple(b.shape)} {b.dtype}, A {tuple(a.shape)} {a.dtype}")
+
+
+def _grid_args(w, b, a, s: float, out) -> tuple[tuple[int, int, int], tuple]:
+    """The launch grid and the kernel's arguments (the last five are its constexprs, in `_NAMES` order)."""
+    import triton
+
+    (m, n), r = w.shape, a.shape[0]
+    bm, bn = 64, 128
+    br = max(16, min(64, triton.next_power_of_2(r)))
+    args = (w, b, a, out, m, n, r, float(s), *w.stride(), *b.stride(), *a.stride(), *out.stride(),
+            bm, bn, br, triton.cdiv(r, br), w.dtype == torch.float32)
+    return (triton.cdiv(m, bm), triton.cdiv(n, bn), 1), args
+
+
+def compiled_merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float, tag: int = 0) -> torch.Tensor:
+    """W + s·B·A as the custom op `unipeft::merged_weight` (torch.library.triton_op), which is what a torch.compile
+    graph calls: the compiler launches the kernel from its generated code, without a graph break and without the
+    Python dispatch an opaque custom op pays per call. `tag` only tells calls apart: a training step builds W'
+    in forward and again in backward, and the compiler would merge two identical calls into one and keep W'
+    alive in between (a second copy of every adapted weight); the backward passes tag=1."""
+    _check(w, b, a)
+    return torch.ops.unipeft.merged_weight(w, b, a, s, tag)
+
+
+def _merged_weight_op(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float, tag: int) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    out = torch.empty(w.shape, device=w.device, dtype=w.dtype)
+    grid, args = _grid_args(w, b, a, s, out)
+    wrap_triton(_kernel())[grid](*args[:-5], **dict(zip(_NAMES, args[-5:])), num_warps=4)
+    return out
+
+
+if _HAS_TRITON:  # registered at import: registering inside a compiled region would break its graph
+    torch.library.triton_op("unipeft::merged_weight", _merged_weight_op, mutates_args=())
 
 
 _COMPILED: dict[tuple, object] = {}  # launch key -> Triton's compiled kernel (see _launch)
