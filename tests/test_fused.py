@@ -118,6 +118,48 @@ def test_fused_routed_mixed_batch_matches_reference(monkeypatch) -> None:
     torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_routed_cache_checks_weight_versions_once_per_call(monkeypatch) -> None:
+    """Decoding reuses each layer's gathered rows: the adapters' version counters are compared at the first step of
+    a `generate` (one Routing), not at every step; a later call compares them again and sees in-place changes."""
+    am = unipeft.attach(tiny_model("llama"), "lora", r=4)
+    am.add("b", "lora", r=4)
+    randomize(am, "default", seed=1)
+    randomize(am, "b", seed=2)
+    checks = []
+    real = fused._fresh
+    monkeypatch.setattr(fused, "_fresh", lambda v: checks.append(1) or real(v))
+    ids = inputs(batch=2, seq=4)["input_ids"]
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+              pad_token_id=0, adapter_names=["b", "default"])
+    with torch.no_grad():
+        first = am.generate(input_ids=ids, **kw)
+        checks.clear()
+        again = am.generate(input_ids=ids, **kw)
+        assert len(checks) == len(am._wrappers), "one check per layer for the whole generate, not one per step"
+        assert torch.equal(first, again)
+        names = kw["adapter_names"]
+        before = output_of(am(input_ids=ids, adapter_names=names))  # fills the cache for this batch
+        for p in am.adapter_parameters("b").values():
+            p.mul_(-3.0)  # in place, between calls: the next call must see it
+        changed = output_of(am(input_ids=ids, adapter_names=names))
+        monkeypatch.setenv("UNIPEFT_FUSED", "0")
+        reference = output_of(am(input_ids=ids, adapter_names=names))
+    assert not torch.allclose(before[0], changed[0])
+    torch.testing.assert_close(changed, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_routed_base_output_keeps_the_base_layers_hooks() -> None:
+    """The routed path calls F.linear directly for a plain nn.Linear base — unless hooks are registered on it."""
+    am = unipeft.attach(tiny_model("llama"), "lora", r=4)
+    am.add("b", "lora", r=4)
+    layer = next(iter(am._wrappers.values()))
+    seen = []
+    layer.base_layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        am(**inputs(batch=2), adapter_names=["b", "default"])
+    assert len(seen) == 1
+
+
 def test_paths_the_fused_code_must_not_take() -> None:
     """DoRA, dropout while training, learned scales and fused-projection chunks stay on the reference path."""
     cases = [("dora", {}), ("lora", {"dropout": 0.1}), ("lora", {"learn_scale": True})]
