@@ -32,7 +32,7 @@ def available(t: torch.Tensor) -> bool:
     """Whether the Triton kernel can build W' for this weight (CUDA, 16/32-bit floats, int32 offsets) — through
     `merged_weight` in eager mode, `compiled_merged_weight` under torch.compile."""
     return (_HAS_TRITON and t.is_cuda and t.dtype in _DTYPES and t.numel() < 2**31
-            and os.environ.get("UNIPEFT_TRITON", "1") != "0")
+            and os.environ.get("UNIPEFT_TRITON", "1") != "0" and (_HAS_OP or not torch.compiler.is_compiling()))
 
 
 tl = None  # triton.language, bound on first use: the interpreter patches it in this module's globals
@@ -130,7 +130,8 @@ def _merged_weight_op(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: floa
     return out
 
 
-if _HAS_TRITON:  # registered at import: registering inside a compiled region would break its graph
+_HAS_OP = _HAS_TRITON and hasattr(torch.library, "triton_op")  # (torch >= 2.6)
+if _HAS_OP:  # registered at import: registering inside a compiled region would break its graph
     torch.library.triton_op("unipeft::merged_weight", _merged_weight_op, mutates_args=())
 
 
