@@ -83,6 +83,8 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
     if x.dim() < 2:
         return None
     base, sa = layer.base_layer, items[0][1]
+    if kind in (LINEAR, CONV1D) and not _unhooked(base):
+        kind = DELTA  # the base's own call runs (its hooks, an accelerate offload wrapper), the delta is added after
     if kind == DELTA:
         return lora_delta(base(x), x, sa)
     if kind == LINEAR:
@@ -277,11 +279,18 @@ def routed_lora(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]]) ->
 def _base_output(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """base(x); for a plain nn.Linear without hooks, F.linear directly — a decoding step is CPU-bound, and the
     module call's own overhead was a visible share of a projection's host time."""
-    if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-                                        or base._backward_pre_hooks or _module._global_forward_hooks
-                                        or _module._global_forward_pre_hooks):
+    if type(base) is nn.Linear and _unhooked(base):
         return F.linear(x, base._parameters["weight"], base._parameters["bias"])
     return base(x)
+
+
+def _unhooked(base: nn.Module) -> bool:
+    """Whether calling the module is just its class's forward: no hooks on it or globally, and no forward set on
+    the instance (accelerate's offloading hooks replace `module.forward` to bring weights in first). Only then
+    may the fused paths use its weight directly instead of calling it."""
+    return not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks or "forward" in base.__dict__)
 
 
 def _row_weights(layer, items, batch: int, device: torch.device, dtype: torch.dtype):

@@ -134,7 +134,8 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> list | None:
     rows = x.numel() // x.shape[-1] if x.dim() >= 2 else 0
     for m in group.members:
         items, _, kind, _ = m._plan()
-        if kind != fused.LINEAR or len(items) != 1 or m.routing is not None or len(m._modules["copies"]):
+        if kind != fused.LINEAR or len(items) != 1 or m.routing is not None or len(m._modules["copies"]) \
+                or not fused._unhooked(m.base_layer):
             return None
         a, b, s = fused.lora_weights(items[0][1])
         w, bias = m.base_layer._parameters["weight"], m.base_layer._parameters.get("bias")
