@@ -224,12 +224,19 @@ def test_both_forms_on_real_smollm2_match_the_reference(smollm2_path, monkeypatc
     assert groups == [3] * model.config.num_hidden_layers  # q/k/v as one group per layer (gate/up: unmerged, alone)
 
 
-def test_fused_path_compiles_without_graph_breaks_and_matches_eager() -> None:
-    """torch.compile: the fused projections trace into one graph (no breaks), and the traced forward and backward
-    (AOTAutograd, where backward takes the compiler branch of the W' rebuild) give eager's loss and gradients."""
+@pytest.mark.parametrize("groups", ["1", "0"])
+def test_fused_path_compiles_without_graph_breaks_and_matches_eager(groups: str, monkeypatch) -> None:
+    """torch.compile: the fused projections — q/k/v and gate/up as sibling groups, or each alone — trace into one
+    graph (no breaks), and the traced forward and backward (AOTAutograd, where backward takes the compiler branches:
+    W' rebuilt by another expression, the group's gradients without writes into slices) give eager's loss and
+    gradients; the groups stay on afterwards."""
+    monkeypatch.setenv("UNIPEFT_GROUPS", groups)
     am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
     randomize(am)
     batch = inputs(batch=4, seq=48)  # enough rows for the merged form
+    traced = []
+    monkeypatch.setattr(siblings._LoraGroup, "forward",
+                        staticmethod(lambda ctx, *a, real=siblings._LoraGroup.forward: traced.append(1) or real(ctx, *a)))
 
     def step(model):
         am.zero_grad(set_to_none=True)
@@ -239,6 +246,8 @@ def test_fused_path_compiles_without_graph_breaks_and_matches_eager() -> None:
 
     explained = torch._dynamo.explain(lambda: am(**batch, labels=batch["input_ids"]).loss)()
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+    assert len(traced) == (2 * len(am.model.model.layers) if groups == "1" else 0), "one group per q/k/v, gate/up"
+    assert all(g.enabled for g in am._groups)
     torch._dynamo.reset()
     eager_loss, eager_grads = step(am)
     loss, grads = step(torch.compile(am, backend="aot_eager"))

@@ -200,6 +200,34 @@ def test_cross_attention_under_gradient_checkpointing(monkeypatch) -> None:
         torch.testing.assert_close(grads["1"][k], g, rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_cross_attention_under_torch_compile(monkeypatch) -> None:
+    """Compiled (AOTAutograd), a cross-attention group sees k called with the encoder's states: the group turns
+    itself off (the compiler recompiles on that change) and the gradients equal the reference path's."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                       dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    am = unipeft.attach(T.BartForConditionalGeneration(cfg), "lora", targets=["q_proj", "k_proj", "v_proj"]).train()
+    randomize(am)
+    ids = torch.randint(3, 64, (4, 48), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(am, backend="aot_eager")
+    grads = {}
+    for flag, model in (("1", compiled), ("1", compiled), ("0", am)):
+        monkeypatch.setenv("UNIPEFT_FUSED", flag)
+        am.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[flag] = {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()}
+    torch._dynamo.reset()
+    groups = {p: w.__dict__["_unipeft_group"] for p, w in am._wrappers.items()}
+    assert not groups["model.decoder.layers.0.encoder_attn.q_proj"].enabled
+    assert groups["model.decoder.layers.0.self_attn.q_proj"].enabled
+    for k, g in grads["0"].items():
+        torch.testing.assert_close(grads["1"][k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_outputs_computed_ahead_never_go_stale(monkeypatch) -> None:
     """A member's output computed ahead is used only with the same x and unchanged weights, and no slot outlives a
     model call, even one that raises."""

@@ -22,10 +22,12 @@ it saves the same tensors. A member called with a different x than the one its o
 (cross-attention: q reads the decoder, k/v the encoder) turns its group off; `link` keeps it off while the members
 stay the same. Every member then runs alone, with the same results.
 
-Only for training-shaped calls (gradients on, the merged form paying for every member, plain LoRA on nn.Linear
-bases in one dtype, no routing) and not under torch.compile (the compiler sees each projection). Members are
-found by name: modules with the same parent whose names form one of SIBLING_NAMES. `UNIPEFT_GROUPS=0` turns
-grouping off (for measuring it; results are the same either way).
+Only for training-shaped calls (gradients on, the merged form paying for every member, plain LoRA on hook-free
+nn.Linear bases in one dtype, no routing). Under torch.compile the same logic runs while the graph is traced, so
+the compiled graph holds one group node per q/k/v (the tracer follows x's identity; version counters are not
+checked there — a traced graph has no in-place change between the members' calls to catch). Members are found by
+name: modules with the same parent whose names form one of SIBLING_NAMES. `UNIPEFT_GROUPS=0` turns grouping off
+(for measuring it; results are the same either way).
 """
 
 from __future__ import annotations
@@ -96,21 +98,24 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
     """This member's output from its group — computed now for all members, or earlier in this call — or None when
     the layer must run alone."""
     group = layer.__dict__.get("_unipeft_group")
-    if group is None or not group.enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling() \
+    if group is None or not group.enabled or not torch.is_grad_enabled() \
             or os.environ.get("UNIPEFT_GROUPS") == "0":
         return None
     mine = next((i for i, m in enumerate(group.members) if m is layer), None)
     if mine is None:  # a shallow copy sharing the group (nn.DataParallel's replicas): not a member, runs alone
         return None
+    # Version counters guard against in-place changes between the members' calls. A compiled graph has no such
+    # changes to see (and its tracer cannot read the counters), so there the identity of x is the whole key.
+    compiling = torch.compiler.is_compiling()
     pending = group.pending
     if pending is not None and id(layer) in pending.outputs:
         out, tensors, versions = pending.outputs.pop(id(layer))
         if not pending.outputs:
             group.pending = None
-        if pending.x is not x or pending.version != x._version:
+        if pending.x is not x or (not compiling and pending.version != x._version):
             group.enabled, group.pending = False, None  # members read different inputs: never group them
             return None
-        if all(t._version == v for t, v in zip(tensors, versions)):
+        if compiling or all(t._version == v for t, v in zip(tensors, versions)):
             return out
         return None  # a weight changed in place since the group ran (not within one model call): run alone
     members = _ready(group, x)
@@ -121,8 +126,8 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
     ahead = {}
     for i, (m, y, (w, a, b, _)) in enumerate(zip(group.members, ys, members)):
         if i != mine:
-            ahead[id(m)] = (y, (w, a, b), (w._version, a._version, b._version))
-    group.pending = _Pending(x, x._version, ahead)
+            ahead[id(m)] = (y, (w, a, b), () if compiling else (w._version, a._version, b._version))
+    group.pending = _Pending(x, -1 if compiling else x._version, ahead)
     return ys[mine]
 
 
@@ -186,7 +191,9 @@ class _LoraGroup(torch.autograd.Function):
         offsets = [sum(ranks[:i]) for i in range(k + 1)]
         # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (row blocks are contiguous, so each GEMM writes its block in place;
         # blocks of members without a gradient are zero)
-        if torch.is_grad_enabled():  # double backward (create_graph=True): out= GEMMs are not differentiable
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # double backward (create_graph=True): out= GEMMs are not differentiable; a compiler: no writes into
+            # slices (it would add copies) and no cached zero
             ga_t = torch.cat([(bs[i].t() @ gs[i].t()) * scales[i] if i in live
                               else x2.new_zeros(ranks[i], x2.shape[0]) for i in range(k)])
         else:
