@@ -234,9 +234,8 @@ def test_fused_path_compiles_without_graph_breaks_and_matches_eager(groups: str,
     am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
     randomize(am)
     batch = inputs(batch=4, seq=48)  # enough rows for the merged form
-    traced = []
-    monkeypatch.setattr(siblings._LoraGroup, "forward",
-                        staticmethod(lambda ctx, *a, real=siblings._LoraGroup.forward: traced.append(1) or real(ctx, *a)))
+    traced, real = [], siblings._LoraGroup.forward
+    monkeypatch.setattr(siblings._LoraGroup, "forward", staticmethod(lambda ctx, *a: traced.append(1) or real(ctx, *a)))
 
     def step(model):
         am.zero_grad(set_to_none=True)
