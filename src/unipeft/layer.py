@@ -151,7 +151,8 @@ class AdapterLayer(nn.Module):
         items = [(n, sa) for n in names for sa in self.sites_of(n)]
         composed = any(not isinstance(u, str) for u in units)
         plan = (items, {sa.role for _, sa in items}, "" if composed else fused.fusable(self, items), units)
-        self.__dict__["_unipeft_plan"] = (key, plan)
+        if not torch.compiler.is_compiling():  # (a tracer computes it at trace time; storing it there would be a
+            self.__dict__["_unipeft_plan"] = (key, plan)  # side effect, refused inside a checkpointed region)
         return plan
 
     # -- forward -------------------------------------------------------------------------------------------------------

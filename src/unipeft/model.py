@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import compose, quant, siblings
+from . import checkpointing, compose, quant, siblings
 from . import prefix as prefix_mod
 from . import prompt as prompt_mod
 from .arch import Binding, accepts, get_module, logical_modules, resolve, set_module, text_config
@@ -84,41 +84,9 @@ class AdaptedModel(nn.Module):
         return out
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Turn on the base model's gradient checkpointing (non-reentrant, so frozen inputs need no grad hook)."""
-        gc = dict(kwargs.pop("gradient_checkpointing_kwargs", None) or {})
-        gc.setdefault("use_reentrant", False)
-        if not gc["use_reentrant"]:
-            gc.setdefault("context_fn", self._routing_context)
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc, **kwargs)
-
-    def _routing_context(self):
-        """For torch.utils.checkpoint: remember this segment's routing and sibling-group states at forward time and
-        restore them while the segment is recomputed in backward — even if other forwards ran in between — so the
-        recompute takes the same paths and saves the same tensors."""
-        import contextlib
-
-        saved = {id(w): w.routing for w in self._wrappers.values()}
-        saved_groups = {id(g): g.enabled for g in self._groups}
-
-        @contextlib.contextmanager
-        def recompute():
-            current = {id(w): w.routing for w in self._wrappers.values()}
-            current_groups = {id(g): g.enabled for g in self._groups}
-            for w in self._wrappers.values():
-                w.routing = saved.get(id(w))
-            for g in self._groups:
-                g.enabled = saved_groups.get(id(g), g.enabled)
-            siblings.clear(self._groups)
-            try:
-                yield
-            finally:
-                for w in self._wrappers.values():
-                    w.routing = current.get(id(w))
-                for g in self._groups:
-                    g.enabled = current_groups.get(id(g), g.enabled)
-                siblings.clear(self._groups)  # a recompute may stop early, before every member took its output
-
-        return contextlib.nullcontext(), recompute()
+        """Turn on the base model's gradient checkpointing (non-reentrant, so frozen inputs need no grad hook); works
+        eager and under torch.compile (checkpointing.py)."""
+        checkpointing.enable(self, **kwargs)
 
     # -- adapters ---------------------------------------------------------------------------------------------------
     def add(self, name: str, preset_or_recipe: Recipe | str | Path | Mapping[str, Any] = "lora",

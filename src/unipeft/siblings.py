@@ -59,6 +59,7 @@ class SiblingGroup:
     def __init__(self, members: list) -> None:
         self.members = members
         self.enabled = True
+        self.suspended = False  #: set while a compiled checkpointed segment is traced (checkpointing.py)
         self.pending: _Pending | None = None
 
 
@@ -98,7 +99,7 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
     """This member's output from its group — computed now for all members, or earlier in this call — or None when
     the layer must run alone."""
     group = layer.__dict__.get("_unipeft_group")
-    if group is None or not group.enabled or not torch.is_grad_enabled() \
+    if group is None or not group.enabled or group.suspended or not torch.is_grad_enabled() \
             or os.environ.get("UNIPEFT_GROUPS") == "0":
         return None
     mine = next((i for i, m in enumerate(group.members) if m is layer), None)
