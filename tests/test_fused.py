@@ -148,6 +148,24 @@ def test_routed_cache_checks_weight_versions_once_per_call(monkeypatch) -> None:
     torch.testing.assert_close(changed, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_routed_cache_rechecks_after_its_call_ends(monkeypatch) -> None:
+    """The Routing stays on the layers after its call; a later call that bypasses the AdaptedModel (`am.model(...)`)
+    must not trust the finished call's check and sees an in-place weight change."""
+    am = unipeft.attach(tiny_model("llama"), "lora", r=4)
+    am.add("b", "lora", r=4)
+    randomize(am, "default", seed=1)
+    randomize(am, "b", seed=2)
+    ids = inputs(batch=2, seq=4)["input_ids"]
+    with torch.no_grad():
+        am(input_ids=ids, adapter_names=["b", "default"])
+        for p in am.adapter_parameters("b").values():
+            p.mul_(-3.0)
+        direct = output_of(am.model(input_ids=ids))  # same Routing object, its call over
+        monkeypatch.setenv("UNIPEFT_FUSED", "0")
+        reference = output_of(am.model(input_ids=ids))
+    torch.testing.assert_close(direct, reference, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("routed", [False, True])
 def test_fused_paths_call_hooked_bases(routed: bool, monkeypatch) -> None:
     """The fused paths read a plain nn.Linear's weight directly — but a base with hooks, or with a forward set on the

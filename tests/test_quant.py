@@ -229,6 +229,27 @@ def test_fused_qlora_path_matches_the_reference_path(kind: str, seq: int, monkey
     assert set(seen) == ({seq > 7} if kind == "nf4" else set())  # int8 never merges: bitsandbytes' int8 GEMM stays
 
 
+def test_fused_qlora_calls_a_hooked_4bit_base(monkeypatch) -> None:
+    """A 4-bit base with a forward hook is called (the hook runs) instead of being dequantized behind its back;
+    the result equals the reference path's."""
+    am = unipeft.attach(_quantized("nf4"), "lora", targets=["q", "v", "o"]).train()
+    randomize(am)
+    seen = []
+    next(w for p, w in am._wrappers.items() if p.endswith("o_proj")).base_layer.register_forward_hook(
+        lambda mod, args, out: seen.append(1))
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("UNIPEFT_FUSED", flag)
+        am.zero_grad(set_to_none=True)
+        out = output_of(am(**inputs(seq=48)))  # many rows: unhooked 4-bit bases take the merged form
+        out.pow(2).mean().backward()
+        results[flag] = (out.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()})
+    assert len(seen) == 2
+    torch.testing.assert_close(results["1"][0], results["0"][0], rtol=1e-5, atol=1e-6)
+    for k, g in results["0"][1].items():
+        torch.testing.assert_close(results["1"][1][k], g, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
 def test_direct_dequantizer_equals_bitsandbytes_dequantize(kind: str, double_quant: bool) -> None:
     """The fused QLoRA path's dequantizer (bitsandbytes' ops called directly, absmax decoded once) gives exactly the

@@ -267,6 +267,61 @@ def test_gradient_checkpointing_under_torch_compile() -> None:
     assert all(not g.suspended for g in am._groups)
 
 
+def test_checkpointing_wraps_transformers_function_and_nests(monkeypatch) -> None:
+    """`am.gradient_checkpointing_enable(offload=True)` keeps transformers' activation offloading (its checkpoint
+    function is wrapped, not replaced: save_on_cpu still runs) with the same gradients; traced checkpoints that nest
+    restore the groups' previous state, not "off"."""
+    import transformers.modeling_utils as mu
+
+    from unipeft import checkpointing
+
+    used = []
+
+    class _SaveOnCpu:  # stands in for torch's save_on_cpu (pinned memory needs a GPU)
+        def __init__(self, **kw):
+            used.append(kw)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(mu, "save_on_cpu", _SaveOnCpu)
+    am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v"]).train()
+    randomize(am)
+    batch = inputs(batch=2, seq=48)
+
+    def grads():
+        am.zero_grad(set_to_none=True)
+        am(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
+        return {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()}
+
+    want = grads()
+    am.gradient_checkpointing_enable(offload=True)
+    got = grads()
+    assert used, "transformers' offloading wrapper ran"
+    for k, g in want.items():
+        torch.testing.assert_close(got[k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    states = []
+
+    def inner(function, *args, **kwargs):
+        return function(*args)
+
+    def record():
+        states.append([g.suspended for g in am._groups])
+
+    def outer_body():
+        checkpointing.checkpoint(am, inner, record)
+        record()  # after the nested checkpoint: still inside the outer one
+
+    checkpointing.checkpoint(am, inner, outer_body)
+    assert states == [[True] * len(am._groups)] * 2
+    assert not any(g.suspended for g in am._groups)
+
+
 def test_outputs_computed_ahead_never_go_stale(monkeypatch) -> None:
     """A member's output computed ahead is used only with the same x and unchanged weights, and no slot outlives a
     model call, even one that raises."""

@@ -11,7 +11,7 @@ Inside the traced segment the sibling groups step aside: their per-call slot for
 side effect, which the tracer refuses inside a checkpointed region.
 
 `enable` turns on the base model's checkpointing (non-reentrant by default, so frozen inputs need no grad hook)
-and installs `checkpoint` below as each layer's checkpointing function: it picks the eager or the compiled form
+and wraps each layer's checkpointing function in `checkpoint` below, which picks the eager or the compiled form
 per call.
 """
 
@@ -22,36 +22,39 @@ import functools
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import siblings
 
 
 def enable(am, **kwargs: Any) -> None:
-    """`AdaptedModel.gradient_checkpointing_enable`: the base's checkpointing with unipeft's checkpoint function."""
+    """`AdaptedModel.gradient_checkpointing_enable`: the base's checkpointing, each layer's checkpoint function
+    wrapped by `checkpoint` below (wrapped, not replaced: transformers' own wrapper, e.g. activation offloading to
+    the CPU, stays in force)."""
     gc = dict(kwargs.pop("gradient_checkpointing_kwargs", None) or {})
     gc.setdefault("use_reentrant", False)
     am.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc, **kwargs)
     if gc["use_reentrant"] or "context_fn" in gc:
-        return  # the caller's own choice stands
-    func = functools.partial(checkpoint, am, gc)
+        return  # (reentrant checkpointing takes no context_fn; a caller's own context_fn stands)
     for module in am.model.modules():
-        if getattr(module, "_gradient_checkpointing_func", None) is not None:
-            module._gradient_checkpointing_func = func
+        inner = getattr(module, "_gradient_checkpointing_func", None)
+        if inner is not None and not (isinstance(inner, functools.partial) and inner.func is checkpoint):
+            module._gradient_checkpointing_func = functools.partial(checkpoint, am, inner)
 
 
-def checkpoint(am, gc: dict, function, *args: Any, **kwargs: Any):
-    """torch.utils.checkpoint with the routing context when eager; without it, groups set aside, when traced."""
+def checkpoint(am, inner, function, *args: Any, **kwargs: Any):
+    """The layer's checkpoint function `inner` with the routing context when eager; without it, and with the
+    groups set aside (restored after, also when checkpoints nest), when traced by a compiler."""
     if not torch.compiler.is_compiling():
-        return torch_checkpoint(function, *args, context_fn=lambda: routing_context(am), **gc, **kwargs)
+        return inner(function, *args, context_fn=lambda: routing_context(am), **kwargs)
     groups = am._groups
+    before = [g.suspended for g in groups]
     for g in groups:
         g.suspended = True
     try:
-        return torch_checkpoint(function, *args, **gc, **kwargs)
+        return inner(function, *args, **kwargs)
     finally:
-        for g in groups:
-            g.suspended = False
+        for g, was in zip(groups, before):
+            g.suspended = was
 
 
 def routing_context(am):

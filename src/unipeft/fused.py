@@ -83,7 +83,7 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
     if x.dim() < 2:
         return None
     base, sa = layer.base_layer, items[0][1]
-    if kind in (LINEAR, CONV1D) and not _unhooked(base):
+    if kind in (LINEAR, CONV1D, Q4) and not _unhooked(base):
         kind = DELTA  # the base's own call runs (its hooks, an accelerate offload wrapper), the delta is added after
     if kind == DELTA:
         return lora_delta(base(x), x, sa)
@@ -301,7 +301,7 @@ def _row_weights(layer, items, batch: int, device: torch.device, dtype: torch.dt
     key = (layer.routing.key, batch, device, dtype)
     cached = layer.__dict__.get("_unipeft_rows")
     if cached is not None and cached[0] == key and not torch.is_grad_enabled():
-        if cached[4] is layer.routing:
+        if cached[4] is layer.routing and layer.routing.open:
             return cached[2], cached[3]
         if _fresh(cached[1]):
             cached[4] = layer.routing  # checked for this call; later steps of it trust the cache

@@ -16,6 +16,7 @@ break. Tests run the kernel under `TRITON_INTERPRET=1` on CPU (fp32, fp16) again
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -126,7 +127,8 @@ def _merged_weight_op(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: floa
 
     out = torch.empty(w.shape, device=w.device, dtype=w.dtype)
     grid, args = _grid_args(w, b, a, s, out)
-    wrap_triton(_kernel())[grid](*args[:-5], **dict(zip(_NAMES, args[-5:])), num_warps=4)
+    with torch.cuda.device(w.device) if w.is_cuda else contextlib.nullcontext():  # (a model split across GPUs)
+        wrap_triton(_kernel())[grid](*args[:-5], **dict(zip(_NAMES, args[-5:])), num_warps=4)
     return out
 
 

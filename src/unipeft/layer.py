@@ -38,6 +38,8 @@ class Routing:
     names: list[str]
     _cache: dict = field(default_factory=dict)
     key: tuple = field(init=False)
+    #: True while the AdaptedModel call that set it runs (caches may trust checks made earlier in the same call)
+    open: bool = True
 
     def __post_init__(self) -> None:
         self.key = tuple(self.names)

@@ -55,7 +55,14 @@ class AdaptedModel(nn.Module):
         return getattr(self.model, "config", None)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        self._set_routing(adapter_names, args, kwargs)
+        routing = self._set_routing(adapter_names, args, kwargs)
+        try:
+            return self._forward(args, kwargs)
+        finally:
+            if routing is not None:
+                routing.open = False  # its call is over (fused._row_weights)
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
         args, kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
         try:
             if not n_prompt:
@@ -68,7 +75,14 @@ class AdaptedModel(nn.Module):
             siblings.clear(self._groups)  # outputs computed ahead never outlive the call (siblings.py)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        self._set_routing(adapter_names, args, kwargs)
+        routing = self._set_routing(adapter_names, args, kwargs)
+        try:
+            return self._generate(args, kwargs)
+        finally:
+            if routing is not None:
+                routing.open = False  # its call is over (fused._row_weights)
+
+    def _generate(self, args: tuple, kwargs: dict) -> Any:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         new_args, new_kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
         if not n_prompt:
@@ -473,7 +487,7 @@ class AdaptedModel(nn.Module):
                 return int(v.shape[0])
         return None
 
-    def _set_routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> None:
+    def _set_routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Routing | None:
         routing = None
         if adapter_names is not None:
             names = list(adapter_names)
@@ -494,6 +508,7 @@ class AdaptedModel(nn.Module):
             routing = Routing(names)
         for w in self._wrappers.values():
             w.routing = routing
+        return routing
 
     def _shift_positions(self, module: nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook of the wrapped model for prefixes with `positions: shift` (peft semantics): every row's
