@@ -173,10 +173,8 @@ def test_groups_under_gradient_checkpointing_and_without_gradients(monkeypatch) 
     assert all(w.__dict__["_unipeft_group"].pending is None for w in am._wrappers.values())
 
 
-def test_cross_attention_under_gradient_checkpointing(monkeypatch) -> None:
-    """A tiny BART (decoder cross-attention: q reads the decoder, k/v the encoder) with LoRA on every q/k/v and
-    gradient checkpointing: the recompute starts from the group states its forward started with, so it saves the
-    same tensors (the first step is where a group turns itself off), and gradients equal the reference path's."""
+def _tiny_bart_with_lora():
+    """A tiny BART (decoder cross-attention: q reads the decoder, k/v the encoder), LoRA on every q/k/v, training."""
     import transformers as T
 
     torch.manual_seed(0)
@@ -185,6 +183,14 @@ def test_cross_attention_under_gradient_checkpointing(monkeypatch) -> None:
                        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     am = unipeft.attach(T.BartForConditionalGeneration(cfg), "lora", targets=["q_proj", "k_proj", "v_proj"]).train()
     randomize(am)
+    return am
+
+
+def test_cross_attention_under_gradient_checkpointing(monkeypatch) -> None:
+    """A tiny BART (decoder cross-attention: q reads the decoder, k/v the encoder) with LoRA on every q/k/v and
+    gradient checkpointing: the recompute starts from the group states its forward started with, so it saves the
+    same tensors (the first step is where a group turns itself off), and gradients equal the reference path's."""
+    am = _tiny_bart_with_lora()
     am.gradient_checkpointing_enable()
     ids = torch.randint(3, 64, (4, 48), generator=torch.Generator().manual_seed(1))
     grads = {}
@@ -203,14 +209,7 @@ def test_cross_attention_under_gradient_checkpointing(monkeypatch) -> None:
 def test_cross_attention_under_torch_compile(monkeypatch) -> None:
     """Compiled (AOTAutograd), a cross-attention group sees k called with the encoder's states: the group turns
     itself off (the compiler recompiles on that change) and the gradients equal the reference path's."""
-    import transformers as T
-
-    torch.manual_seed(0)
-    cfg = T.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                       decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
-                       dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    am = unipeft.attach(T.BartForConditionalGeneration(cfg), "lora", targets=["q_proj", "k_proj", "v_proj"]).train()
-    randomize(am)
+    am = _tiny_bart_with_lora()
     ids = torch.randint(3, 64, (4, 48), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     compiled = torch.compile(am, backend="aot_eager")

@@ -55,12 +55,16 @@ class AdaptedModel(nn.Module):
         return getattr(self.model, "config", None)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        return self._routed_call(self._forward, adapter_names, args, kwargs)
+
+    def _routed_call(self, call, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Any:
+        """call(args, kwargs) with this call's routing handed to the layers, marked over when the call returns."""
         routing = self._set_routing(adapter_names, args, kwargs)
         try:
-            return self._forward(args, kwargs)
+            return call(args, kwargs)
         finally:
             if routing is not None:
-                routing.open = False  # its call is over (fused._row_weights)
+                routing.open = False  # (fused._row_weights trusts checks made earlier in an open call only)
 
     def _forward(self, args: tuple, kwargs: dict) -> Any:
         args, kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
@@ -75,12 +79,7 @@ class AdaptedModel(nn.Module):
             siblings.clear(self._groups)  # outputs computed ahead never outlive the call (siblings.py)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        routing = self._set_routing(adapter_names, args, kwargs)
-        try:
-            return self._generate(args, kwargs)
-        finally:
-            if routing is not None:
-                routing.open = False  # its call is over (fused._row_weights)
+        return self._routed_call(self._generate, adapter_names, args, kwargs)
 
     def _generate(self, args: tuple, kwargs: dict) -> Any:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
