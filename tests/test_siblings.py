@@ -266,6 +266,31 @@ def test_gradient_checkpointing_under_torch_compile() -> None:
     assert all(not g.suspended for g in am._groups)
 
 
+@pytest.mark.parametrize("preset", ["prefix", "mam"])
+def test_gradient_checkpointing_under_torch_compile_other_presets(preset: str) -> None:
+    """Prefix tuning publishes per-call state on its layers inside forward, which a traced checkpointed segment
+    refuses; the compiler then breaks the graph there, and the gradients still equal eager's without checkpointing."""
+    batch = inputs(batch=2, seq=16)
+
+    def grads(am, model):
+        am.zero_grad(set_to_none=True)
+        model(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
+        return {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()}
+
+    plain = unipeft.attach(tiny_model("llama"), preset).train()
+    randomize(plain)
+    want = grads(plain, plain)
+    am = unipeft.attach(tiny_model("llama"), preset).train()
+    randomize(am)
+    am.gradient_checkpointing_enable()
+    torch._dynamo.reset()
+    got = grads(am, torch.compile(am, backend="aot_eager"))
+    torch._dynamo.reset()
+    assert got.keys() == want.keys()
+    for k, g in want.items():
+        torch.testing.assert_close(got[k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_checkpointing_wraps_transformers_function_and_nests(monkeypatch) -> None:
     """`am.gradient_checkpointing_enable(offload=True)` keeps transformers' activation offloading (its checkpoint
     function is wrapped, not replaced: save_on_cpu still runs) with the same gradients; traced checkpoints that nest
