@@ -296,8 +296,10 @@ def _unhooked(base: nn.Module) -> bool:
 def _row_weights(layer, items, batch: int, device: torch.device, dtype: torch.dtype):
     """Each row's Aᵀ (B, d_in, r) and (s·B)ᵀ (B, r, d_out). Without gradients they are cached per routing, batch
     and dtype, so decoding steps reuse them until an adapter weight changes. The adapter tensors' version counters
-    are compared once per Routing — one model call, or one whole `generate` — not at every decoding step: with 32
-    adapters that was 64 comparisons per projection per token, a fifth of a CPU-bound decode's host time."""
+    are compared once per Routing while its call is open — one model call, or one whole `generate` — not at every
+    decoding step: with 32 adapters that was 64 comparisons per projection per token, a fifth of a CPU-bound
+    decode's host time. A Routing stays on the layers after its call; calls that bypass the AdaptedModel then
+    compare the counters every time."""
     key = (layer.routing.key, batch, device, dtype)
     cached = layer.__dict__.get("_unipeft_rows")
     if cached is not None and cached[0] == key and not torch.is_grad_enabled():
