@@ -9,7 +9,9 @@ Cases (Llama-shaped 953M model, bf16, batch 8 × 1024, LoRA r=16 on all 7 linear
   mixed: 4 adapters at 8 × 1024 (peft, unipeft), 32 adapters at 32 × 256 (merged, peft, unipeft)
   decode: 32 × 256 prompt + 32 new tokens, merged vs unipeft with 32 adapters (peft's 21 s anchor is not re-run)
   bottleneck: houlsby / parallel / scaled_parallel train steps (reference path) against the frozen floor
-  accelerate: unipeft.accelerate'd base (Liger-Kernel): its frozen floor, LoRA on it, and its loss vs the plain one
+  accelerate: unipeft.accelerate'd base (Liger-Kernel): its frozen floor, LoRA on it, and its loss vs the plain one;
+    then both again with the layers replayed from CUDA graphs (accelerate(..., cuda_graphs=True))
+  graphs: frozen floor and unipeft LoRA on the plain base with the layers replayed from CUDA graphs (graph_layers)
 Every contender's references are deleted and `release()` is called before the next, so peak memory is its own.
 Prints one JSON line per case and a table with the ratios the performance issue targets; writes all rows as JSON.
 """
@@ -92,6 +94,9 @@ def run(compile_: bool, only: set[str] | None) -> list[dict]:
     train("frozen_floor", lambda: _h.make_model(), lambda m: _h.frozen_floor(m))
     train("peft_lora_r16", lambda: _peft(_h.make_model()), _trainable)
     train("unipeft_lora_r16", lambda: _unipeft(_h.make_model()), _trainable)
+    if not compile_:  # graph_layers: eager only (a compiled model has its own CUDA-graph mode)
+        train("frozen_floor_graphed", lambda: _graphed(_h.make_model(), floor=True), lambda m: m._floor_params)
+        train("unipeft_lora_r16_graphed", lambda: _graphed(_unipeft(_h.make_model())), _trainable)
     if not compile_ and want("unipeft_lora_r16_reference"):
         os.environ["UNIPEFT_FUSED"] = "0"
         train("unipeft_lora_r16_reference", lambda: _unipeft(_h.make_model()), _trainable)
@@ -153,6 +158,15 @@ def run(compile_: bool, only: set[str] | None) -> list[dict]:
     return rows
 
 
+def _graphed(model, floor: bool = False):
+    import unipeft
+
+    if floor:
+        model._floor_params = _h.frozen_floor(model)
+    unipeft.graph_layers(model)
+    return model
+
+
 def _bottleneck(model, preset: str):
     import unipeft
 
@@ -182,6 +196,19 @@ def _accelerated() -> list[dict]:
     unipeft.accelerate(am, enable=False)
     del am
     _h.release()
+    m = _h.make_model()
+    params = _h.frozen_floor(m)
+    unipeft.accelerate(m, cuda_graphs=True)
+    rows.append(_h.time_train("accel_frozen_floor_graphed", m, params))
+    unipeft.accelerate(m, enable=False)
+    del m, params
+    _h.release()
+    am = _unipeft(_h.make_model())
+    unipeft.accelerate(am, cuda_graphs=True)
+    rows.append(_h.time_train("unipeft_accel_lora_r16_graphed", am, _trainable(am)))
+    unipeft.accelerate(am, enable=False)
+    del am
+    _h.release()
     return rows
 
 
@@ -199,7 +226,9 @@ def table(rows: list[dict]) -> str:
             "unipeft_lora_r16_reference": "frozen_floor", "peft_lora_r16@c": "frozen_floor@c",
             "unipeft_houlsby": "frozen_floor", "unipeft_parallel": "frozen_floor",
             "unipeft_scaled_parallel": "frozen_floor", "accel_frozen_floor": "frozen_floor",
-            "unipeft_accel_lora_r16": "accel_frozen_floor",
+            "unipeft_accel_lora_r16": "accel_frozen_floor", "unipeft_accel_lora_r16_graphed": "accel_frozen_floor",
+            "accel_frozen_floor_graphed": "accel_frozen_floor", "frozen_floor_graphed": "frozen_floor",
+            "unipeft_lora_r16_graphed": "frozen_floor", "peft_accel_lora_r16": "accel_frozen_floor",
             "unipeft_lora_r16@c": "frozen_floor@c", "peft_unmerged_forward": "forward_merged",
             "unipeft_unmerged_forward": "forward_merged", "unipeft_unmerged_forward_reference": "forward_merged",
             "peft_mixed_4_adapters_forward": "forward_merged", "unipeft_mixed_4_adapters_forward": "forward_merged",

@@ -5,8 +5,10 @@ Usage (GPU machine, harness carried as in perf_vs_peft.py):
     PYTHONPATH=src python3 bench/profile_step.py --harness .gpu_carry/bench --case lora[,floor,qlora,mixed4,decode32]
 Cases: floor (frozen floor train step), lora (unipeft LoRA r=16 train step), qlora (same on an NF4 base),
 mixed4 (no-grad forward, 4 adapters routed per row), decode32 (generate 8 tokens, 32 adapters, 32 × 256).
-`--liger` patches the base with Liger-Kernel first (class-level, as the anchor does); `--compile` wraps each model in
-torch.compile. A case may carry environment settings for its run: `lora_notriton:UNIPEFT_TRITON=0`.
+`--liger` patches the base with Liger-Kernel first (class-level, as the anchor does); `--accelerate` applies
+unipeft.accelerate to each model instead; `--graphs` replays the layers from CUDA graphs (graph_layers);
+`--compile` wraps each model in torch.compile. A case may carry environment settings for its run:
+`lora_notriton:UNIPEFT_TRITON=0`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def _kernel_table(prof, steps: int, wall_ms: float, top: int) -> dict:
 
 _TOP = 25
 _CPU = False
+_ACCEL = False
+_GRAPHS = False
+_STACKS: list = []  # the current case's graph stack (to report its recordings)
 
 
 def _profile(fn, steps: int = 3, warm: int = 3) -> dict:
@@ -91,6 +96,19 @@ def case(h, spec: str, wrap) -> dict:
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
+def _prepare(model):
+    """--accelerate / --graphs on one case's model."""
+    import unipeft
+
+    if _ACCEL:
+        unipeft.accelerate(model, cuda_graphs=_GRAPHS)
+    elif _GRAPHS:
+        unipeft.graph_layers(model)
+    hf = getattr(model, "model", model) if hasattr(model, "_wrappers") else model
+    _STACKS[:] = [hf.__dict__.get("_unipeft_graphs")]
+    return model
+
+
 def _case(h, name: str, label: str, wrap) -> dict:
     import unipeft
 
@@ -98,14 +116,14 @@ def _case(h, name: str, label: str, wrap) -> dict:
     if name == "floor":
         m = h.make_model()
         params = h.frozen_floor(m)
-        return _profile(_train_fn(h, wrap(m), params))
+        return _profile(_train_fn(h, wrap(_prepare(m)), params))
     if name in ("lora", "qlora"):
         m = h.make_model()
         if name == "qlora":
             m = unipeft.quantize(m, "nf4", double_quant=True, compute_dtype=torch.bfloat16)
             h.release()
         am = unipeft.attach(m, "lora", r=16, alpha=32, targets=SITES)
-        return _profile(_train_fn(h, wrap(am), [p for p in am.parameters() if p.requires_grad]))
+        return _profile(_train_fn(h, wrap(_prepare(am)), [p for p in am.parameters() if p.requires_grad]))
     if name == "mixed4":
         am = unipeft.attach(h.make_model().eval(), "lora", r=16, alpha=32, targets=SITES)
         for k in range(1, 4):
@@ -136,6 +154,8 @@ def main() -> None:
     ap.add_argument("--case", default="floor,lora")
     ap.add_argument("--liger", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--accelerate", action="store_true")
+    ap.add_argument("--graphs", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--cpu", action="store_true", help="also profile host operators (self CPU time)")
     args = ap.parse_args()
@@ -147,10 +167,15 @@ def main() -> None:
         apply_liger_kernel_to_llama()
     out = {}
     wrap = torch.compile if args.compile else (lambda m: m)
-    global _TOP, _CPU
-    _TOP, _CPU = args.top, args.cpu
+    global _TOP, _CPU, _ACCEL, _GRAPHS
+    _TOP, _CPU, _ACCEL, _GRAPHS = args.top, args.cpu, args.accelerate, args.graphs
     for spec in args.case.split(","):
         out[spec] = case(h, spec, wrap)
+        if _STACKS and _STACKS[0] is not None:
+            out[spec]["graph_recordings"] = _STACKS[0].captures
+            print(f"graph recordings: {_STACKS[0].captures}, refused signatures: {len(_STACKS[0].refused)}, "
+                  f"layers replayed in the last step: {_STACKS[0].replayed}")
+        _STACKS.clear()
         h.release()
     print(json.dumps(out))
 

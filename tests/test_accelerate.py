@@ -91,6 +91,32 @@ def test_accelerated_adapted_model_matches_the_plain_one(stand_ins) -> None:
     torch.testing.assert_close(summed, plain.loss * (n_items - 3) / n_items, rtol=1e-6, atol=1e-6)
 
 
+def test_accelerate_with_cuda_graphs_replays_the_layers(stand_ins, monkeypatch) -> None:
+    """cuda_graphs=True: the accelerated layers replayed from graphs (emulated on CPU, see test_graphs.py) give the
+    accelerated model's loss and gradients; enable=False drops the graphs with the fused ops."""
+    from unipeft import graphs
+
+    real = graphs.graph_layers
+    monkeypatch.setattr(graphs, "graph_layers", lambda m, **kw: real(m, **kw, **({"emulate": True} if kw.get(
+        "enable", True) else {})))
+    am = unipeft.attach(tiny_model("llama"), "lora", r=4)
+    randomize(am)
+    batch = inputs(batch=2, seq=9)
+    unipeft.accelerate(am)
+    expected, expected_grads = _loss_and_grads(am, batch, labels=batch["input_ids"])
+    assert unipeft.accelerate(am, enable=False) == {"restored": 8}
+    assert unipeft.accelerate(am, cuda_graphs=True)["cuda_graphs"] == 2
+    for _ in range(2):  # records, then replays
+        got, grads = _loss_and_grads(am, batch, labels=batch["input_ids"])
+        torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+        for k in expected_grads:
+            torch.testing.assert_close(grads[k], expected_grads[k], rtol=0, atol=0, msg=k)
+    stack = am.model.__dict__[graphs._STACK]
+    assert stack.replayed == 2 and stack.captures == 1
+    unipeft.accelerate(am, enable=False)
+    assert graphs._STACK not in am.model.__dict__ and not any("forward" in m.__dict__ for m in am.modules())
+
+
 def test_restore_puts_the_plain_ops_back_bit_exactly(stand_ins) -> None:
     from transformers.models.llama import modeling_llama
 

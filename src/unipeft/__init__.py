@@ -13,6 +13,7 @@ from .base_ops import accelerate
 from .combine import combine
 from .compose import Average, Fuse, Stack
 from .errors import UnipeftError
+from .graphs import graph_layers
 from .io import load
 from .model import AdaptedModel, attach
 from .peft_io import import_peft
@@ -24,5 +25,5 @@ from .run import from_pretrained
 __version__ = "0.1.0"
 
 __all__ = ["AdaptedModel", "Average", "Fuse", "Part", "Recipe", "Stack", "UnipeftError", "accelerate", "attach",
-           "combine", "from_pretrained", "import_peft", "list_presets", "load", "preset", "quantize", "sites",
-           "__version__"]
+           "combine", "from_pretrained", "graph_layers", "import_peft", "list_presets", "load", "preset", "quantize",
+           "sites", "__version__"]

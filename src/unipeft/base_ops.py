@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import graphs
 from .errors import UnipeftError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -64,12 +65,16 @@ def _hf(model: nn.Module) -> nn.Module:
 
 
 def accelerate(model: nn.Module, *, enable: bool = True, rms_norm: bool = True, swiglu: bool = True,
-               rope: bool = True, fused_loss: bool = True) -> dict[str, int]:
+               rope: bool = True, fused_loss: bool = True, cuda_graphs: bool = False) -> dict[str, int]:
     """Swap the base model's RMSNorm / SwiGLU / RoPE / loss for fused kernels (see the module docstring); works on
     a transformers model or an AdaptedModel, before or after attaching adapters. Returns how many of each were
-    swapped. `enable=False` restores the plain ops."""
+    swapped. `cuda_graphs=True` also replays the layers from CUDA graphs (`graph_layers`, graphs.py): with the base
+    ops fused, a LoRA step is bound by the host's kernel launches, which a graph removes. `enable=False` restores
+    the plain ops (and drops the graphs)."""
     hf = _hf(model)
     if not enable:
+        if hf.__dict__.get(graphs._STACK) is not None:
+            graphs.graph_layers(model, enable=False)
         return _restore(hf)
     model_type = getattr(getattr(hf, "config", None), "model_type", None)
     if model_type not in SUPPORTED:
@@ -99,6 +104,8 @@ def accelerate(model: nn.Module, *, enable: bool = True, rms_norm: bool = True, 
     if fused_loss and type(head) is nn.Linear and hasattr(hf, "model") and not getattr(hf, _MARK, False):
         _patch(hf, _fused_loss_forward, kernels)
         done["fused_loss"] = 1
+    if cuda_graphs:
+        done["cuda_graphs"] = graphs.graph_layers(model)
     return done
 
 

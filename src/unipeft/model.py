@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpointing, compose, quant, siblings
+from . import checkpointing, compose, graphs, quant, siblings
 from . import prefix as prefix_mod
 from . import prompt as prompt_mod
 from .arch import Binding, accepts, get_module, logical_modules, resolve, set_module, text_config
@@ -315,8 +315,8 @@ class AdaptedModel(nn.Module):
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         self.recipes.clear(), self.train_modules.clear(), self.active.clear(), self.merged.clear()
         self.fusions.clear()
-        model = self.model
-        return model
+        graphs.graph_layers(self.model, enable=False)  # (recorded with the adapters; the originals are plain)
+        return self.model
 
     # -- reporting --------------------------------------------------------------------------------------------------
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
@@ -448,6 +448,7 @@ class AdaptedModel(nn.Module):
 
     def _refresh(self) -> None:
         """Push the active/merged sets into the wrappers and set requires_grad: active, unmerged adapters train."""
+        graphs.invalidate(self.model, guard=self._unrouted)  # CUDA graphs recorded the old state (graphs.py)
         self._groups = siblings.link(self._wrappers)
         for w in self._wrappers.values():
             w.active = list(self.active)
@@ -479,6 +480,10 @@ class AdaptedModel(nn.Module):
         for name in self.merged:  # a merged adapter's head still trains only while active
             for path in self.train_modules.get(name, []):
                 self._wrappers[path].copies[name].requires_grad_(name in self.active)
+
+    def _unrouted(self) -> bool:
+        """No per-sample routing in this call (graphs.py replays only unrouted calls)."""
+        return not self._wrappers or next(iter(self._wrappers.values())).routing is None
 
     def _batch_size(self, args: tuple, kwargs: dict) -> int | None:
         for v in (*args, *kwargs.values()):

@@ -1,0 +1,432 @@
+"""CUDA graphs for the transformer layers of a training step (opt-in: `graph_layers(model)`).
+
+Why: a LoRA step launches a few hundred small kernels per layer more than the frozen model, and on a slow host — or a
+base already made GPU-lean by `accelerate()` — issuing them from Python costs more than running them (measured: host
+96 ms for 65 ms of GPU work). A CUDA graph replays a layer's recorded kernels in one launch, so the step's cost falls
+back to its GPU time. Nothing of the model's forward code is copied: each layer's own forward is recorded, once.
+
+How: each layer of the model's layer list (the family's interface map, or `layers="model.layers"`) gets a forward that
+dispatches per call. At the first layer's call in a grad-enabled forward, every layer is recorded at once — a few
+warm-up passes, then the forward graphs in layer order and the backward graphs in reverse order, all sharing one
+memory pool (the order they replay in, so no replay overwrites memory another still needs). Layer i's recorded input is
+layer i-1's recorded output, and its output gradient is layer i+1's input gradient, so consecutive replays hand
+tensors over without copies. Inputs every layer shares (RoPE cos/sin, position ids, a mask) are copied into the
+graphs once per step; a layer that receives different ones (per-layer masks) makes the stack record each layer's own
+copies instead. Each replayed layer is one autograd node whose parameters are its trainable ones (the adapters'),
+so gradients flow and accumulate as in eager mode; parameter gradients are returned as fresh tensors, because a graph
+rewrites its output buffers at every replay.
+
+When it replays: grad enabled, CUDA inputs, the call's shape/dtype/flags equal to the recorded ones, no KV-cache
+object, no gradient checkpointing, no torch.compile, no per-sample routing, the layers' parameters still the recorded
+tensors. Anything else runs the layer's own forward (a new shape at the first layer records again, up to
+`max_captures` times; then the stack stays eager, with one warning). While graphs are on, grad-enabled calls of the
+layer list's owner get `use_cache=False` unless the caller set it: a training step has no use for a KV cache, and a
+cache object is Python state a replay cannot update. `AdaptedModel` drops the recording whenever its adapters change
+(add, remove, activate, merge, ...). Memory: the recorded activations stay allocated between steps (the pool), as the
+eager step's peak does.
+
+`emulate=True` runs the same bookkeeping with each "replay" re-running the recorded Python function (on any device):
+the CPU test suite uses it to check the hand-over of inputs, outputs and gradients; real replay is checked against
+eager on the GPU by bench/graph_check.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import arch
+from .errors import UnipeftError
+
+_STACK = "_unipeft_graphs"  # attribute on the model holding its _Stack
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def graph_layers(model: nn.Module, *, enable: bool = True, layers: str | None = None, warmup: int = 2,
+                 max_captures: int = 4, emulate: bool = False) -> int:
+    """Replay the model's transformer layers from CUDA graphs in grad-enabled calls (see the module docstring);
+    works on a transformers model or an AdaptedModel. Returns the number of layers set up. `enable=False` restores
+    the layers' own forwards and frees the graphs."""
+    am = model if getattr(model, "_wrappers", None) is not None else None
+    hf = am.model if am is not None else model
+    old = hf.__dict__.pop(_STACK, None)
+    if old is not None:
+        old.remove()
+    if not enable:
+        return 0
+    owner, layer_list = _layer_list(hf, layers)
+    if not emulate:
+        device = next(hf.parameters()).device
+        if device.type != "cuda":
+            raise UnipeftError(f"graph_layers() records CUDA graphs but the model is on {device.type}; move it to a "
+                               "CUDA GPU first, or train without graphs")
+    guard = am._unrouted if am is not None else None
+    stack = _Stack(owner, list(layer_list), warmup=warmup, max_captures=max_captures, emulate=emulate, guard=guard)
+    hf.__dict__[_STACK] = stack
+    return len(stack.layers)
+
+
+def invalidate(model: nn.Module, guard: Callable[[], bool] | None = None) -> None:
+    """Drop the recorded graphs (the next eligible call records again): AdaptedModel calls this whenever its
+    adapters change, with `guard` telling whether a call is free of per-sample routing (routed calls run eagerly)."""
+    stack = model.__dict__.get(_STACK)
+    if stack is not None:
+        stack.reset()
+        if guard is not None:
+            stack.guard = guard
+
+
+def _layer_list(hf: nn.Module, path: str | None) -> tuple[nn.Module, nn.ModuleList]:
+    if path is None:
+        fmap = arch.family_of(hf)
+        if fmap is None:
+            kind = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
+            raise UnipeftError(f"graph_layers() does not know where {kind!r} keeps its layers; name the layer list, "
+                               "e.g. layers='model.layers'")
+        path, _ = arch.find_layers(hf, fmap)
+    try:
+        layer_list = hf.get_submodule(path)
+    except AttributeError:
+        raise UnipeftError(f"graph_layers(): the model has no module '{path}'; name its layer list, e.g. "
+                           "layers='model.layers'") from None
+    if not isinstance(layer_list, nn.ModuleList) or not len(layer_list):
+        raise UnipeftError(f"graph_layers(): '{path}' is not a non-empty nn.ModuleList of layers")
+    owner = hf.get_submodule(path.rpartition(".")[0]) if "." in path else hf
+    return owner, layer_list
+
+
+def _flatten(args: tuple, kwargs: dict) -> tuple[tuple, list[torch.Tensor], Callable] | None:
+    """(key, tensor leaves, rebuild) for a layer call, or None when it holds something a graph cannot take (a cache
+    object, ...). Tensors and tuples of tensors are inputs; None / bool / int / float / str are part of the key."""
+    key: list = []
+    leaves: list[torch.Tensor] = []
+    layout: list = []  # per argument: None (constant), -1 (one tensor), n (tuple/list of n tensors)
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            leaves.append(value)
+            key.append((tuple(value.shape), value.dtype, value.device, value.requires_grad))
+            layout.append(-1)
+        elif type(value) in (tuple, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            leaves.extend(value)
+            key.append(tuple((tuple(v.shape), v.dtype, v.device, v.requires_grad) for v in value))
+            layout.append(len(value))
+        elif isinstance(value, _SCALARS):
+            key.append(("=", value))
+            layout.append(None)
+        else:
+            return None
+    names = tuple(kwargs)
+    n_args = len(args)
+    values = (*args, *kwargs.values())
+
+    def rebuild(tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
+        out, k = [], 0
+        for value, kind in zip(values, layout):
+            if kind is None:
+                out.append(value)
+            elif kind == -1:
+                out.append(tensors[k])
+                k += 1
+            else:
+                out.append(type(value)(tensors[k:k + kind]))
+                k += kind
+        return tuple(out[:n_args]), dict(zip(names, out[n_args:]))
+
+    return (n_args, names, *key), leaves, rebuild
+
+
+class _Graph:
+    """One recorded pass: a CUDA graph, or (emulate) the Python function re-run at each replay."""
+
+    def __init__(self, emulate: bool, pool: Any) -> None:
+        self.emulate, self.pool = emulate, pool
+        self.graph = None if emulate else torch.cuda.CUDAGraph()
+        self.fn: Callable | None = None
+        self.static: list = []
+
+    def capture(self, fn: Callable[[], list]) -> list:
+        if self.emulate:
+            self.fn = fn
+            out = fn()
+        else:
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                out = fn()
+        self.static = [o.detach() if o is not None else None for o in out]
+        return out
+
+    def replay(self) -> None:
+        if not self.emulate:
+            self.graph.replay()
+            return
+        with torch.enable_grad():
+            fresh = self.fn()
+        with torch.no_grad():
+            for s, f in zip(self.static, fresh):
+                if s is not None and f is not None:
+                    s.copy_(f)
+
+
+class _Entry:
+    """One layer's recorded forward and backward and the static tensors they read and write."""
+
+    def __init__(self, fwd: _Graph, leaves: list[torch.Tensor], spec: Any, params: list[nn.Parameter]) -> None:
+        self.fwd, self.leaves, self.spec, self.params = fwd, leaves, spec, params
+        self.outs: list = fwd.static
+        self.bwd: _Graph | None = None
+        self.grad_outs: list = []
+        self.grad_leaves: list = []
+        self.grad_params: list = []
+        self.key: tuple | None = None  # the call signature this layer replays for
+        self.holder: dict = {}
+
+
+class _Replay(torch.autograd.Function):
+    """One layer: copy inputs into the graph's static inputs (unless already there), replay, return its outputs; in
+    backward, the same for output gradients. Inputs are (entry, stack, layer index, n leaves, *leaves, *params)."""
+
+    @staticmethod
+    def forward(ctx, entry: _Entry, stack: _Stack, index: int, n: int, *tensors: torch.Tensor):
+        leaves = tensors[:n]
+        for k, (static, user) in enumerate(zip(entry.leaves, leaves)):
+            if static.data_ptr() != user.data_ptr() and (k == 0 or not stack.shared or index == 0):
+                static.copy_(user)
+        entry.fwd.replay()
+        ctx.entry = entry
+        ctx.leaf_is_leaf = [t.grad_fn is None for t in leaves]
+        outs = tuple(o.detach() if o is not None else None for o in entry.outs)
+        ctx.mark_non_differentiable(*[o for o, g in zip(outs, entry.grad_outs) if o is not None and g is None])
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None):
+        entry = ctx.entry
+        if entry.bwd is None:
+            return (None,) * (4 + len(entry.leaves) + len(entry.params))
+        for static, g in zip(entry.grad_outs, grads):
+            if static is None:
+                continue
+            if g is None:
+                static.zero_()
+            elif g.data_ptr() != static.data_ptr():
+                static.copy_(g)
+        entry.bwd.replay()
+        leaf_grads = [None if g is None else (g.clone() if is_leaf else g.detach())
+                      for g, is_leaf in zip(entry.grad_leaves, ctx.leaf_is_leaf)]
+        present = [g for g in entry.grad_params if g is not None]
+        fresh = iter(torch._foreach_mul(present, 1.0) if present else [])  # (a graph rewrites its buffers)
+        param_grads = [None if g is None else next(fresh) for g in entry.grad_params]
+        return (None, None, None, None, *leaf_grads, *param_grads)
+
+
+class _Stack:
+    """The layers of one model, their original forwards and the current recording (one input signature)."""
+
+    def __init__(self, owner: nn.Module, layers: list[nn.Module], *, warmup: int, max_captures: int, emulate: bool,
+                 guard: Callable[[], bool] | None) -> None:
+        self.owner, self.layers = owner, layers
+        self.warmup, self.max_captures, self.emulate, self.guard = warmup, max_captures, emulate, guard
+        self.key: tuple | None = None
+        self.entries: list[_Entry] = []
+        self.snapshot: list[tuple[nn.Parameter, int, bool]] = []
+        self.shared = True  # inputs after the hidden state shared by all layers (one static copy)
+        self.captures = 0
+        self.refused: set = set()
+        self.step_ok = False
+        self.step_src: list[torch.Tensor] = []
+        self.replayed = 0  # layers replayed in the latest forward (the rest ran their own forward)
+        self.prior = [layer.__dict__.get("forward") for layer in layers]  # an instance forward someone else set
+        self.own = [p if p is not None else layer.forward for p, layer in zip(self.prior, layers)]
+        for i, layer in enumerate(layers):
+            layer.forward = self._dispatcher(i, layer)
+        self.hook = None
+        if arch.accepts(owner, "use_cache"):
+            self.hook = owner.register_forward_pre_hook(self._no_cache, with_kwargs=True)
+
+    def _dispatcher(self, index: int, layer: nn.Module) -> Callable:
+        own = self.own[index]
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.call(index, layer, own, args, kwargs)
+        forward._unipeft_graphed = True
+        return forward
+
+    def _no_cache(self, module: nn.Module, args: tuple, kwargs: dict):
+        if kwargs.get("use_cache") is None and torch.is_grad_enabled():
+            kwargs["use_cache"] = False
+            return args, kwargs
+        return None
+
+    def remove(self) -> None:
+        for layer, prior in zip(self.layers, self.prior):
+            if getattr(layer.__dict__.get("forward"), "_unipeft_graphed", False):
+                del layer.forward
+                if prior is not None:
+                    layer.forward = prior
+        if self.hook is not None:
+            self.hook.remove()
+        self.reset()
+
+    def reset(self) -> None:
+        self.key, self.entries, self.snapshot, self.step_ok, self.step_src = None, [], [], False, []
+
+    # -- per call ---------------------------------------------------------------------------------------------------
+    def _eligible(self, layer: nn.Module, args: tuple, kwargs: dict) -> bool:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or getattr(layer, "gradient_checkpointing",
+                                                                                  False):
+            return False
+        if self.guard is not None and not self.guard():
+            return False
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(first, torch.Tensor):
+            return False
+        if self.emulate:
+            return True
+        return first.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+    def call(self, index: int, layer: nn.Module, own: Callable, args: tuple, kwargs: dict) -> Any:
+        flat = _flatten(args, kwargs) if self._eligible(layer, args, kwargs) else None
+        if index == 0:
+            self.step_ok, self.replayed = False, 0
+        if flat is None:
+            return own(*args, **kwargs)
+        key, leaves, rebuild = flat
+        key = (key, *self._mode(layer))
+        if index == 0:
+            if key in self.refused:
+                return own(*args, **kwargs)
+            if key != self.key or not self._snapshot_holds():
+                if not self._record(key, leaves, rebuild):
+                    return own(*args, **kwargs)
+            self.step_ok, self.step_src = True, leaves
+        elif not self.step_ok or key != self.entries[index].key:
+            self.step_ok = False
+            return own(*args, **kwargs)
+        elif self.shared and any(a is not b for a, b in zip(leaves[1:], self.step_src[1:])):
+            self.step_ok, self.shared, self.key = False, False, None  # per-layer inputs: record per-layer copies
+            return own(*args, **kwargs)
+        entry = self.entries[index]
+        outs = _Replay.apply(entry, self, index, len(leaves), *leaves, *entry.params)
+        self.replayed += 1
+        return torch.utils._pytree.tree_unflatten(list(outs), entry.spec)
+
+    @staticmethod
+    def _mode(layer: nn.Module) -> tuple:
+        return layer.training, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+    def _snapshot_holds(self) -> bool:
+        return all(p.data_ptr() == ptr and p.requires_grad == rg for p, ptr, rg in self.snapshot)
+
+    # -- recording --------------------------------------------------------------------------------------------------
+    def _record(self, key: tuple, leaves: list[torch.Tensor], rebuild: Callable) -> bool:
+        self.reset()
+        if self.captures >= self.max_captures:
+            warnings.warn(f"graph_layers: the layers' input shapes changed {self.captures} times; running eagerly "
+                          "from now on (pad batches to one shape to keep graphs)", stacklevel=4)
+            self.refused.add(key)
+            self.max_captures = -1
+            return False
+        if any(t.requires_grad for t in leaves[1:]):
+            self.refused.add(key)
+            return False
+        self.captures += 1
+        try:
+            self._capture(leaves, rebuild)
+        except Exception as e:  # (an op a graph cannot hold, e.g. a host sync): this signature runs eagerly
+            self.reset()
+            self.refused.add(key)
+            warnings.warn(f"graph_layers: recording the layers failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "these calls run eagerly", stacklevel=4)
+            return False
+        self.key = key
+        self.snapshot = [(p, p.data_ptr(), p.requires_grad) for layer in self.layers for p in layer.parameters()]
+        return True
+
+    def _capture(self, leaves: list[torch.Tensor], rebuild: Callable) -> None:
+        params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
+        hidden = leaves[0].detach().clone().requires_grad_(leaves[0].requires_grad)
+        shared = [t.detach().clone() for t in leaves[1:]]
+
+        def layer_leaves(h: torch.Tensor) -> list[torch.Tensor]:
+            return [h, *(shared if self.shared else [t.detach().clone() for t in leaves[1:]])]
+
+        def run(i: int, inputs: list[torch.Tensor]) -> tuple[list, Any]:
+            args, kwargs = rebuild(inputs)
+            return torch.utils._pytree.tree_flatten(self.own[i](*args, **kwargs))
+
+        self._warm_up(hidden, layer_leaves, run, params)
+        pool = None if self.emulate else torch.cuda.graph_pool_handle()
+        h = hidden
+        for i in range(len(self.layers)):  # forward graphs, in layer order
+            inputs = layer_leaves(h)
+            holder: dict = {}
+
+            def fwd(i=i, inputs=inputs, holder=holder) -> list:
+                outs, holder["spec"] = run(i, inputs)
+                bad = [type(o).__name__ for o in outs if o is not None and not isinstance(o, torch.Tensor)]
+                if bad or not outs or not isinstance(outs[0], torch.Tensor):
+                    raise TypeError(f"layer {i} returns {bad or 'no tensor first'}, which a graph cannot replay")
+                holder["outs"] = outs
+                return outs
+            graph = _Graph(self.emulate, pool)
+            graph.capture(fwd)
+            entry = _Entry(graph, inputs, holder["spec"], params[i])
+            entry.holder = holder
+            entry.key = (_flatten(*rebuild(inputs))[0], *self._mode(self.layers[i]))  # (input i>0 requires grad)
+            self.entries.append(entry)
+            h = entry.outs[0].detach().requires_grad_(holder["outs"][0].requires_grad)
+        g_next = None
+        for i in reversed(range(len(self.layers))):  # backward graphs, in reverse order
+            entry = self.entries[i]
+            live = entry.holder["outs"]
+            wanting = [k for k, o in enumerate(live) if o is not None and o.requires_grad]
+            wrt = [t for t in entry.leaves if t.requires_grad] + entry.params
+            entry.grad_outs = [None] * len(live)
+            for k in wanting:
+                entry.grad_outs[k] = g_next if (k == 0 and g_next is not None) else torch.empty_like(live[k])
+            entry.grad_leaves = [None] * len(entry.leaves)
+            entry.grad_params = [None] * len(entry.params)
+            g_next = None
+            if not wanting or not wrt:
+                continue
+
+            def bwd(entry=entry, wanting=wanting, wrt=wrt) -> list:
+                outs = entry.holder["outs"]
+                return list(torch.autograd.grad([outs[k] for k in wanting], wrt,
+                                                [entry.grad_outs[k] for k in wanting], allow_unused=True))
+            entry.bwd = _Graph(self.emulate, pool)
+            grads = entry.bwd.capture(bwd)
+            static = iter(entry.bwd.static)
+            for k, t in enumerate(entry.leaves):
+                if t.requires_grad:
+                    entry.grad_leaves[k] = next(static)
+            entry.grad_params = list(static)
+            if entry.leaves[0].requires_grad:
+                g_next = grads[0].detach() if grads[0] is not None else None
+
+    def _warm_up(self, hidden: torch.Tensor, layer_leaves: Callable, run: Callable, params: list) -> None:
+        """A few passes of every layer before recording (lazy initialisation, autotuning and cuDNN's algorithm
+        search must not land in a graph), on a side stream as CUDA graph capture wants."""
+        stream = None if self.emulate else torch.cuda.Stream()
+        if stream is not None:
+            torch.cuda.synchronize()
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for _ in range(self.warmup):
+                h = hidden
+                for i in range(len(self.layers)):
+                    inputs = layer_leaves(h)
+                    outs, _ = run(i, inputs)
+                    want = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+                    wrt = [t for t in inputs if t.requires_grad] + params[i]
+                    if want and wrt:
+                        torch.autograd.grad(want, wrt, [torch.ones_like(o) for o in want], allow_unused=True)
+                    h = outs[0].detach().requires_grad_(outs[0].requires_grad)
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()

@@ -1,0 +1,294 @@
+"""graph_layers: the layers of a training step replayed from recorded graphs (graphs.py).
+
+CUDA graphs need a GPU, so these tests use `emulate=True`: the same bookkeeping — one recording per input signature,
+static inputs and outputs handed from layer to layer, gradients flowing back through each replayed layer and
+accumulating into the adapters — with each "replay" re-running the recorded function. Every test checks the result
+against the model without graphs and that the layers really were replayed (`stack.replayed`). Real replay on the GPU
+is checked against eager by bench/graph_check.py (bench/results/graph_check_*.json)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import inputs, tiny_model
+from test_engine import PRESETS, randomize
+
+import unipeft
+from unipeft import UnipeftError, graphs
+
+
+def _stack(model):
+    hf = model.model if isinstance(model, unipeft.AdaptedModel) else model
+    return hf.__dict__[graphs._STACK]
+
+
+def _steps(model, batches, *, micro: int = 2, lr: float = 0.05) -> tuple[list[float], list[dict]]:
+    """SGD steps of `micro` accumulated micro-batches; losses and every trainable parameter's gradient per step."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(params.values(), lr=lr)
+    losses, grads = [], []
+    for batch in batches:
+        for k in range(micro):
+            b = {key: v.roll(k, 0) for key, v in batch.items()}
+            loss = model(**b, labels=b["input_ids"]).loss
+            loss.backward()
+            losses.append(float(loss.detach()))
+        grads.append({n: p.grad.clone() for n, p in params.items()})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+def _adapted(preset: str = "lora", layers: int = 3, **kw) -> unipeft.AdaptedModel:
+    model = tiny_model("llama")
+    if layers != 2:
+        cfg = copy.deepcopy(model.config)
+        cfg.num_hidden_layers = layers
+        torch.manual_seed(0)
+        model = type(model)(cfg)
+    am = unipeft.attach(model, preset, **kw)
+    randomize(am)
+    return am
+
+
+def _assert_same(a: tuple, b: tuple, exact: bool = True) -> None:
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(a[0]), torch.tensor(b[0]), **tol)
+    for ga, gb in zip(a[1], b[1]):
+        assert ga.keys() == gb.keys()
+        for n in ga:
+            torch.testing.assert_close(ga[n], gb[n], **tol, msg=n)
+
+
+def test_replayed_layers_train_like_eager_with_accumulation() -> None:
+    batches = [inputs(batch=2, seq=9, seed=s) for s in range(3)]
+    eager, graphed = _adapted(), _adapted()  # (built twice from one seed: a deepcopy would share prefix wiring)
+    assert unipeft.graph_layers(graphed, emulate=True) == 3
+    expected = _steps(eager, batches)
+    got = _steps(graphed, batches)
+    _assert_same(got, expected)
+    stack = _stack(graphed)
+    assert stack.captures == 1 and stack.replayed == 3  # every layer replayed, recorded once for 6 forwards
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_replays_like_eager(preset: str) -> None:
+    eager, graphed = _adapted(preset), _adapted(preset)
+    unipeft.graph_layers(graphed, emulate=True)
+    batches = [inputs(batch=2, seq=9, seed=s) for s in range(2)]
+    _assert_same(_steps(graphed, batches), _steps(eager, batches), exact=False)
+    assert _stack(graphed).replayed == 3
+
+
+def test_parameter_gradients_are_fresh_tensors_not_graph_buffers() -> None:
+    am = _adapted()
+    unipeft.graph_layers(am, emulate=True)
+    batch = inputs(batch=2, seq=9)
+    am(**batch, labels=batch["input_ids"]).loss.backward()
+    buffers = {g.data_ptr() for e in _stack(am).entries for g in e.grad_params if g is not None}
+    grads = [p.grad for p in am.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.data_ptr() not in buffers for g in grads)
+
+
+def test_a_leaf_input_gets_its_own_gradient() -> None:
+    """inputs_embeds that is a leaf: its .grad must not be the graph's buffer (the next replay rewrites that)."""
+    am = _adapted()
+    unipeft.graph_layers(am, emulate=True)
+    ids = inputs(batch=2, seq=9)["input_ids"]
+    emb = am.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    am(inputs_embeds=emb, labels=ids).loss.backward()
+    first = emb.grad.clone()
+    am(inputs_embeds=emb.detach().roll(1, 0).requires_grad_(True), labels=ids.roll(1, 0)).loss.backward()
+    assert torch.equal(emb.grad, first)  # not rewritten by the second call's replay
+    assert _stack(am).replayed == 3
+
+
+def test_new_shapes_record_again_then_fall_back_with_a_warning() -> None:
+    eager, graphed = _adapted(), _adapted()
+    unipeft.graph_layers(graphed, emulate=True, max_captures=2)
+    batches = [inputs(batch=2, seq=s) for s in (5, 6, 7, 7)]
+    with pytest.warns(UserWarning, match="input shapes changed 2 times"):
+        got = _steps(graphed, batches, micro=1)
+    _assert_same(got, _steps(eager, batches, micro=1))
+    stack = _stack(graphed)
+    assert stack.captures == 2 and stack.replayed == 0  # third shape: eager from then on
+
+
+def test_calls_graphs_cannot_take_run_eagerly() -> None:
+    am = _adapted()
+    unipeft.graph_layers(am, emulate=True)
+    batch = inputs(batch=2, seq=9)
+    with torch.no_grad():  # inference
+        am(**batch)
+    assert _stack(am).replayed == 0 and _stack(am).captures == 0
+    am.model.model.gradient_checkpointing = False
+    am.gradient_checkpointing_enable()
+    am(**batch, labels=batch["input_ids"]).loss.backward()
+    assert _stack(am).replayed == 0
+    am.model.gradient_checkpointing_disable()
+    am(**batch, labels=batch["input_ids"]).loss.backward()
+    assert _stack(am).replayed == 3
+
+
+def test_routed_calls_run_eagerly_and_match() -> None:
+    am = _adapted()
+    am.add("b", "lora", r=4)
+    randomize(am, "b", seed=3)
+    unipeft.graph_layers(am, emulate=True)
+    batch = inputs(batch=2, seq=9)
+    out = am(**batch, adapter_names=["default", "b"]).logits.sum()
+    assert _stack(am).replayed == 0
+    unipeft.graph_layers(am, enable=False)
+    torch.testing.assert_close(out, am(**batch, adapter_names=["default", "b"]).logits.sum(), rtol=0, atol=0)
+
+
+def test_adapter_changes_record_again() -> None:
+    am = _adapted()
+    unipeft.graph_layers(am, emulate=True)
+    batch = inputs(batch=2, seq=9)
+
+    def loss() -> torch.Tensor:
+        return am(**batch, labels=batch["input_ids"]).loss
+
+    first = loss()
+    am.merge("default")  # merged weights, no delta: a stale recording would add the delta twice
+    merged = loss()
+    torch.testing.assert_close(merged, first, rtol=1e-5, atol=1e-6)
+    am.unmerge()
+    am.add("b", "lora", r=4)
+    randomize(am, "b", seed=5)
+    am.activate("b")
+    graphed_b = loss()
+    assert _stack(am).captures == 3 and _stack(am).replayed == 3
+    unipeft.graph_layers(am, enable=False)
+    torch.testing.assert_close(graphed_b, loss(), rtol=0, atol=0)
+
+
+def test_layers_with_their_own_inputs_get_their_own_copies() -> None:
+    """A model handing each layer a different extra tensor (like per-layer masks) must not share one static copy."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.lin(h)) * scale
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Layer() for _ in range(3)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, torch.full((8,), float(i + 1)))
+            return x
+
+    torch.manual_seed(0)
+    eager = Net()
+    for layer in eager.layers:
+        layer.lin.bias.requires_grad_(False)
+    graphed = copy.deepcopy(eager)
+    unipeft.graph_layers(graphed, layers="layers", emulate=True)
+    x = torch.randn(4, 8)
+    results = []
+    for net in (eager, graphed, graphed, graphed):
+        out = net(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [lay.lin.weight.grad.clone() for lay in net.layers]))
+        net.zero_grad(set_to_none=True)
+    stack = _stack(graphed)
+    assert not stack.shared and stack.replayed == 3
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=0, atol=0)
+        for g, ref in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, ref, rtol=0, atol=0)
+
+
+def test_use_cache_is_off_in_graphed_training_calls_unless_asked() -> None:
+    am = _adapted()
+    unipeft.graph_layers(am, emulate=True)
+    batch = inputs(batch=2, seq=9)
+    out = am(**batch, labels=batch["input_ids"])
+    assert getattr(out, "past_key_values", None) is None and _stack(am).replayed == 3
+    out = am(**batch, labels=batch["input_ids"], use_cache=True)  # a cache object: the layers run eagerly
+    assert out.past_key_values is not None and _stack(am).replayed == 0
+
+
+def test_a_layer_that_cannot_be_recorded_warns_and_runs_eagerly() -> None:
+    class Layer(torch.nn.Module):
+        def forward(self, h: torch.Tensor) -> SimpleNamespace:  # not a pytree: nothing a replay could return
+            return SimpleNamespace(h=h * 2)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x).h
+            return x
+
+    net = Net()
+    unipeft.graph_layers(net, layers="blocks", emulate=True)
+    x = torch.ones(2, requires_grad=True)
+    with pytest.warns(UserWarning, match="recording the layers failed"):
+        out = net(x)
+    assert torch.equal(out, x * 4) and _stack(net).replayed == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused once: no second attempt, no second warning
+        assert torch.equal(net(x), x * 4)
+
+
+def test_disable_and_detach_put_the_layers_back() -> None:
+    am = _adapted()
+    layer = am.model.model.layers[0]
+    own = lambda *a, **k: type(layer).forward(layer, *a, **k)  # noqa: E731 - an instance forward set by someone else
+    layer.forward = own
+    n_hooks = len(am.model.model._forward_pre_hooks)
+    unipeft.graph_layers(am, emulate=True)
+    assert layer.forward is not own and len(am.model.model._forward_pre_hooks) == n_hooks + 1
+    assert unipeft.graph_layers(am, enable=False) == 0
+    assert layer.forward is own and len(am.model.model._forward_pre_hooks) == n_hooks
+    del layer.forward
+    unipeft.graph_layers(am, emulate=True)
+    model = am.detach()
+    assert graphs._STACK not in model.__dict__ and not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_bad_requests_are_one_line_errors() -> None:
+    with pytest.raises(UnipeftError, match="on cpu; move it to a CUDA GPU"):
+        unipeft.graph_layers(tiny_model("llama"))
+    with pytest.raises(UnipeftError, match="does not know where 'Net' keeps its layers|name the layer list"):
+        unipeft.graph_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), emulate=True)
+    with pytest.raises(UnipeftError, match="has no module 'model.blocks'"):
+        unipeft.graph_layers(tiny_model("llama"), layers="model.blocks", emulate=True)
+    with pytest.raises(UnipeftError, match="not a non-empty nn.ModuleList"):
+        unipeft.graph_layers(tiny_model("llama"), layers="model.norm", emulate=True)
+
+
+def test_on_smollm2_replayed_training_matches_eager(smollm2_path) -> None:
+    """The real 30-layer SmolLM2-135M (GQA): LoRA steps with the layers replayed equal the eager ones."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    batch = dict(tok(["The quick brown fox jumps over the lazy dog.", "To be, or not to be: that is the question."],
+                     padding="max_length", max_length=16, return_tensors="pt"))
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    am = unipeft.attach(model, "lora", r=8, targets=["q", "k", "v", "o", "gate", "up", "down"])
+    randomize(am, std=0.02)
+    start = {n: p.detach().clone() for n, p in am.named_parameters() if p.requires_grad}
+    eager = _steps(am, [batch, batch], lr=1e-3)
+    with torch.no_grad():
+        for n, p in am.named_parameters():
+            if n in start:
+                p.copy_(start[n])
+    assert unipeft.graph_layers(am, emulate=True) == 30
+    _assert_same(_steps(am, [batch, batch], lr=1e-3), eager)
+    assert _stack(am).replayed == 30 and _stack(am).captures == 1
