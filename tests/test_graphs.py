@@ -84,6 +84,26 @@ def test_every_preset_replays_like_eager(preset: str) -> None:
     assert _stack(graphed).replayed == 3
 
 
+def test_two_forwards_then_one_backward_are_not_overwritten() -> None:
+    """The second forward must not replay over the first one's saved activations before its backward ran."""
+    eager, graphed = _adapted(), _adapted()
+    unipeft.graph_layers(graphed, emulate=True)
+    b1, b2 = inputs(batch=2, seq=9, seed=1), inputs(batch=2, seq=9, seed=2)
+    for am in (graphed, eager):
+        am(**b1, labels=b1["input_ids"]).loss.backward()  # (graphed: recorded)
+        am.zero_grad(set_to_none=True)
+        loss = am(**b1, labels=b1["input_ids"]).loss + am(**b2, labels=b2["input_ids"]).loss
+        loss.backward()
+    assert _stack(graphed).replayed == 0  # the second forward ran eagerly
+    for (n, p), q in zip(graphed.named_parameters(), eager.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=n)
+    loss = graphed(**b2, labels=b2["input_ids"]).loss  # a forward whose graph was dropped unused ...
+    del loss
+    graphed(**b1, labels=b1["input_ids"]).loss.backward()  # ... does not block the next one
+    assert _stack(graphed).replayed == 3
+
+
 def test_parameter_gradients_are_fresh_tensors_not_graph_buffers() -> None:
     am = _adapted()
     unipeft.graph_layers(am, emulate=True)

@@ -21,7 +21,9 @@ object, no gradient checkpointing, no torch.compile, no per-sample routing, the 
 tensors. Anything else runs the layer's own forward (a new shape at the first layer records again, up to
 `max_captures` times; then the stack stays eager, with one warning). While graphs are on, grad-enabled calls of the
 layer list's owner get `use_cache=False` unless the caller set it: a training step has no use for a KV cache, and a
-cache object is Python state a replay cannot update. `AdaptedModel` drops the recording whenever its adapters change
+cache object is Python state a replay cannot update. A forward whose layers' last replay still waits for its
+backward (two forwards, then one backward) runs eagerly, as a replay would overwrite the saved activations.
+`AdaptedModel` drops the recording whenever its adapters change
 (add, remove, activate, merge, ...). Memory: the recorded activations stay allocated between steps (the pool), as the
 eager step's peak does.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -183,6 +186,16 @@ class _Entry:
         self.grad_params: list = []
         self.key: tuple | None = None  # the call signature this layer replays for
         self.holder: dict = {}
+        self.pending: weakref.ref | None = None  # the last replay's autograd node, until its backward ran
+
+    def busy(self) -> bool:
+        """Whether an earlier forward's activations still wait for their backward: replaying again would overwrite
+        them (two forwards, then one backward), so such a call runs eagerly."""
+        return self.pending is not None and self.pending() is not None
+
+
+class _Token:
+    """Held by a replay's autograd node; the entry keeps a weak reference (dead once the graph is freed)."""
 
 
 class _Replay(torch.autograd.Function):
@@ -196,7 +209,8 @@ class _Replay(torch.autograd.Function):
             if static.data_ptr() != user.data_ptr() and (k == 0 or not stack.shared or index == 0):
                 static.copy_(user)
         entry.fwd.replay()
-        ctx.entry = entry
+        ctx.entry, ctx.token = entry, _Token()
+        entry.pending = weakref.ref(ctx.token)
         ctx.leaf_is_leaf = [t.grad_fn is None for t in leaves]
         outs = tuple(o.detach() if o is not None else None for o in entry.outs)
         ctx.mark_non_differentiable(*[o for o, g in zip(outs, entry.grad_outs) if o is not None and g is None])
@@ -206,6 +220,7 @@ class _Replay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor | None):
         entry = ctx.entry
+        entry.pending = None
         if entry.bwd is None:
             return (None,) * (4 + len(entry.leaves) + len(entry.params))
         for static, g in zip(entry.grad_outs, grads):
@@ -311,6 +326,9 @@ class _Stack:
             self.step_ok, self.shared, self.key = False, False, None  # per-layer inputs: record per-layer copies
             return own(*args, **kwargs)
         entry = self.entries[index]
+        if entry.busy():
+            self.step_ok = False
+            return own(*args, **kwargs)
         outs = _Replay.apply(entry, self, index, len(leaves), *leaves, *entry.params)
         self.replayed += 1
         return torch.utils._pytree.tree_unflatten(list(outs), entry.spec)
