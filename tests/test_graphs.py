@@ -104,6 +104,75 @@ def test_two_forwards_then_one_backward_are_not_overwritten() -> None:
     assert _stack(graphed).replayed == 3
 
 
+class _Chain(torch.nn.Module):
+    """Three tanh(Linear) layers; `scales` hands each layer its own extra input (like per-layer masks)."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.lin(h)) * scale
+
+    def __init__(self, scales: bool = False) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([self.Layer() for _ in range(3)])
+        self.scales = scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one = torch.ones(8)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, torch.full((8,), float(i + 1)) if self.scales else one)
+        return x
+
+
+def test_a_backward_after_a_later_replay_is_an_error() -> None:
+    torch.manual_seed(0)
+    net = _Chain()
+    unipeft.graph_layers(net, layers="layers", emulate=True)
+    x1, x2 = torch.randn(4, 8), torch.randn(4, 8)
+    net(x1).sum().backward()  # records
+    loss = net(x1).sum()
+    loss.backward(retain_graph=True)
+    net(x2).sum().backward()  # replays over loss's activations
+    with pytest.raises(RuntimeError, match="a later forward replayed this layer"):
+        loss.backward()
+
+
+def test_hooks_inside_a_layer_make_it_run_eagerly() -> None:
+    am = _adapted()
+    unipeft.graph_layers(am, emulate=True)
+    seen = []
+    mlp = am.model.model.layers[1].mlp
+    handle = mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    b = inputs(batch=2, seq=9)
+    am(**b, labels=b["input_ids"]).loss.backward()
+    assert _stack(am).captures == 0 and _stack(am).replayed == 0 and len(seen) == 1  # no recording with hooks
+    handle.remove()
+    am(**b, labels=b["input_ids"]).loss.backward()
+    assert _stack(am).replayed == 3
+    handle = mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # added after recording
+    am(**b, labels=b["input_ids"]).loss.backward()
+    assert _stack(am).replayed == 2 and len(seen) == 2  # only the hooked layer ran its own forward
+
+
+def test_a_deep_copy_runs_its_own_layers_eagerly() -> None:
+    model = tiny_model("llama")
+    unipeft.graph_layers(model, emulate=True)
+    b = inputs(batch=2, seq=9)
+    model(**b, labels=b["input_ids"]).loss.backward()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.model.layers.parameters():
+            p.zero_()
+    out, ref = twin(**b).logits, model(**b).logits
+    assert not torch.equal(out, ref)  # the copy's own (zeroed) layers ran, not the original's
+    unipeft.graph_layers(twin, emulate=True)  # and it can be graphed itself
+    twin(**b, labels=b["input_ids"]).loss.backward()
+    assert _stack(twin).replayed == 2
+
+
 def test_parameter_gradients_are_fresh_tensors_not_graph_buffers() -> None:
     am = _adapted()
     unipeft.graph_layers(am, emulate=True)
@@ -125,17 +194,41 @@ def test_a_leaf_input_gets_its_own_gradient() -> None:
     am(inputs_embeds=emb.detach().roll(1, 0).requires_grad_(True), labels=ids.roll(1, 0)).loss.backward()
     assert torch.equal(emb.grad, first)  # not rewritten by the second call's replay
     assert _stack(am).replayed == 3
+    flat = emb.detach().flatten().requires_grad_(True)  # a leaf reaching the layers through a view
+    am(inputs_embeds=flat.view_as(emb), labels=ids).loss.backward()
+    kept = flat.grad.clone()
+    other = emb.detach().roll(1, 0).flatten().requires_grad_(True)
+    am(inputs_embeds=other.view_as(emb), labels=ids.roll(1, 0)).loss.backward()  # the same signature: a replay
+    assert _stack(am).replayed == 3 and torch.equal(flat.grad, kept)
 
 
-def test_new_shapes_record_again_then_fall_back_with_a_warning() -> None:
+def test_an_odd_batch_runs_eagerly_and_keeps_the_recording() -> None:
     eager, graphed = _adapted(), _adapted()
-    unipeft.graph_layers(graphed, emulate=True, max_captures=2)
-    batches = [inputs(batch=2, seq=s) for s in (5, 6, 7, 7)]
+    unipeft.graph_layers(graphed, emulate=True)
+    batches = [inputs(batch=2, seq=s) for s in (5, 5, 3, 5)]  # e.g. a last, shorter batch
+    replayed = []
+    params = [p for p in graphed.parameters() if p.requires_grad]
+    for b in batches:
+        graphed(**b, labels=b["input_ids"]).loss.backward()
+        replayed.append(_stack(graphed).replayed)
+        torch.optim.SGD(params, lr=0.05).step()
+        graphed.zero_grad(set_to_none=True)
+    _assert_same(_steps(_adapted(), batches, micro=1), _steps(eager, batches, micro=1))
+    assert replayed == [3, 3, 0, 3] and _stack(graphed).captures == 1
+
+
+def test_a_new_shape_twice_in_a_row_records_up_to_max_captures_then_warns() -> None:
+    eager, graphed = _adapted(), _adapted()
+    unipeft.graph_layers(graphed, emulate=True, max_captures=1)
+    batches = [inputs(batch=2, seq=s) for s in (5, 5, 6, 6, 6, 7, 7, 7)]
     with pytest.warns(UserWarning, match="input shapes changed 2 times"):
         got = _steps(graphed, batches, micro=1)
     _assert_same(got, _steps(eager, batches, micro=1))
     stack = _stack(graphed)
-    assert stack.captures == 2 and stack.replayed == 0  # third shape: eager from then on
+    assert stack.captures == 2 and stack.replayed == 0  # 5, then 6 (its second call); 7 stays eager
+    b = inputs(batch=2, seq=6)
+    graphed(**b, labels=b["input_ids"]).loss.backward()
+    assert stack.replayed == 3  # the recorded shape still replays
 
 
 def test_calls_graphs_cannot_take_run_eagerly() -> None:
@@ -190,27 +283,8 @@ def test_adapter_changes_record_again() -> None:
 
 def test_layers_with_their_own_inputs_get_their_own_copies() -> None:
     """A model handing each layer a different extra tensor (like per-layer masks) must not share one static copy."""
-
-    class Layer(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 8)
-
-        def forward(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(self.lin(h)) * scale
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = torch.nn.ModuleList([Layer() for _ in range(3)])
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for i, layer in enumerate(self.layers):
-                x = layer(x, torch.full((8,), float(i + 1)))
-            return x
-
     torch.manual_seed(0)
-    eager = Net()
+    eager = _Chain(scales=True)
     for layer in eager.layers:
         layer.lin.bias.requires_grad_(False)
     graphed = copy.deepcopy(eager)
@@ -238,6 +312,7 @@ def test_use_cache_is_off_in_graphed_training_calls_unless_asked() -> None:
     assert getattr(out, "past_key_values", None) is None and _stack(am).replayed == 3
     out = am(**batch, labels=batch["input_ids"], use_cache=True)  # a cache object: the layers run eagerly
     assert out.past_key_values is not None and _stack(am).replayed == 0
+
 
 
 def test_a_layer_that_cannot_be_recorded_warns_and_runs_eagerly() -> None:

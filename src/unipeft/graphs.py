@@ -17,15 +17,21 @@ so gradients flow and accumulate as in eager mode; parameter gradients are retur
 rewrites its output buffers at every replay.
 
 When it replays: grad enabled, CUDA inputs, the call's shape/dtype/flags equal to the recorded ones, no KV-cache
-object, no gradient checkpointing, no torch.compile, no per-sample routing, the layers' parameters still the recorded
-tensors. Anything else runs the layer's own forward (a new shape at the first layer records again, up to
-`max_captures` times; then the stack stays eager, with one warning). While graphs are on, grad-enabled calls of the
-layer list's owner get `use_cache=False` unless the caller set it: a training step has no use for a KV cache, and a
-cache object is Python state a replay cannot update. A forward whose layers' last replay still waits for its
-backward (two forwards, then one backward) runs eagerly, as a replay would overwrite the saved activations.
-`AdaptedModel` drops the recording whenever its adapters change
-(add, remove, activate, merge, ...). Memory: the recorded activations stay allocated between steps (the pool), as the
-eager step's peak does.
+object, no gradient checkpointing, no torch.compile, no per-sample routing, no hooks on the layers' modules (they
+would fire while recording and never at replay), the layers' parameters and buffers still the recorded tensors.
+Anything else runs the layer's own forward. A new input shape runs eagerly once; if the next call has it too, it is
+recorded in place of the old one, up to `max_captures` times (then other shapes stay eager, with one warning).
+
+While graphs are on, grad-enabled calls of the layer list's owner get `use_cache=False` unless the caller set it: a
+training step has no use for a KV cache, and a cache object is Python state a replay cannot update. A forward whose
+layers' last replay still waits for its backward (two forwards, then one backward) runs eagerly, as a replay would
+overwrite the saved activations; a backward after a later replay (retain_graph=True) is an error, not a silent one.
+`AdaptedModel` drops the recording whenever its adapters change (add, remove, activate, merge, ...); a deep copy of a
+graphed model runs its layers eagerly. Recording happens with autocast's weight cache off (a cached cast copy would
+be baked into the graph). Caveats: a layer's outputs are the graph's buffers, rewritten by the next step's replay
+(clone what you keep across steps); a trainable tensor a layer reads but does not own as a parameter gets no
+gradient through a replay. Memory: the recorded activations stay allocated between steps (the pool), as the eager
+step's peak does.
 
 `emulate=True` runs the same bookkeeping with each "replay" re-running the recorded Python function (on any device):
 the CPU test suite uses it to check the hand-over of inputs, outputs and gradients; real replay is checked against
@@ -35,9 +41,11 @@ eager on the GPU by bench/graph_check.py.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable
+from types import MethodType
 from typing import Any
 
 import torch
@@ -47,6 +55,7 @@ from . import arch
 from .errors import UnipeftError
 
 _STACK = "_unipeft_graphs"  # attribute on the model holding its _Stack
+_SLOT = "_unipeft_graph_slot"  # attribute on each layer (and the layer list's owner): (stack, index)
 _SCALARS = (type(None), bool, int, float, str)
 
 
@@ -80,6 +89,7 @@ def invalidate(model: nn.Module, guard: Callable[[], bool] | None = None) -> Non
     stack = model.__dict__.get(_STACK)
     if stack is not None:
         stack.reset()
+        stack.refused.clear()
         if guard is not None:
             stack.guard = guard
 
@@ -103,6 +113,25 @@ def _layer_list(hf: nn.Module, path: str | None) -> tuple[nn.Module, nn.ModuleLi
     return owner, layer_list
 
 
+def _no_autocast_cache():
+    """Recording inside torch.autocast: its cache of cast weights would put a cast copy made during warm-up into the
+    graph (never updated by the optimizer, freed when the autocast region ends); record with the cache off."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Whether any of the modules (or every module, globally) has hooks."""
+    from torch.nn.modules import module as m
+
+    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks or \
+            m._global_backward_pre_hooks:
+        return True
+    return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks or x._backward_pre_hooks
+               for x in modules)
+
+
 def _flatten(args: tuple, kwargs: dict) -> tuple[tuple, list[torch.Tensor], Callable] | None:
     """(key, tensor leaves, rebuild) for a layer call, or None when it holds something a graph cannot take (a cache
     object, ...). Tensors and tuples of tensors are inputs; None / bool / int / float / str are part of the key."""
@@ -119,7 +148,7 @@ def _flatten(args: tuple, kwargs: dict) -> tuple[tuple, list[torch.Tensor], Call
             key.append(tuple((tuple(v.shape), v.dtype, v.device, v.requires_grad) for v in value))
             layout.append(len(value))
         elif isinstance(value, _SCALARS):
-            key.append(("=", value))
+            key.append(("=", type(value), value))
             layout.append(None)
         else:
             return None
@@ -157,7 +186,7 @@ class _Graph:
             self.fn = fn
             out = fn()
         else:
-            with torch.cuda.graph(self.graph, pool=self.pool):
+            with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = fn()
         self.static = [o.detach() if o is not None else None for o in out]
         return out
@@ -187,6 +216,7 @@ class _Entry:
         self.key: tuple | None = None  # the call signature this layer replays for
         self.holder: dict = {}
         self.pending: weakref.ref | None = None  # the last replay's autograd node, until its backward ran
+        self.generation = 0  # forward replays so far: a backward must belong to the latest one
 
     def busy(self) -> bool:
         """Whether an earlier forward's activations still wait for their backward: replaying again would overwrite
@@ -209,9 +239,11 @@ class _Replay(torch.autograd.Function):
             if static.data_ptr() != user.data_ptr() and (k == 0 or not stack.shared or index == 0):
                 static.copy_(user)
         entry.fwd.replay()
-        ctx.entry, ctx.token = entry, _Token()
+        entry.generation += 1
+        ctx.entry, ctx.token, ctx.generation = entry, _Token(), entry.generation
         entry.pending = weakref.ref(ctx.token)
-        ctx.leaf_is_leaf = [t.grad_fn is None for t in leaves]
+        # a gradient leaving the stack (layer 0's inputs, or a leaf) is copied out: the next replay rewrites it
+        ctx.copy_out = [index == 0 or t.grad_fn is None for t in leaves]
         outs = tuple(o.detach() if o is not None else None for o in entry.outs)
         ctx.mark_non_differentiable(*[o for o, g in zip(outs, entry.grad_outs) if o is not None and g is None])
         return outs
@@ -220,6 +252,10 @@ class _Replay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor | None):
         entry = ctx.entry
+        if ctx.generation != entry.generation:
+            raise RuntimeError("graph_layers: a later forward replayed this layer before this backward ran (a graph "
+                               "kept with retain_graph=True); run such steps without graphs: "
+                               "unipeft.graph_layers(model, enable=False)")
         entry.pending = None
         if entry.bwd is None:
             return (None,) * (4 + len(entry.leaves) + len(entry.params))
@@ -231,12 +267,35 @@ class _Replay(torch.autograd.Function):
             elif g.data_ptr() != static.data_ptr():
                 static.copy_(g)
         entry.bwd.replay()
-        leaf_grads = [None if g is None else (g.clone() if is_leaf else g.detach())
-                      for g, is_leaf in zip(entry.grad_leaves, ctx.leaf_is_leaf)]
+        leaf_grads = [None if g is None else (g.clone() if out else g.detach())
+                      for g, out in zip(entry.grad_leaves, ctx.copy_out)]
         present = [g for g in entry.grad_params if g is not None]
         fresh = iter(torch._foreach_mul(present, 1.0) if present else [])  # (a graph rewrites its buffers)
         param_grads = [None if g is None else next(fresh) for g in entry.grad_params]
         return (None, None, None, None, *leaf_grads, *param_grads)
+
+
+def _dispatch(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A graphed layer's forward (bound to the layer, so a deep copy binds to the copy)."""
+    stack, index = layer.__dict__.get(_SLOT) or (None, 0)
+    if stack is None:  # a deep copy of a graphed model: the layer's own forward
+        return type(layer).forward(layer, *args, **kwargs)
+    return stack.call(index, layer, stack.own[index], args, kwargs)
+
+
+def _is_dispatcher(forward: Any) -> bool:
+    return getattr(forward, "__func__", None) is _dispatch
+
+
+def _no_cache(module: nn.Module, args: tuple, kwargs: dict):
+    """Pre-hook on the layer list's owner: grad-enabled calls skip the KV cache unless the caller chose."""
+    stack, _ = module.__dict__.get(_SLOT) or (None, 0)
+    if stack is None or not torch.is_grad_enabled() or kwargs.get("use_cache") is not None:
+        return None
+    if len(args) > module.__dict__.get("_unipeft_use_cache_at", len(args)):
+        return None  # (passed positionally)
+    kwargs["use_cache"] = False
+    return args, kwargs
 
 
 class _Stack:
@@ -250,52 +309,59 @@ class _Stack:
         self.entries: list[_Entry] = []
         self.snapshot: list[tuple[nn.Parameter, int, bool]] = []
         self.shared = True  # inputs after the hidden state shared by all layers (one static copy)
-        self.captures = 0
+        self.captures = 0  # recordings so far (a new shape, or adapters changed)
+        self.switches = 0  # recordings for a changed input shape: at most max_captures
+        self.candidate: tuple | None = None  # a new signature seen in the last call (recorded if it comes again)
         self.refused: set = set()
         self.step_ok = False
         self.step_src: list[torch.Tensor] = []
         self.replayed = 0  # layers replayed in the latest forward (the rest ran their own forward)
-        self.prior = [layer.__dict__.get("forward") for layer in layers]  # an instance forward someone else set
-        self.own = [p if p is not None else layer.forward for p, layer in zip(self.prior, layers)]
+        prior = [layer.__dict__.get("forward") for layer in layers]  # an instance forward someone else set
+        self.prior = [None if _is_dispatcher(p) else p for p in prior]  # (a deep copy's stale dispatcher: dropped)
+        self.own = [p if p is not None else MethodType(type(layer).forward, layer)
+                    for p, layer in zip(self.prior, layers)]
         for i, layer in enumerate(layers):
-            layer.forward = self._dispatcher(i, layer)
+            layer.__dict__[_SLOT] = (self, i)
+            layer.forward = MethodType(_dispatch, layer)
         self.hook = None
+        self.hooked: list[list[nn.Module]] = []
+        self.reset()
+        owner.__dict__[_SLOT] = (self, -1)
         if arch.accepts(owner, "use_cache"):
-            self.hook = owner.register_forward_pre_hook(self._no_cache, with_kwargs=True)
+            names = list(inspect.signature(owner.forward).parameters)
+            owner.__dict__["_unipeft_use_cache_at"] = names.index("use_cache")
+            self.hook = owner.register_forward_pre_hook(_no_cache, with_kwargs=True)
 
-    def _dispatcher(self, index: int, layer: nn.Module) -> Callable:
-        own = self.own[index]
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return self.call(index, layer, own, args, kwargs)
-        forward._unipeft_graphed = True
-        return forward
-
-    def _no_cache(self, module: nn.Module, args: tuple, kwargs: dict):
-        if kwargs.get("use_cache") is None and torch.is_grad_enabled():
-            kwargs["use_cache"] = False
-            return args, kwargs
+    def __deepcopy__(self, memo: dict) -> None:
+        """A deep copy of a graphed model (an EMA or reference copy) runs its layers eagerly: graphs belong to the
+        tensors they were recorded on."""
         return None
 
     def remove(self) -> None:
         for layer, prior in zip(self.layers, self.prior):
-            if getattr(layer.__dict__.get("forward"), "_unipeft_graphed", False):
+            if _is_dispatcher(layer.__dict__.get("forward")):
                 del layer.forward
                 if prior is not None:
                     layer.forward = prior
+            layer.__dict__.pop(_SLOT, None)
+        self.owner.__dict__.pop(_SLOT, None)
         if self.hook is not None:
             self.hook.remove()
         self.reset()
 
     def reset(self) -> None:
+        """Drop the recording (the next eligible call records again)."""
         self.key, self.entries, self.snapshot, self.step_ok, self.step_src = None, [], [], False, []
+        self.hooked = [[m for m in layer.modules()] for layer in self.layers]  # (modules may have been swapped)
 
     # -- per call ---------------------------------------------------------------------------------------------------
-    def _eligible(self, layer: nn.Module, args: tuple, kwargs: dict) -> bool:
+    def _eligible(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> bool:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling() or getattr(layer, "gradient_checkpointing",
                                                                                   False):
             return False
         if self.guard is not None and not self.guard():
+            return False
+        if _hooked(self.hooked[index]):  # hooks fire when recording, never at replay: such calls run eagerly
             return False
         first = args[0] if args else next(iter(kwargs.values()), None)
         if not isinstance(first, torch.Tensor):
@@ -305,7 +371,7 @@ class _Stack:
         return first.is_cuda and not torch.cuda.is_current_stream_capturing()
 
     def call(self, index: int, layer: nn.Module, own: Callable, args: tuple, kwargs: dict) -> Any:
-        flat = _flatten(args, kwargs) if self._eligible(layer, args, kwargs) else None
+        flat = _flatten(args, kwargs) if self._eligible(index, layer, args, kwargs) else None
         if index == 0:
             self.step_ok, self.replayed = False, 0
         if flat is None:
@@ -316,6 +382,10 @@ class _Stack:
             if key in self.refused:
                 return own(*args, **kwargs)
             if key != self.key or not self._snapshot_holds():
+                if key != self.key and self.key is not None and not self._switch(key):
+                    return own(*args, **kwargs)  # (an odd batch keeps the recording: it runs eagerly)
+                if any(_hooked(modules) for modules in self.hooked):
+                    return own(*args, **kwargs)  # (hooks would fire while recording: record once they are gone)
                 if not self._record(key, leaves, rebuild):
                     return own(*args, **kwargs)
             self.step_ok, self.step_src = True, leaves
@@ -337,24 +407,36 @@ class _Stack:
     def _mode(layer: nn.Module) -> tuple:
         return layer.training, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
+    def _switch(self, key: tuple) -> bool:
+        """Whether to record a new signature in place of the current one: only once it came in two calls in a
+        row (a last, smaller batch runs eagerly and keeps the recording), and at most max_captures times."""
+        if key != self.candidate:
+            self.candidate = key
+            return False
+        self.candidate = None
+        if self.switches >= self.max_captures:
+            if self.switches == self.max_captures:
+                warnings.warn(f"graph_layers: the layers' input shapes changed {self.switches + 1} times; other "
+                              "shapes than the recorded one run eagerly from now on (pad batches to one shape)",
+                              stacklevel=5)
+                self.switches += 1
+            return False
+        self.switches += 1
+        return True
+
     def _snapshot_holds(self) -> bool:
         return all(p.data_ptr() == ptr and p.requires_grad == rg for p, ptr, rg in self.snapshot)
 
     # -- recording --------------------------------------------------------------------------------------------------
     def _record(self, key: tuple, leaves: list[torch.Tensor], rebuild: Callable) -> bool:
         self.reset()
-        if self.captures >= self.max_captures:
-            warnings.warn(f"graph_layers: the layers' input shapes changed {self.captures} times; running eagerly "
-                          "from now on (pad batches to one shape to keep graphs)", stacklevel=4)
-            self.refused.add(key)
-            self.max_captures = -1
-            return False
         if any(t.requires_grad for t in leaves[1:]):
             self.refused.add(key)
             return False
         self.captures += 1
         try:
-            self._capture(leaves, rebuild)
+            with _no_autocast_cache():
+                self._capture(leaves, rebuild)
         except Exception as e:  # (an op a graph cannot hold, e.g. a host sync): this signature runs eagerly
             self.reset()
             self.refused.add(key)
@@ -362,7 +444,8 @@ class _Stack:
                           "these calls run eagerly", stacklevel=4)
             return False
         self.key = key
-        self.snapshot = [(p, p.data_ptr(), p.requires_grad) for layer in self.layers for p in layer.parameters()]
+        self.snapshot = [(p, p.data_ptr(), p.requires_grad) for layer in self.layers
+                         for p in (*layer.parameters(), *layer.buffers())]
         return True
 
     def _capture(self, leaves: list[torch.Tensor], rebuild: Callable) -> None:
