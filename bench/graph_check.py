@@ -7,8 +7,9 @@ On the harness model (bf16, LoRA r=16 on all 7 linears, B given non-zero values)
 steps of two accumulated micro-batches (SGD) from the same weights: eager, eager again (the run-to-run noise of
 non-deterministic kernels), and with the layers replayed from CUDA graphs. Reported per variant: each step's losses
 and the relative L2 difference of all adapter gradients to the first eager run; graphs should differ from eager by
-no more than eager differs from itself. Then the same for the accelerated base, and a check that changing the
-adapters (merge, a second adapter) records again instead of replaying a stale graph.
+no more than eager differs from itself. Then the same for the accelerated base, for fp32 weights under bf16 autocast
+(houlsby, whose trainable nn.Linear weights autocast casts), and a check that changing the adapters (merge, a second
+adapter) records again instead of replaying a stale graph.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 SITES = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
-def _run(h, make, graphed: bool, accel: bool, steps: int = 3) -> dict:
+def _run(h, make, graphed: bool, accel: bool, steps: int = 3, autocast: bool = False) -> dict:
+    import contextlib
+
     import unipeft
 
     am = make()
@@ -38,7 +41,8 @@ def _run(h, make, graphed: bool, accel: bool, steps: int = 3) -> dict:
         step_losses = []
         for _ in range(2):  # two micro-batches accumulate into .grad
             x = torch.randint(0, h.VOCAB, (h.B, h.T), device="cuda", generator=gen)
-            loss = am(input_ids=x, labels=x).loss
+            with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                loss = am(input_ids=x, labels=x).loss
             loss.backward()
             step_losses.append(float(loss.detach()))
         losses.append(step_losses)
@@ -115,6 +119,8 @@ def main() -> None:
     sys.path.insert(0, args.harness)
     import peft_baseline as h
 
+    import unipeft
+
     rows = {}
     for accel in ([False, True] if args.liger else [False]):
         tag = "accelerated" if accel else "plain"
@@ -123,6 +129,12 @@ def main() -> None:
         rows[f"{tag}_graphed"] = _compare(eager, _run(h, lambda: _adapted(h), True, accel))
         rows[f"{tag}_eager_losses"] = eager["losses"]
         print(json.dumps({k: v for k, v in rows.items() if k.startswith(tag)}), flush=True)
+    # fp32 weights under bf16 autocast, houlsby (trainable nn.Linear weights that autocast casts and caches)
+    make = lambda: unipeft.attach(h.make_model(dtype=torch.float32), "houlsby")  # noqa: E731
+    eager = _run(h, make, False, False, autocast=True)
+    rows["autocast_houlsby_eager_again"] = _compare(eager, _run(h, make, False, False, autocast=True))
+    rows["autocast_houlsby_graphed"] = _compare(eager, _run(h, make, True, False, autocast=True))
+    print(json.dumps({k: v for k, v in rows.items() if k.startswith("autocast")}), flush=True)
     rows["state_changes"] = _state_changes(h)
     print(json.dumps(rows["state_changes"]), flush=True)
     with open(args.out, "w") as f:
