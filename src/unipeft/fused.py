@@ -30,14 +30,12 @@ of adapters (SGMV-style), where a loop over adapters launches per adapter.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules import module as _module
 
-from . import kernels, quant, siblings
+from . import envflags, kernels, quant, siblings
 from .functions import SiteAdapter
 
 #: the kinds of base a projection can have on the fused path (`fusable` returns one; "" = reference path)
@@ -45,7 +43,7 @@ LINEAR, CONV1D, Q4, DELTA, ROUTED = "linear", "conv1d", "q4", "delta", "routed"
 
 
 def enabled() -> bool:
-    return os.environ.get("UNIPEFT_FUSED", "1") != "0"
+    return not envflags.off("UNIPEFT_FUSED")
 
 
 def simple_lora(sa: SiteAdapter, training: bool) -> bool:

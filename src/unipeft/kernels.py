@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from . import envflags
+
 _BUILT: dict[str | None, object] = {}  # the jitted kernel per TRITON_INTERPRET setting (read when it is jitted)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -33,7 +35,7 @@ def available(t: torch.Tensor) -> bool:
     """Whether the Triton kernel can build W' for this weight (CUDA, 16/32-bit floats, int32 offsets) — through
     `merged_weight` in eager mode, `compiled_merged_weight` under torch.compile."""
     return (_HAS_TRITON and t.is_cuda and t.dtype in _DTYPES and t.numel() < 2**31
-            and os.environ.get("UNIPEFT_TRITON", "1") != "0" and (_HAS_OP or not torch.compiler.is_compiling()))
+            and not envflags.off("UNIPEFT_TRITON") and (_HAS_OP or not torch.compiler.is_compiling()))
 
 
 tl = None  # triton.language, bound on first use: the interpreter patches it in this module's globals

@@ -32,11 +32,12 @@ name: modules with the same parent whose names form one of SIBLING_NAMES. `UNIPE
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from . import envflags
 
 #: leaf-name sets of projections that read the same input (Llama/Mistral/Qwen, BERT, T5-style, gated T5)
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
@@ -100,7 +101,7 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
     the layer must run alone."""
     group = layer.__dict__.get("_unipeft_group")
     if group is None or not group.enabled or group.suspended or not torch.is_grad_enabled() \
-            or os.environ.get("UNIPEFT_GROUPS") == "0":
+            or envflags.off("UNIPEFT_GROUPS"):
         return None
     mine = next((i for i, m in enumerate(group.members) if m is layer), None)
     if mine is None:  # a shallow copy sharing the group (nn.DataParallel's replicas): not a member, runs alone
