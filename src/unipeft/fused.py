@@ -80,7 +80,7 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
         return routed_lora(layer, x, items) if x.dim() == 3 else None
     if x.dim() < 2:
         return None
-    base, sa = layer.base_layer, items[0][1]
+    base, sa = layer._modules["base_layer"], items[0][1]
     if kind in (LINEAR, CONV1D, Q4) and not _unhooked(base):
         kind = DELTA  # the base's own call runs (its hooks, an accelerate offload wrapper), the delta is added after
     if kind == DELTA:

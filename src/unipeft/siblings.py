@@ -59,6 +59,7 @@ class SiblingGroup:
 
     def __init__(self, members: list) -> None:
         self.members = members
+        self.index = {id(m): i for i, m in enumerate(members)}  #: id(member) -> its position (looked up per call)
         self.enabled = True
         self.suspended = False  #: set while a compiled checkpointed segment is traced (checkpointing.py)
         self.pending: _Pending | None = None
@@ -103,9 +104,9 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
     if group is None or not group.enabled or group.suspended or not torch.is_grad_enabled() \
             or envflags.off("UNIPEFT_GROUPS"):
         return None
-    mine = next((i for i, m in enumerate(group.members) if m is layer), None)
-    if mine is None:  # a shallow copy sharing the group (nn.DataParallel's replicas): not a member, runs alone
-        return None
+    mine = group.index.get(id(layer))
+    if mine is None or group.members[mine] is not layer:
+        return None  # a shallow copy sharing the group (nn.DataParallel's replicas): not a member, runs alone
     # Version counters guard against in-place changes between the members' calls. A compiled graph has no such
     # changes to see (and its tracer cannot read the counters), so there the identity of x is the whole key.
     compiling = torch.compiler.is_compiling()
@@ -120,40 +121,47 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
         if compiling or all(t._version == v for t, v in zip(tensors, versions)):
             return out
         return None  # a weight changed in place since the group ran (not within one model call): run alone
-    members = _ready(group, x)
-    if members is None:
+    ready = _ready(group, x)
+    if ready is None:
         return None
-    ys = _LoraGroup.apply(x, tuple(s for _, _, _, s in members), *(t for m in members for t in m[:3]),
-                          *(layer_.base_layer._parameters.get("bias") for layer_ in group.members))
+    scales, tensors, biases = ready
+    ys = _LoraGroup.apply(x, scales, *tensors, *biases)
     ahead = {}
-    for i, (m, y, (w, a, b, _)) in enumerate(zip(group.members, ys, members)):
+    for i, m in enumerate(group.members):
         if i != mine:
-            ahead[id(m)] = (y, (w, a, b), () if compiling else (w._version, a._version, b._version))
+            w, a, b = tensors[3 * i:3 * i + 3]
+            ahead[id(m)] = (ys[i], (w, a, b), () if compiling else (w._version, a._version, b._version))
     group.pending = _Pending(x, -1 if compiling else x._version, ahead)
     return ys[mine]
 
 
-def _ready(group: SiblingGroup, x: torch.Tensor) -> list | None:
-    """(W, A, B, s) per member when every member takes the fused merged form on this x, else None."""
+def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | None:
+    """(the scales, W, A, B of each member in turn, the biases) when every member takes the fused merged form on
+    this x, else None. (Runs once per group call: what every member shares is read once, module attributes through
+    their dicts.)"""
     from . import fused
 
-    out = []
-    rows = x.numel() // x.shape[-1] if x.dim() >= 2 else 0
+    if x.dim() < 2 or torch.is_autocast_enabled(x.device.type):
+        return None  # (any cast runs alone: the group has no casts)
+    rows, d_in, dtype = x.numel() // x.shape[-1], x.shape[-1], x.dtype
+    scales, tensors, biases = [], [], []
     for m in group.members:
         items, _, kind, _ = m._plan()
+        base = m._modules["base_layer"]
         if kind != fused.LINEAR or len(items) != 1 or m.routing is not None or len(m._modules["copies"]) \
-                or not fused._unhooked(m.base_layer):
+                or not fused._unhooked(base):
             return None
         a, b, s = fused.lora_weights(items[0][1])
-        w, bias = m.base_layer._parameters["weight"], m.base_layer._parameters.get("bias")
-        if not (x.dtype == w.dtype == a.dtype == b.dtype) or w.shape[1] != x.shape[-1] or w.requires_grad \
-                or (bias is not None and (bias.requires_grad or bias.dtype != w.dtype)) \
-                or torch.is_autocast_enabled(x.device.type):
+        w, bias = base._parameters["weight"], base._parameters.get("bias")
+        if not (dtype == w.dtype == a.dtype == b.dtype) or w.shape[1] != d_in or w.requires_grad \
+                or (bias is not None and (bias.requires_grad or bias.dtype != w.dtype)):
             return None  # (a base weight that trains, or any cast, runs alone: the group has no dW and no casts)
-        if not fused._merged_pays(rows, w.shape[1], w.shape[0], True):
+        if not fused._merged_pays(rows, d_in, w.shape[0], True):
             return None
-        out.append((w, a, b, s))
-    return out
+        scales.append(s)
+        tensors += (w, a, b)
+        biases.append(bias)
+    return tuple(scales), tensors, biases
 
 
 class _LoraGroup(torch.autograd.Function):
