@@ -175,13 +175,14 @@ class _LoraGroup(torch.autograd.Function):
         k = len(scales)
         ws, as_, bs = tensors[0:3 * k:3], tensors[1:3 * k:3], tensors[2:3 * k:3]
         biases = tensors[3 * k:]
-        need_b = any(ctx.needs_input_grad[2 + 3 * i + 2] for i in range(k))
+        need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
         a_cat = torch.cat(as_)  # Σr × d_in
         xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None  # N × Σr: the one pass over x
         ys = tuple(F.linear(x, _merged_weight(w, None, a, b, s), bias)
                    for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
         ctx.save_for_backward(x, xa, a_cat, *ws, *as_, *bs)  # the A's too: double backward differentiates through them
         ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
+        ctx.ranks = [a.shape[0] for a in as_]  # (backward splits Σr-sized tensors into the members' blocks with them)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero-filled GEMMs
         return ys
 
@@ -190,44 +191,47 @@ class _LoraGroup(torch.autograd.Function):
         from .fused import _scaled_mm, zero_like
 
         x, xa, a_cat, *rest = ctx.saved_tensors
-        scales = ctx.scales
+        scales, ranks = ctx.scales, ctx.ranks
         k = len(scales)
         ws, as_, bs = rest[:k], rest[k:2 * k], rest[2 * k:]
         needs = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         gs = [None if gy is None else gy.reshape(-1, gy.shape[-1]) for gy in gys]
         live = [i for i in range(k) if gs[i] is not None]
-        ranks = [b.shape[1] for b in bs]
-        offsets = [sum(ranks[:i]) for i in range(k + 1)]
+        create_graph, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
         # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (row blocks are contiguous, so each GEMM writes its block in place;
-        # blocks of members without a gradient are zero)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # blocks of members without a gradient are zero). Blocks of Σr-sized tensors are taken with one
+        # split_with_sizes call rather than a slice per member (host time).
+        if create_graph or compiling:
             # double backward (create_graph=True): out= GEMMs are not differentiable; a compiler: no writes into
             # slices (it would add copies) and no cached zero
             ga_t = torch.cat([(bs[i].t() @ gs[i].t()) * scales[i] if i in live
                               else x2.new_zeros(ranks[i], x2.shape[0]) for i in range(k)])
         else:
-            ga_t = x2.new_empty(offsets[-1], x2.shape[0]) if len(live) == k else x2.new_zeros(offsets[-1], x2.shape[0])
+            ga_t = x2.new_empty(sum(ranks), x2.shape[0]) if len(live) == k else x2.new_zeros(sum(ranks), x2.shape[0])
+            blocks = ga_t.split_with_sizes(ranks)
             zero = zero_like(x2)
             for i in live:
-                torch.addmm(zero, bs[i].t(), gs[i].t(), beta=0, alpha=scales[i], out=ga_t[offsets[i]:offsets[i + 1]])
+                torch.addmm(zero, bs[i].t(), gs[i].t(), beta=0, alpha=scales[i], out=blocks[i])
         dx = None
         if needs[0] and live:
             # dx = Σ g_i·W_i + gaᵀᵀ·A_cat: frozen GEMMs accumulating in their epilogue, then the low-rank part in
             # one more accumulating GEMM — fewer bytes than rebuilding each W_i' (and one launch instead of k)
             for i in live:
                 dx = torch.mm(gs[i], ws[i]) if dx is None else dx.addmm_(gs[i], ws[i])
-            dx = dx.addmm_(ga_t.t(), torch.cat(as_) if torch.is_grad_enabled() else a_cat).view(x.shape)
+            dx = dx.addmm_(ga_t.t(), torch.cat(as_) if create_graph else a_cat).view(x.shape)
         grads_a, grads_b = [None] * k, [None] * k
-        if any(needs[2 + 3 * i + 1] for i in live):
-            da = torch.mm(ga_t, x2)  # the one pass over x
+        if any(needs[3 + 3 * i] for i in live):
+            da = torch.mm(ga_t, x2).split_with_sizes(ranks)  # the one pass over x
             for i in live:
-                grads_a[i] = da[offsets[i]:offsets[i + 1]] if needs[2 + 3 * i + 1] else None
-        if torch.is_grad_enabled() and xa is not None:  # double backward: xa as a function of x and A
-            xa = torch.mm(x2, torch.cat(as_).t())
-        for i in live:
-            if needs[2 + 3 * i + 2]:
-                grads_b[i] = _scaled_mm(gs[i].t(), xa[:, offsets[i]:offsets[i + 1]], scales[i])
+                grads_a[i] = da[i] if needs[3 + 3 * i] else None
+        if any(needs[4 + 3 * i] for i in live):
+            if create_graph:  # double backward: xa as a function of x and A
+                xa = torch.mm(x2, torch.cat(as_).t())
+            xas = xa.split_with_sizes(ranks, 1)
+            for i in live:
+                if needs[4 + 3 * i]:
+                    grads_b[i] = _scaled_mm(gs[i].t(), xas[i], scales[i])
         grads_bias = [gs[i].sum(0) if (i in live and ctx.has_bias[i] and needs[2 + 3 * k + i]) else None
                       for i in range(k)]
         flat = [t for i in range(k) for t in (None, grads_a[i], grads_b[i])]
