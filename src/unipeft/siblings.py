@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from . import envflags
+from . import envflags, fused  # (fused imports this module too: used at call time only, never at import)
 
 #: leaf-name sets of projections that read the same input (Llama/Mistral/Qwen, BERT, T5-style, gated T5)
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
@@ -118,7 +118,8 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
         if pending.x is not x or (not compiling and pending.version != x._version):
             group.enabled, group.pending = False, None  # members read different inputs: never group them
             return None
-        if compiling or all(t._version == v for t, v in zip(tensors, versions)):
+        w, a, b = tensors
+        if compiling or (w._version, a._version, b._version) == versions:
             return out
         return None  # a weight changed in place since the group ran (not within one model call): run alone
     ready = _ready(group, x)
@@ -139,8 +140,6 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | N
     """(the scales, W, A, B of each member in turn, the biases) when every member takes the fused merged form on
     this x, else None. (Runs once per group call: what every member shares is read once, module attributes through
     their dicts.)"""
-    from . import fused
-
     if x.dim() < 2 or torch.is_autocast_enabled(x.device.type):
         return None  # (any cast runs alone: the group has no casts)
     rows, d_in, dtype = x.numel() // x.shape[-1], x.shape[-1], x.dtype
@@ -170,15 +169,13 @@ class _LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scales, *tensors):
-        from .fused import _merged_weight
-
         k = len(scales)
         ws, as_, bs = tensors[0:3 * k:3], tensors[1:3 * k:3], tensors[2:3 * k:3]
         biases = tensors[3 * k:]
         need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
         a_cat = torch.cat(as_)  # Σr × d_in
         xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None  # N × Σr: the one pass over x
-        ys = tuple(F.linear(x, _merged_weight(w, None, a, b, s), bias)
+        ys = tuple(F.linear(x, fused._merged_weight(w, None, a, b, s), bias)
                    for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
         ctx.save_for_backward(x, xa, a_cat, *ws, *as_, *bs)  # the A's too: double backward differentiates through them
         ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
@@ -188,8 +185,6 @@ class _LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gys):
-        from .fused import _scaled_mm, zero_like
-
         x, xa, a_cat, *rest = ctx.saved_tensors
         scales, ranks = ctx.scales, ctx.ranks
         k = len(scales)
@@ -210,7 +205,7 @@ class _LoraGroup(torch.autograd.Function):
         else:
             ga_t = x2.new_empty(sum(ranks), x2.shape[0]) if len(live) == k else x2.new_zeros(sum(ranks), x2.shape[0])
             blocks = ga_t.split_with_sizes(ranks)
-            zero = zero_like(x2)
+            zero = fused.zero_like(x2)
             for i in live:
                 torch.addmm(zero, bs[i].t(), gs[i].t(), beta=0, alpha=scales[i], out=blocks[i])
         dx = None
@@ -231,7 +226,7 @@ class _LoraGroup(torch.autograd.Function):
             xas = xa.split_with_sizes(ranks, 1)
             for i in live:
                 if needs[4 + 3 * i]:
-                    grads_b[i] = _scaled_mm(gs[i].t(), xas[i], scales[i])
+                    grads_b[i] = fused._scaled_mm(gs[i].t(), xas[i], scales[i])
         grads_bias = [gs[i].sum(0) if (i in live and ctx.has_bias[i] and needs[2 + 3 * k + i]) else None
                       for i in range(k)]
         flat = [t for i in range(k) for t in (None, grads_a[i], grads_b[i])]
