@@ -27,3 +27,14 @@ def off(name: str) -> bool:
             key = _KEYS[name] = _ENVIRON.encodekey(name)
         return _DATA.get(key) == _ZERO
     return os.environ.get(name) == "0"
+
+
+def raw(name: str) -> object:
+    """The variable's value in os.environ's own encoding (bytes on POSIX), or None when unset: a cache key that
+    follows the variable (compare it only with other `raw` results)."""
+    if _FAST and os.environ is _ENVIRON:
+        key = _KEYS.get(name)
+        if key is None:
+            key = _KEYS[name] = _ENVIRON.encodekey(name)
+        return _DATA.get(key)
+    return os.environ.get(name)

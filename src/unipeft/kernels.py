@@ -63,9 +63,10 @@ def _merge_kernel(w_ptr, b_ptr, a_ptr, out_ptr, M, N, R, s, swm, swn, sbm, sbr, 
 
 
 def _kernel():
-    """The jitted kernel, per TRITON_INTERPRET setting (Triton reads it when a function is jitted)."""
+    """The jitted kernel, per TRITON_INTERPRET setting (Triton reads it when a function is jitted). Called per
+    launch: the setting is read through envflags (os.environ.get costs ~1 µs of host time)."""
     global tl
-    key = os.environ.get("TRITON_INTERPRET")
+    key = envflags.raw("TRITON_INTERPRET")
     if key not in _BUILT:
         import triton
         import triton.language
@@ -81,7 +82,7 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
     (a new contiguous tensor when None; may be `w`)."""
     _check(w, b, a)
     if out is None:
-        out = torch.empty(w.shape, device=w.device, dtype=w.dtype)
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)  # (no torch.device built per call)
     elif out.shape != w.shape or out.dtype != w.dtype or out.device != w.device:
         raise ValueError(f"merged_weight: out must match W ({tuple(w.shape)} {w.dtype} {w.device}); got "
                          f"{tuple(out.shape)} {out.dtype} {out.device}")
