@@ -193,6 +193,7 @@ class _LoraGroup(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         gs = [None if gy is None else gy.reshape(-1, gy.shape[-1]) for gy in gys]
         live = [i for i in range(k) if gs[i] is not None]
+        gts = [None if g is None else g.t() for g in gs]  # g_iᵀ: read by gaᵀ and by dB_i (one transpose each)
         create_graph, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
         # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (row blocks are contiguous, so each GEMM writes its block in place;
         # blocks of members without a gradient are zero). Blocks of Σr-sized tensors are taken with one
@@ -200,14 +201,14 @@ class _LoraGroup(torch.autograd.Function):
         if create_graph or compiling:
             # double backward (create_graph=True): out= GEMMs are not differentiable; a compiler: no writes into
             # slices (it would add copies) and no cached zero
-            ga_t = torch.cat([(bs[i].t() @ gs[i].t()) * scales[i] if i in live
+            ga_t = torch.cat([(bs[i].t() @ gts[i]) * scales[i] if i in live
                               else x2.new_zeros(ranks[i], x2.shape[0]) for i in range(k)])
         else:
             ga_t = x2.new_empty(sum(ranks), x2.shape[0]) if len(live) == k else x2.new_zeros(sum(ranks), x2.shape[0])
             blocks = ga_t.split_with_sizes(ranks)
             zero = fused.zero_like(x2)
             for i in live:
-                torch.addmm(zero, bs[i].t(), gs[i].t(), beta=0, alpha=scales[i], out=blocks[i])
+                torch.addmm(zero, bs[i].t(), gts[i], beta=0, alpha=scales[i], out=blocks[i])
         dx = None
         if needs[0] and live:
             # dx = Σ g_i·W_i + gaᵀᵀ·A_cat: frozen GEMMs accumulating in their epilogue, then the low-rank part in
@@ -226,7 +227,7 @@ class _LoraGroup(torch.autograd.Function):
             xas = xa.split_with_sizes(ranks, 1)
             for i in live:
                 if needs[4 + 3 * i]:
-                    grads_b[i] = fused._scaled_mm(gs[i].t(), xas[i], scales[i])
+                    grads_b[i] = fused._scaled_mm(gts[i], xas[i], scales[i])
         grads_bias = [gs[i].sum(0) if (i in live and ctx.has_bias[i] and needs[2 + 3 * k + i]) else None
                       for i in range(k)]
         flat = [t for i in range(k) for t in (None, grads_a[i], grads_b[i])]
