@@ -99,3 +99,14 @@ def test_lora_function_compiler_branch_through_the_kernel(monkeypatch) -> None:
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     for gg, ww in zip(got, want):
         torch.testing.assert_close(gg.double(), ww.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_launch_arithmetic_matches_triton() -> None:
+    """The grid and rank-chunk sizes come from plain integer arithmetic (Triton's helpers cost µs per call from
+    Python); the numbers must be Triton's."""
+    import triton
+
+    for x in range(0, 300):
+        assert kernels._next_power_of_2(x) == triton.next_power_of_2(x)
+        for y in (1, 16, 64, 128):
+            assert kernels._cdiv(x, y) == triton.cdiv(x, y)

@@ -30,14 +30,12 @@ of adapters (SGMV-style), where a loop over adapters launches per adapter.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules import module as _module
 
-from . import kernels, quant, siblings
+from . import envflags, kernels, quant, siblings
 from .functions import SiteAdapter
 
 #: the kinds of base a projection can have on the fused path (`fusable` returns one; "" = reference path)
@@ -45,7 +43,7 @@ LINEAR, CONV1D, Q4, DELTA, ROUTED = "linear", "conv1d", "q4", "delta", "routed"
 
 
 def enabled() -> bool:
-    return os.environ.get("UNIPEFT_FUSED", "1") != "0"
+    return not envflags.off("UNIPEFT_FUSED")
 
 
 def simple_lora(sa: SiteAdapter, training: bool) -> bool:
@@ -82,7 +80,7 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
         return routed_lora(layer, x, items) if x.dim() == 3 else None
     if x.dim() < 2:
         return None
-    base, sa = layer.base_layer, items[0][1]
+    base, sa = layer._modules["base_layer"], items[0][1]
     if kind in (LINEAR, CONV1D, Q4) and not _unhooked(base):
         kind = DELTA  # the base's own call runs (its hooks, an accelerate offload wrapper), the delta is added after
     if kind == DELTA:

@@ -32,11 +32,12 @@ name: modules with the same parent whose names form one of SIBLING_NAMES. `UNIPE
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from . import envflags, fused  # (fused imports this module too: used at call time only, never at import)
 
 #: leaf-name sets of projections that read the same input (Llama/Mistral/Qwen, BERT, T5-style, gated T5)
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
@@ -58,6 +59,7 @@ class SiblingGroup:
 
     def __init__(self, members: list) -> None:
         self.members = members
+        self.index = {id(m): i for i, m in enumerate(members)}  #: id(member) -> its position (looked up per call)
         self.enabled = True
         self.suspended = False  #: set while a compiled checkpointed segment is traced (checkpointing.py)
         self.pending: _Pending | None = None
@@ -100,11 +102,11 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
     the layer must run alone."""
     group = layer.__dict__.get("_unipeft_group")
     if group is None or not group.enabled or group.suspended or not torch.is_grad_enabled() \
-            or os.environ.get("UNIPEFT_GROUPS") == "0":
+            or envflags.off("UNIPEFT_GROUPS"):
         return None
-    mine = next((i for i, m in enumerate(group.members) if m is layer), None)
-    if mine is None:  # a shallow copy sharing the group (nn.DataParallel's replicas): not a member, runs alone
-        return None
+    mine = group.index.get(id(layer))
+    if mine is None or group.members[mine] is not layer:
+        return None  # a shallow copy sharing the group (nn.DataParallel's replicas): not a member, runs alone
     # Version counters guard against in-place changes between the members' calls. A compiled graph has no such
     # changes to see (and its tracer cannot read the counters), so there the identity of x is the whole key.
     compiling = torch.compiler.is_compiling()
@@ -116,43 +118,49 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
         if pending.x is not x or (not compiling and pending.version != x._version):
             group.enabled, group.pending = False, None  # members read different inputs: never group them
             return None
-        if compiling or all(t._version == v for t, v in zip(tensors, versions)):
+        w, a, b = tensors
+        if compiling or (w._version, a._version, b._version) == versions:
             return out
         return None  # a weight changed in place since the group ran (not within one model call): run alone
-    members = _ready(group, x)
-    if members is None:
+    ready = _ready(group, x)
+    if ready is None:
         return None
-    ys = _LoraGroup.apply(x, tuple(s for _, _, _, s in members), *(t for m in members for t in m[:3]),
-                          *(layer_.base_layer._parameters.get("bias") for layer_ in group.members))
+    scales, tensors, biases = ready
+    ys = _LoraGroup.apply(x, scales, *tensors, *biases)
     ahead = {}
-    for i, (m, y, (w, a, b, _)) in enumerate(zip(group.members, ys, members)):
+    for i, m in enumerate(group.members):
         if i != mine:
-            ahead[id(m)] = (y, (w, a, b), () if compiling else (w._version, a._version, b._version))
+            w, a, b = tensors[3 * i:3 * i + 3]
+            ahead[id(m)] = (ys[i], (w, a, b), () if compiling else (w._version, a._version, b._version))
     group.pending = _Pending(x, -1 if compiling else x._version, ahead)
     return ys[mine]
 
 
-def _ready(group: SiblingGroup, x: torch.Tensor) -> list | None:
-    """(W, A, B, s) per member when every member takes the fused merged form on this x, else None."""
-    from . import fused
-
-    out = []
-    rows = x.numel() // x.shape[-1] if x.dim() >= 2 else 0
+def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | None:
+    """(the scales, W, A, B of each member in turn, the biases) when every member takes the fused merged form on
+    this x, else None. (Runs once per group call: what every member shares is read once, module attributes through
+    their dicts.)"""
+    if x.dim() < 2 or torch.is_autocast_enabled(x.device.type):
+        return None  # (any cast runs alone: the group has no casts)
+    rows, d_in, dtype = x.numel() // x.shape[-1], x.shape[-1], x.dtype
+    scales, tensors, biases = [], [], []
     for m in group.members:
         items, _, kind, _ = m._plan()
+        base = m._modules["base_layer"]
         if kind != fused.LINEAR or len(items) != 1 or m.routing is not None or len(m._modules["copies"]) \
-                or not fused._unhooked(m.base_layer):
+                or not fused._unhooked(base):
             return None
         a, b, s = fused.lora_weights(items[0][1])
-        w, bias = m.base_layer._parameters["weight"], m.base_layer._parameters.get("bias")
-        if not (x.dtype == w.dtype == a.dtype == b.dtype) or w.shape[1] != x.shape[-1] or w.requires_grad \
-                or (bias is not None and (bias.requires_grad or bias.dtype != w.dtype)) \
-                or torch.is_autocast_enabled(x.device.type):
+        w, bias = base._parameters["weight"], base._parameters.get("bias")
+        if not (dtype == w.dtype == a.dtype == b.dtype) or w.shape[1] != d_in or w.requires_grad \
+                or (bias is not None and (bias.requires_grad or bias.dtype != w.dtype)):
             return None  # (a base weight that trains, or any cast, runs alone: the group has no dW and no casts)
-        if not fused._merged_pays(rows, w.shape[1], w.shape[0], True):
+        if not fused._merged_pays(rows, d_in, w.shape[0], True):
             return None
-        out.append((w, a, b, s))
-    return out
+        scales.append(s)
+        tensors += (w, a, b)
+        biases.append(bias)
+    return tuple(scales), tensors, biases
 
 
 class _LoraGroup(torch.autograd.Function):
@@ -161,64 +169,65 @@ class _LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scales, *tensors):
-        from .fused import _merged_weight
-
         k = len(scales)
         ws, as_, bs = tensors[0:3 * k:3], tensors[1:3 * k:3], tensors[2:3 * k:3]
         biases = tensors[3 * k:]
-        need_b = any(ctx.needs_input_grad[2 + 3 * i + 2] for i in range(k))
+        need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
         a_cat = torch.cat(as_)  # Σr × d_in
         xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None  # N × Σr: the one pass over x
-        ys = tuple(F.linear(x, _merged_weight(w, None, a, b, s), bias)
+        ys = tuple(F.linear(x, fused._merged_weight(w, None, a, b, s), bias)
                    for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
         ctx.save_for_backward(x, xa, a_cat, *ws, *as_, *bs)  # the A's too: double backward differentiates through them
         ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
+        ctx.ranks = [a.shape[0] for a in as_]  # (backward splits Σr-sized tensors into the members' blocks with them)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero-filled GEMMs
         return ys
 
     @staticmethod
     def backward(ctx, *gys):
-        from .fused import _scaled_mm, zero_like
-
         x, xa, a_cat, *rest = ctx.saved_tensors
-        scales = ctx.scales
+        scales, ranks = ctx.scales, ctx.ranks
         k = len(scales)
         ws, as_, bs = rest[:k], rest[k:2 * k], rest[2 * k:]
         needs = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         gs = [None if gy is None else gy.reshape(-1, gy.shape[-1]) for gy in gys]
         live = [i for i in range(k) if gs[i] is not None]
-        ranks = [b.shape[1] for b in bs]
-        offsets = [sum(ranks[:i]) for i in range(k + 1)]
+        gts = [None if g is None else g.t() for g in gs]  # g_iᵀ: read by gaᵀ and by dB_i (one transpose each)
+        create_graph, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
         # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (row blocks are contiguous, so each GEMM writes its block in place;
-        # blocks of members without a gradient are zero)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # blocks of members without a gradient are zero). Blocks of Σr-sized tensors are taken with one
+        # split_with_sizes call rather than a slice per member (host time).
+        if create_graph or compiling:
             # double backward (create_graph=True): out= GEMMs are not differentiable; a compiler: no writes into
             # slices (it would add copies) and no cached zero
-            ga_t = torch.cat([(bs[i].t() @ gs[i].t()) * scales[i] if i in live
+            ga_t = torch.cat([(bs[i].t() @ gts[i]) * scales[i] if i in live
                               else x2.new_zeros(ranks[i], x2.shape[0]) for i in range(k)])
         else:
-            ga_t = x2.new_empty(offsets[-1], x2.shape[0]) if len(live) == k else x2.new_zeros(offsets[-1], x2.shape[0])
-            zero = zero_like(x2)
+            ga_t = x2.new_empty(sum(ranks), x2.shape[0]) if len(live) == k else x2.new_zeros(sum(ranks), x2.shape[0])
+            blocks = ga_t.split_with_sizes(ranks)
+            zero = fused.zero_like(x2)
             for i in live:
-                torch.addmm(zero, bs[i].t(), gs[i].t(), beta=0, alpha=scales[i], out=ga_t[offsets[i]:offsets[i + 1]])
+                torch.addmm(zero, bs[i].t(), gts[i], beta=0, alpha=scales[i], out=blocks[i])
         dx = None
         if needs[0] and live:
             # dx = Σ g_i·W_i + gaᵀᵀ·A_cat: frozen GEMMs accumulating in their epilogue, then the low-rank part in
             # one more accumulating GEMM — fewer bytes than rebuilding each W_i' (and one launch instead of k)
             for i in live:
                 dx = torch.mm(gs[i], ws[i]) if dx is None else dx.addmm_(gs[i], ws[i])
-            dx = dx.addmm_(ga_t.t(), torch.cat(as_) if torch.is_grad_enabled() else a_cat).view(x.shape)
+            dx = dx.addmm_(ga_t.t(), torch.cat(as_) if create_graph else a_cat).view(x.shape)
         grads_a, grads_b = [None] * k, [None] * k
-        if any(needs[2 + 3 * i + 1] for i in live):
-            da = torch.mm(ga_t, x2)  # the one pass over x
+        if any(needs[3 + 3 * i] for i in live):
+            da = torch.mm(ga_t, x2).split_with_sizes(ranks)  # the one pass over x
             for i in live:
-                grads_a[i] = da[offsets[i]:offsets[i + 1]] if needs[2 + 3 * i + 1] else None
-        if torch.is_grad_enabled() and xa is not None:  # double backward: xa as a function of x and A
-            xa = torch.mm(x2, torch.cat(as_).t())
-        for i in live:
-            if needs[2 + 3 * i + 2]:
-                grads_b[i] = _scaled_mm(gs[i].t(), xa[:, offsets[i]:offsets[i + 1]], scales[i])
+                grads_a[i] = da[i] if needs[3 + 3 * i] else None
+        if any(needs[4 + 3 * i] for i in live):
+            if create_graph:  # double backward: xa as a function of x and A
+                xa = torch.mm(x2, torch.cat(as_).t())
+            xas = xa.split_with_sizes(ranks, 1)
+            for i in live:
+                if needs[4 + 3 * i]:
+                    grads_b[i] = fused._scaled_mm(gts[i], xas[i], scales[i])
         grads_bias = [gs[i].sum(0) if (i in live and ctx.has_bias[i] and needs[2 + 3 * k + i]) else None
                       for i in range(k)]
         flat = [t for i in range(k) for t in (None, grads_a[i], grads_b[i])]

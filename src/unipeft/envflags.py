@@ -1,0 +1,40 @@
+"""Switches read from the environment on hot paths (`UNIPEFT_FUSED`, `UNIPEFT_GROUPS`, `UNIPEFT_TRITON`).
+
+They are read at every projection call, so that setting one (tests use monkeypatch.setenv) takes effect at the next
+call. `os.environ.get` costs about 1 µs there — it encodes the key and, when the variable is unset, raises and
+catches a KeyError — several times per projection on a host-bound training step. CPython's `os.environ` keeps its
+values in the dict `_data` under encoded keys, and every write through `os.environ` (monkeypatch included) updates
+it: one dict lookup reads the same value. Where that dict is not there (another Python, os.environ replaced), the
+ordinary `os.environ.get` runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+_ENVIRON = os.environ
+_DATA = getattr(_ENVIRON, "_data", None)
+_FAST = type(_DATA) is dict and hasattr(_ENVIRON, "encodekey") and hasattr(_ENVIRON, "encodevalue")
+_ZERO = _ENVIRON.encodevalue("0") if _FAST else "0"
+_KEYS: dict[str, object] = {}
+
+
+def off(name: str) -> bool:
+    """Whether environment variable `name` is set to "0" (the switches' only "off" value)."""
+    if _FAST and os.environ is _ENVIRON:
+        key = _KEYS.get(name)
+        if key is None:
+            key = _KEYS[name] = _ENVIRON.encodekey(name)
+        return _DATA.get(key) == _ZERO
+    return os.environ.get(name) == "0"
+
+
+def raw(name: str) -> object:
+    """The variable's value in os.environ's own encoding (bytes on POSIX), or None when unset: a cache key that
+    follows the variable (compare it only with other `raw` results)."""
+    if _FAST and os.environ is _ENVIRON:
+        key = _KEYS.get(name)
+        if key is None:
+            key = _KEYS[name] = _ENVIRON.encodekey(name)
+        return _DATA.get(key)
+    return os.environ.get(name)
