@@ -93,8 +93,9 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    kind = "cuda" if x.is_cuda else x.device.type  # (x.device builds an object per call: a decode step's hot path)
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
     return x.dtype
 
 
@@ -265,13 +266,14 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, sa: SiteAdapter) -> torch.Tenso
 def routed_lora(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]]) -> torch.Tensor:
     """Per-row adapters: y = base(x) + x·A_rowᵀ·(s·B_row)ᵀ with A_row/B_row gathered per batch row (zero for rows
     routed to the base or to an adapter that has no site here); the second batched GEMM accumulates into y."""
-    dtype = _compute_dtype(x)
+    dtype, x_dtype = _compute_dtype(x), x.dtype
     a_rows, b_rows = _row_weights(layer, items, x.shape[0], x.device, dtype)
-    y = _base_output(layer.base_layer, x)
-    xa = torch.bmm(x if x.dtype == dtype else x.to(dtype), a_rows)
-    if not torch.is_grad_enabled() and y.dtype == dtype:
+    y = _base_output(layer._modules["base_layer"], x)
+    xa = torch.bmm(x if x_dtype == dtype else x.to(dtype), a_rows)
+    y_dtype = y.dtype
+    if y_dtype == dtype and not torch.is_grad_enabled():
         return y.baddbmm_(xa, b_rows)
-    return torch.baddbmm(y.to(dtype), xa, b_rows).to(y.dtype)
+    return torch.baddbmm(y.to(dtype), xa, b_rows).to(y_dtype)
 
 
 def _base_output(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
