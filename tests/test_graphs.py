@@ -9,6 +9,7 @@ is checked against eager by bench/graph_check.py (bench/results/graph_check_*.js
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from types import SimpleNamespace
 
@@ -387,3 +388,37 @@ def test_on_smollm2_replayed_training_matches_eager(smollm2_path) -> None:
     assert unipeft.graph_layers(am, emulate=True) == 30
     _assert_same(_steps(am, [batch, batch], lr=1e-3), eager)
     assert _stack(am).replayed == 30 and _stack(am).captures == 1
+
+
+def test_train_cli_cuda_graphs(monkeypatch, tiny_llama, tmp_path, capsys) -> None:
+    """`unipeft train --cuda-graphs`: a one-line error without a GPU; with replay emulated, the run trains like the
+    plain one (batches padded to one shape) and its layers were replayed."""
+    from test_train_cli import cli
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog, again and again. " * 30)
+    common = ["train", "--model", tiny_llama, "--data", str(corpus), "--max-steps", "4", "--batch-size", "2",
+              "--max-length", "32", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = cli(*common, "--cuda-graphs", "--out", str(tmp_path / "cpu"), expect=2, capsys=capsys)
+    assert text.strip().count("\n") == 0 and "CUDA GPU" in text and "Traceback" not in text
+    assert not (tmp_path / "cpu" / "results.json").exists()
+
+    real, replays = graphs.graph_layers, []
+    monkeypatch.setattr(graphs, "graph_layers", lambda m, **kw: real(m, **kw, emulate=True))
+    apply = graphs._Replay.apply
+    monkeypatch.setattr(graphs._Replay, "apply", lambda *a: replays.append(1) or apply(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli(*common, "--cuda-graphs", "--out", str(tmp_path / "g"), capsys=capsys)
+        cli(*common, "--out", str(tmp_path / "e"), capsys=capsys)
+    assert len(replays) >= 2 * 3  # 2 layers, at least 3 of the 4 steps replayed
+
+    def losses(run: str) -> list[float]:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r and "step" in r]
+
+    got, expected = losses("g"), losses("e")
+    assert len(got) == len(expected) >= 1
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-5)

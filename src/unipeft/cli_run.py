@@ -82,6 +82,8 @@ def train(
                                             "adapter.")] = False,
     accelerate: Annotated[bool, typer.Option(help="Fused base ops (RMSNorm, SwiGLU, RoPE, linear + cross-entropy) "
                                                   "on a CUDA GPU, Llama family. Needs unipeft[kernels].")] = False,
+    cuda_graphs: Annotated[bool, typer.Option(help="Replay the transformer layers from CUDA graphs (CUDA GPU; "
+                                                   "training batches padded to one width).")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe knob override, e.g. --set r=16.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
@@ -109,7 +111,7 @@ def train(
              "save_every": save_every, "seed": seed, "max_eval_examples": max_eval_examples, "out": out,
              "quantize": quantize, "optim": optim,
              "base_adapters": [r.strip() for r in base_adapters.split(",") if r.strip()] if base_adapters else None,
-             "fuse": fuse or None, "accelerate": accelerate or None}
+             "fuse": fuse or None, "accelerate": accelerate or None, "cuda_graphs": cuda_graphs or None}
     for k, v in flags.items():
         if v is not None:
             setattr(cfg, k, v)

@@ -288,9 +288,11 @@ def _ids(x) -> list[int]:
     return list(x)
 
 
-def collate(batch_ids: list[list[int]], batch_labels: list[Any], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Dynamic padding: pad to the longest example of this batch (right padding)."""
-    width = max(len(x) for x in batch_ids)
+def collate(batch_ids: list[list[int]], batch_labels: list[Any], pad_id: int, task: str,
+            width: int | None = None) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest example of this batch (right padding), or to `width` (one shape for every
+    batch: what CUDA graphs replay, `--cuda-graphs`)."""
+    width = max(max(len(x) for x in batch_ids), width or 0)
     ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
     for i, x in enumerate(batch_ids):

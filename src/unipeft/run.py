@@ -68,11 +68,12 @@ class RunConfig:
     base_adapters: list[str] = field(default_factory=list)
     fuse: bool = False
     accelerate: bool = False
+    cuda_graphs: bool = False
     label_names: list[str] = field(default_factory=list)
 
     def loop(self) -> LoopConfig:
         """The loop's knobs are the same-named fields of this config; only lr gets a per-method default."""
-        values = {f.name: getattr(self, f.name) for f in fields(LoopConfig)}
+        values = {f.name: getattr(self, f.name) for f in fields(LoopConfig) if f.name != "pad_to"}
         values["lr"] = self.lr if self.lr is not None else (
             FUSION_LR if self.fuse else DEFAULT_LR.get(self.method, 2e-3))
         return LoopConfig(**values)
@@ -219,6 +220,10 @@ def load_base(cfg: RunConfig, task: str, label_names: list[str]):
         from .base_ops import accelerate
 
         accelerate(model)
+    if cfg.cuda_graphs:  # the layers replayed from CUDA graphs (train_run pads batches to one shape)
+        from .graphs import graph_layers
+
+        graph_layers(model)
     return model, tok
 
 
@@ -330,7 +335,11 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log
     if not resume:  # inputs, model and method are all checked: only now replace a previous run
         clear_run(out)
         _write_atomic(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
-    trainer = Trainer(module, params, train, validation, splits.task, tok.pad_token_id, cfg.loop(), out, log=log)
+    loop = cfg.loop()
+    if cfg.cuda_graphs:  # graphs replay one call signature: one width for every batch, the longest example + 1 so
+        loop.pad_to = max(len(x) for x in train.input_ids) + 1  # that every batch has padding (an all-ones mask
+        # lets transformers drop the mask tensor for SDPA's causal flag, which would be another signature)
+    trainer = Trainer(module, params, train, validation, splits.task, tok.pad_token_id, loop, out, log=log)
     if resume:
         trainer.load_checkpoint()
         log(f"resumed from step {trainer.state.step} of {trainer.total}")

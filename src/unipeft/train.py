@@ -42,6 +42,7 @@ class LoopConfig:
     save_every: int | None = None
     seed: int = 0
     optim: str = "adamw"
+    pad_to: int | None = None  # every training batch padded to this many tokens (CUDA graphs want one shape)
 
 
 @dataclass
@@ -246,7 +247,7 @@ class Trainer:
                     idx = plan[st.micro]
                     b = {k: v.to(self.device) for k, v in collate(
                         [self.train_set.input_ids[j] for j in idx], [self.train_set.labels[j] for j in idx],
-                        self.pad_id, self.task).items()}
+                        self.pad_id, self.task, cfg.pad_to).items()}
                     with _autocast(self.device):
                         loss = self.model(**b).loss
                     if not torch.isfinite(loss):
