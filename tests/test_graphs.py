@@ -422,3 +422,22 @@ def test_train_cli_cuda_graphs(monkeypatch, tiny_llama, tmp_path, capsys) -> Non
     got, expected = losses("g"), losses("e")
     assert len(got) == len(expected) >= 1
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_a_4bit_base_replays_like_eager() -> None:
+    """QLoRA: LoRA on an NF4-quantized base (bitsandbytes' CPU path, fp32 compute) with the layers replayed."""
+    pytest.importorskip("bitsandbytes")
+
+    def make() -> unipeft.AdaptedModel:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = unipeft.quantize(tiny_model("llama"), "nf4", compute_dtype=torch.float32)
+        am = unipeft.attach(model, "lora", r=4)
+        randomize(am)
+        return am
+
+    eager, graphed = make(), make()
+    unipeft.graph_layers(graphed, emulate=True)
+    batches = [inputs(batch=2, seq=9, seed=s) for s in range(2)]
+    _assert_same(_steps(graphed, batches), _steps(eager, batches))
+    assert _stack(graphed).replayed == 2
