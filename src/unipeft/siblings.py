@@ -163,6 +163,26 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | N
     return tuple(scales), tensors, biases
 
 
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a·b in place, as the compiled graph's op `unipeft::addmm_acc`. Traced, `acc.addmm_(a, b)` becomes an
+    out-of-place addmm into a new buffer, which cuBLAS's caller fills with a copy of acc first: 77 copies of an
+    N × d_in tensor per step (1.2 ms on the 953M model). A custom op that mutates acc is put back in place by the
+    compiler (acc is dead after it), so no copy is made."""
+    torch.ops.unipeft.addmm_acc(acc, a, b)
+    return acc
+
+
+if hasattr(torch.library, "custom_op"):  # (torch >= 2.4) registered at import, outside any compiled region
+    @torch.library.custom_op("unipeft::addmm_acc", mutates_args=("acc",))
+    def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        acc.addmm_(a, b)
+
+    _addmm_acc.register_fake(lambda acc, a, b: None)
+else:  # pragma: no cover - older torch: the traced addmm_ (with its copy)
+    def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: F811
+        return acc.addmm_(a, b)
+
+
 class _LoraGroup(torch.autograd.Function):
     """Outputs y_i = x·W_iᵀ + b_i + s_i·(x·A_iᵀ)·B_iᵀ of k sibling projections (see the module docstring).
     Inputs: x, the scales, then W, A, B of each member, then each member's bias (or None)."""
@@ -213,9 +233,10 @@ class _LoraGroup(torch.autograd.Function):
         if needs[0] and live:
             # dx = Σ g_i·W_i + gaᵀᵀ·A_cat: frozen GEMMs accumulating in their epilogue, then the low-rank part in
             # one more accumulating GEMM — fewer bytes than rebuilding each W_i' (and one launch instead of k)
+            acc = _accumulate if compiling and not create_graph else torch.Tensor.addmm_
             for i in live:
-                dx = torch.mm(gs[i], ws[i]) if dx is None else dx.addmm_(gs[i], ws[i])
-            dx = dx.addmm_(ga_t.t(), torch.cat(as_) if create_graph else a_cat).view(x.shape)
+                dx = torch.mm(gs[i], ws[i]) if dx is None else acc(dx, gs[i], ws[i])
+            dx = acc(dx, ga_t.t(), torch.cat(as_) if create_graph else a_cat).view(x.shape)
         grads_a, grads_b = [None] * k, [None] * k
         if any(needs[3 + 3 * i] for i in live):
             da = torch.mm(ga_t, x2).split_with_sizes(ranks)  # the one pass over x
