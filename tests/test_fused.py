@@ -267,7 +267,20 @@ def test_fused_path_compiles_without_graph_breaks_and_matches_eager(groups: str,
     assert all(g.enabled for g in am._groups)
     torch._dynamo.reset()
     eager_loss, eager_grads = step(am)
-    loss, grads = step(torch.compile(am, backend="aot_eager"))
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    codes = []  # the traced forward and backward graphs (AOTAutograd, run as traced: aot_eager with a look inside)
+
+    def keep(gm, _):
+        codes.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    loss, grads = step(torch.compile(am, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep)))
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for k, g in eager_grads.items():
         assert ((grads[k] - g).norm() / g.norm()).item() < 1e-5, k
+    # the group backward accumulates dx through unipeft::addmm_acc (kept in place): k, v, ga; up, ga per layer —
+    # except layer 0's q/k/v, whose input (the frozen embeddings) needs no dx
+    n_acc = sum(code.count("unipeft.addmm_acc") for code in codes)
+    assert n_acc == (5 * len(am.model.model.layers) - 3 if groups == "1" else 0)
