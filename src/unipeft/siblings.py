@@ -172,15 +172,12 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     return acc
 
 
-if hasattr(torch.library, "custom_op"):  # (torch >= 2.4) registered at import, outside any compiled region
-    @torch.library.custom_op("unipeft::addmm_acc", mutates_args=("acc",))
-    def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        acc.addmm_(a, b)
+@torch.library.custom_op("unipeft::addmm_acc", mutates_args=("acc",))  # (registered at import: outside any graph)
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    acc.addmm_(a, b)
 
-    _addmm_acc.register_fake(lambda acc, a, b: None)
-else:  # pragma: no cover - older torch: the traced addmm_ (with its copy)
-    def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: F811
-        return acc.addmm_(a, b)
+
+_addmm_acc.register_fake(lambda acc, a, b: None)
 
 
 class _LoraGroup(torch.autograd.Function):
