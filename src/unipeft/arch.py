@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from torch import nn
+from torch.nn.modules import module as _module
 
 from .errors import UnipeftError
 from .recipe import EMBEDDINGS, KV, PROJECTION_INPUTS, PROJECTIONS, SUBLAYERS, Part
@@ -104,6 +105,14 @@ def accepts(model: nn.Module, arg: str) -> bool:
     import inspect
 
     return arg in inspect.signature(model.forward).parameters
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling the module runs forward/backward hooks (its own, or those set on every module): code that
+    reads a module's weights instead of calling it (fused paths) or replays a recording of it (graphs) must not."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 def is_linear(module: nn.Module) -> bool:

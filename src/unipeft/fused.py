@@ -33,9 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.modules import module as _module
 
-from . import envflags, kernels, quant, siblings
+from . import arch, envflags, kernels, quant, siblings
 from .functions import SiteAdapter
 
 #: the kinds of base a projection can have on the fused path (`fusable` returns one; "" = reference path)
@@ -288,9 +287,7 @@ def _unhooked(base: nn.Module) -> bool:
     """Whether calling the module is just its class's forward: no hooks on it or globally, and no forward set on
     the instance (accelerate's offloading hooks replace `module.forward` to bring weights in first). Only then
     may the fused paths use its weight directly instead of calling it."""
-    return not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-                or _module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks or _module._global_backward_pre_hooks or "forward" in base.__dict__)
+    return not (arch.has_hooks(base) or "forward" in base.__dict__)
 
 
 def _row_weights(layer, items, batch: int, device: torch.device, dtype: torch.dtype):

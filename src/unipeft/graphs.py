@@ -122,14 +122,7 @@ def _no_autocast_cache():
 
 
 def _hooked(modules: list[nn.Module]) -> bool:
-    """Whether any of the modules (or every module, globally) has hooks."""
-    from torch.nn.modules import module as m
-
-    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks or \
-            m._global_backward_pre_hooks:
-        return True
-    return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks or x._backward_pre_hooks
-               for x in modules)
+    return any(arch.has_hooks(m) for m in modules)
 
 
 def _flatten(args: tuple, kwargs: dict) -> tuple[tuple, list[torch.Tensor], Callable] | None:
