@@ -284,3 +284,88 @@ def test_fused_path_compiles_without_graph_breaks_and_matches_eager(groups: str,
     # except layer 0's q/k/v, whose input (the frozen embeddings) needs no dx
     n_acc = sum(code.count("unipeft.addmm_acc") for code in codes)
     assert n_acc == (5 * len(am.model.model.layers) - 3 if groups == "1" else 0)
+
+
+@pytest.mark.parametrize("merged,compiling", [(False, False), (True, False), (True, True)])
+def test_lora_function_through_the_grads_kernel(merged: bool, compiling: bool, monkeypatch) -> None:
+    """`_LoraLinear`'s backward with the Triton grads kernel (kernels.lora_grads; under a compiler its custom op)
+    computing s·(g·B)ᵀ and dB from one read of g: every gradient against the formula differentiated by autograd
+    (fp32 in Triton's interpreter, compared in fp64)."""
+    from unipeft import kernels
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(kernels, "grads_available", lambda g, ranks: True)
+    calls = []
+    real = kernels._lora_grads
+    monkeypatch.setattr(kernels, "_lora_grads", lambda *a: calls.append(len(a[0])) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x, w, bias, a, b = (torch.randn(*shape, generator=g, requires_grad=True)
+                        for shape in [(3, 50, 24), (70, 24), (70,), (6, 24), (70, 6)])
+    s = 0.7
+    xd, wd, bd, ad, bbd = (t.double() for t in (x, w, bias, a, b))
+    expected = xd @ wd.t() + bd + s * (xd @ ad.t()) @ bbd.t()
+    gy = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(expected, (x, bias, a, b), gy)
+    y = fused._LoraLinear.apply(x, w.detach(), bias, a, b, s, merged, None)
+    got = torch.autograd.grad(y, (x, bias, a, b), gy.float())
+    assert calls == [1], "one kernel call for dA's s·(g·B)ᵀ and dB"
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg.double(), ww.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_group_backward_through_the_grads_kernel(monkeypatch) -> None:
+    """The sibling groups' backward (q/k/v, gate/up) and the lone projections (o, down) with the Triton grads
+    kernel: one call per group or projection, and the LoRA gradients equal the reference path's."""
+    from unipeft import kernels
+
+    am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+    randomize(am)
+    ref_out, ref_grads = _run(am, monkeypatch, "0", seq=48)
+    monkeypatch.setattr(kernels, "grads_available", lambda g, ranks: True)
+    calls = []
+    real = kernels._lora_grads
+    monkeypatch.setattr(kernels, "_lora_grads", lambda *a: calls.append(len(a[0])) or real(*a))
+    out, grads = _run(am, monkeypatch, "1", seq=48)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert calls == [1, 2, 1, 3] * len(am.model.model.layers), "per layer: down, gate/up, o, q/k/v (backward order)"
+
+
+def test_grads_kernel_on_real_smollm2(smollm2_path, monkeypatch) -> None:
+    """The real SmolLM2-135M (fp32, 2 × 320 tokens): LoRA gradients with the Triton grads kernel in every group
+    and lone projection equal the cuBLAS-path gradients (the kernel runs in Triton's interpreter on CPU)."""
+    import transformers as T
+
+    from unipeft import kernels
+
+    model = T.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    model.model.layers = model.model.layers[:4]  # the real weights of the first four layers: the interpreter is slow
+    torch.manual_seed(0)
+    am = unipeft.attach(model, "lora", r=8, targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+    randomize(am, std=0.02)
+    ids = torch.randint(5, 4000, (2, 320), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = kernels._lora_grads
+    monkeypatch.setattr(kernels, "_lora_grads", lambda *a: calls.append(len(a[0])) or real(*a))
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "grads_available", lambda g, ranks, on=on: on)
+        am.zero_grad(set_to_none=True)
+        loss = am(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append({k: p.grad.clone() for k, p in am.adapter_parameters("default").items()})
+    assert calls == [1, 1, 1, 1, 3] * 4, "per layer: down, up, gate (unmerged, alone), o, q/k/v (a group)"
+    for k, g in results[0].items():
+        assert ((results[1][k] - g).norm() / g.norm()).item() < 1e-4, k
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_lora_function_double_backward(merged: bool) -> None:
+    """Gradients of gradients (create_graph=True, e.g. gradient penalties) through `_LoraLinear` match finite
+    differences in fp64 — including dB, whose xa is recomputed from x and A there (the saved xa is detached)."""
+    g = torch.Generator().manual_seed(2)
+    x, w, a, b = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                  for shape in [(2, 3, 5), (4, 5), (2, 5), (4, 2)])
+    assert torch.autograd.gradgradcheck(lambda x, a, b: fused._LoraLinear.apply(x, w.detach(), None, a, b, 0.7,
+                                                                                merged, None), (x, a, b))

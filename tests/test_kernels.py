@@ -110,3 +110,104 @@ def test_launch_arithmetic_matches_triton() -> None:
         assert kernels._next_power_of_2(x) == triton.next_power_of_2(x)
         for y in (1, 16, 64, 128):
             assert kernels._cdiv(x, y) == triton.cdiv(x, y)
+
+
+def _grads_expected(gs, bs, xas, rows, scales, total_rank):
+    """The formula in fp64: gaᵀ rows s_i·(g_i·B_i)ᵀ at their offsets (zeros elsewhere), then each
+    dB_i = s_i·g_iᵀ·xa_i."""
+    n = gs[0].shape[0]
+    ga_t = torch.zeros(total_rank, n, dtype=torch.float64)
+    dbs = []
+    for g, b, xa, row, s in zip(gs, bs, xas, rows, scales):
+        ga_t[row:row + b.shape[1]] = s * (g.double() @ b.double()).t()
+        dbs.append((s * g.double().t() @ xa.double()).flatten())
+    return torch.cat([ga_t.flatten(), *dbs])
+
+
+def _joined(result) -> torch.Tensor:
+    ga_t, dbs = result
+    assert ga_t.dtype == dbs.dtype
+    return torch.cat([ga_t.flatten(), dbs])
+
+
+@pytest.mark.parametrize("n", [50, 300])
+def test_lora_grads_matches_the_formula(n: int) -> None:
+    """Members of a group: d not a tile multiple and wider than one program's columns (several programs add into
+    the same ga rows), ranks below a tile and odd, one member without a gradient (its gaᵀ rows stay zero), xa as
+    column slices of the group's N × Σr tensor (strided), rows not a multiple of the row block."""
+    gen = torch.Generator().manual_seed(n)
+    ranks, dims = [16, 5, 8], [600, 70, 33]
+    xa = torch.randn(n, sum(ranks), generator=gen)
+    xas = list(xa.split(ranks, 1))
+    gs = [torch.randn(n, d, generator=gen) for d in dims]
+    bs = [torch.randn(d, r, generator=gen) for d, r in zip(dims, ranks)]
+    live = [0, 2]  # member 1 got no gradient
+    args = ([gs[i] for i in live], [bs[i] for i in live], [xas[i] for i in live], [0, 21], [0.5, 2.0], sum(ranks))
+    ga_t, dbs = kernels.lora_grads(*args)
+    assert ga_t.shape == (sum(ranks), n) and dbs.shape == (600 * 16 + 33 * 8,) and dbs.dtype == torch.float32
+    assert dbs.untyped_storage().nbytes() == dbs.numel() * 4, "dB does not share gaᵀ's storage (it becomes .grad)"
+    torch.testing.assert_close(_joined((ga_t, dbs)).double(), _grads_expected(*args), rtol=1e-5, atol=1e-4)
+    assert not ga_t[16:21].any(), "the rows of the member without a gradient are zero"
+    half = kernels.lora_grads(*([t.half() for t in ts] for ts in args[:3]), *args[3:])  # fp32 sums, one rounding
+    assert half[0].dtype == torch.float16
+    torch.testing.assert_close(_joined(half).double(), _grads_expected(*([t.half() for t in ts] for ts in args[:3]),
+                                                                       *args[3:]), rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.parametrize("r", [33, 64])
+def test_lora_grads_wide_ranks_and_strided_operands(r: int) -> None:
+    """Ranks that need a 64-wide rank block; g and B given transposed (non-contiguous) — the kernel reads them by
+    their strides."""
+    gen = torch.Generator().manual_seed(r)
+    g = torch.randn(90, 40, generator=gen).t()  # 40 × 90, strides (1, 40)
+    b = torch.randn(r, 90, generator=gen).t()
+    xa = torch.randn(40, r, generator=gen)
+    args = ([g], [b], [xa], [0], [0.25], r)
+    torch.testing.assert_close(_joined(kernels.lora_grads(*args)).double(), _grads_expected(*args),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_lora_grads_op_and_checks() -> None:
+    """The custom op torch.compile graphs call (`unipeft::lora_grads`) gives the same numbers; mismatched operands
+    get a clear error; the kernel is only for CUDA tensors."""
+    gen = torch.Generator().manual_seed(1)
+    g, b, xa = torch.randn(40, 30, generator=gen), torch.randn(30, 4, generator=gen), torch.randn(40, 4, generator=gen)
+    expected = _grads_expected([g], [b], [xa], [0], [1.5], 4)
+    torch.testing.assert_close(_joined(torch.ops.unipeft.lora_grads([g], [b], [xa], [0], [1.5], 4)).double(),
+                               expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="shapes/dtypes disagree"):
+        kernels.lora_grads([g], [b.t().contiguous()], [xa], [0], [1.0], 4)
+    with pytest.raises(ValueError, match="shapes/dtypes disagree"):
+        kernels.lora_grads([g], [b], [xa], [2], [1.0], 4)  # rows 2..6 of 4
+    assert not kernels.grads_available([g], [4])  # CPU
+
+
+def test_lora_grads_availability(monkeypatch) -> None:
+    """Ranks ≤ 64, 16/32-bit floats, every offset within int32 for every operand (a strided view can reach past
+    2³¹ with fewer elements), non-deterministic mode, UNIPEFT_TRITON not 0."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    g = torch.zeros(4, 4)
+    assert kernels.grads_available([g, g], [16, 64]) == kernels._HAS_TRITON
+    assert not kernels.grads_available([g], [65])
+    assert not kernels.grads_available([g, g.double()], [16])
+    wide = torch.zeros(1).expand(2**16, 2**16)  # 2³² elements, no memory: its extent is what counts
+    assert kernels._extent(wide) == 1 and kernels._extent(torch.zeros(3, 5)) == 15
+    strided = torch.empty_strided((3, 2), (2**30, 1), device="meta")  # 6 elements, offsets up to 2·2³⁰ + 1
+    assert not kernels.grads_available([g, strided], [16])
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)  # fp32 atomics: timing-dependent
+    assert not kernels.grads_available([g], [16])
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setenv("UNIPEFT_TRITON", "0")
+    assert not kernels.grads_available([g], [16])
+
+
+def test_grads_launch_key_follows_triton_specialization() -> None:
+    """The cached-launch key holds what Triton specializes ints on (== 1, multiple of 16, int32 range), not their
+    values: batches of different lengths reuse one compiled kernel where Triton would."""
+    assert kernels._int_spec(48) == kernels._int_spec(4096) == (False, True, True)
+    assert kernels._int_spec(1) == (True, False, True)
+    assert kernels._int_spec(50) == kernels._int_spec(4097) == (False, False, True)
+    assert kernels._int_spec(2**31) == (False, True, False)
+    assert kernels._grad_stages(torch.bfloat16, 16) == 3
+    assert kernels._grad_stages(torch.float32, 64) == 1  # 48 KiB per stage: one fits the 64 KiB budget

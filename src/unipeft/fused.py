@@ -21,6 +21,9 @@ relative to Δh within 0.5% of the unmerged path's at every scale of B). A 4-bit
 the merged form with W dequantized per use, so QLoRA costs the dequantization and nothing else; int8 bases and
 other modules keep their own forward and add the delta with one accumulating GEMM (`_LoraDelta`).
 
+On CUDA the two backward products that read g — s·(g·B) for dA and dB = s·gᵀ·xa — are one Triton kernel that
+reads g once (kernels.lora_grads); elsewhere, and in deterministic mode, two GEMMs.
+
 Mixed batches (`adapter_names=`) with many LoRA adapters go through `routed_lora`: each row's A and s·B are gathered
 from stacked adapter weights and two batched GEMMs add every row's delta — a fixed number of launches for any number
 of adapters (SGMV-style), where a loop over adapters launches per adapter.
@@ -175,22 +178,31 @@ class _LoraLinear(torch.autograd.Function):
         g = gy.reshape(-1, gy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         dx = dw = dbias = da = db = None
-        ga = torch.mm(g, b) if (need_a or (need_x and not ctx.merged)) else None  # (g·B): N × r
+        ga_t = None  # s·(g·B)ᵀ: r × N
+        create_graph = torch.is_grad_enabled()
+        if need_a and need_b and xa is not None and not create_graph and kernels.grads_available([g], (a.shape[0],)):
+            # one Triton kernel reads g once for s·(g·B)ᵀ and dB (kernels.lora_grads)
+            ga_t, db = kernels.lora_grads([g], [b], [xa.reshape(-1, xa.shape[-1])], [0], [s], a.shape[0])
+            db, need_b = db.view(b.shape), False
+        elif need_a or (need_x and not ctx.merged):
+            ga_t = _scaled_mm(b.t(), g.t(), s)
         if need_x:
             if ctx.merged and torch.compiler.is_compiling():
                 dx = torch.mm(g, _merged_weight_again(weight, ctx.source, a, b, s))
             elif ctx.merged:
                 dx = torch.mm(g, _merged_weight(weight, ctx.source, a, b, s))
             else:
-                dx = torch.mm(g, weight).addmm_(ga, a, alpha=s)
+                dx = torch.mm(g, weight).addmm_(ga_t.t(), a)
             dx = dx.view(x.shape)
         if need_w:
             dw = g.t() @ x2
         if need_bias:
             dbias = g.sum(0)
         if need_a:
-            da = _scaled_mm(ga.t(), x2, s)
+            da = torch.mm(ga_t, x2)
         if need_b:
+            if create_graph:  # double backward: xa as a function of x and A (the saved one is detached)
+                xa = F.linear(x, a)
             db = _scaled_mm(g.t(), xa.reshape(-1, xa.shape[-1]), s)
         return dx, dw, dbias, da, db, None, None, None
 

@@ -8,10 +8,21 @@ merged_weight:  W' = W + s·B·A in one pass over W.
   adds s·(B·A) accumulated in fp32 to W in fp32 and rounds once — the numbers addmm gives — in two passes.
   `out` may be W itself (a freshly dequantized 4-bit weight is updated in place).
 
+lora_grads:  the LoRA backward's two skinny products that read the output gradient g (N × d_out), for every member
+  of a projection group at once: ga_i = s_i·g_i·B_i (N × r_i, stored transposed into one Σr × N block, as the
+  grouped backward uses it) and dB_i = s_i·g_iᵀ·xa_i (d_out × r_i). cuBLAS runs them as two GEMMs, each a full
+  pass over g at 40–65% of the memory bandwidth for these skinny shapes (r = 16), plus a split-K reduction and a
+  scaling kernel each. Here one kernel reads each (rows × columns) tile of g once and feeds both: its part of ga
+  and of dB is added into one fp32 buffer with atomics (zeroed first, rounded to g's dtype once at the end). Per
+  member on the H200, g read from DRAM (bench/skinny_probe.py): 23.5 → 16.6 µs at d_out 2048, 53.7 → 37.6 µs at
+  5632 (zeroing and rounding included). Triton kernels for the other skinny products (x·Aᵀ, gaᵀ·x) did not beat
+  cuBLAS there, so they stay GEMMs. The fp32 atomics make the low bits depend on timing, so under
+  `torch.use_deterministic_algorithms(True)` the cuBLAS GEMMs run instead.
+
 Used on CUDA tensors when Triton is installed and `UNIPEFT_TRITON` is not "0". In eager mode launches go through
-a cache of compiled kernels (`_launch`); under torch.compile the same kernel is the custom op
-`unipeft::merged_weight` (torch.library.triton_op), which the compiler launches from its generated code — no graph
-break. Tests run the kernel under `TRITON_INTERPRET=1` on CPU (fp32, fp16) against the explicit formula.
+a cache of compiled kernels (`_launch`); under torch.compile each kernel is a custom op (`unipeft::merged_weight`,
+`unipeft::lora_grads`: torch.library.triton_op), which the compiler launches from its generated code — no graph
+break. Tests run the kernels under `TRITON_INTERPRET=1` on CPU (fp32, fp16) against the explicit formulas.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import torch
 
 from . import envflags
 
-_BUILT: dict[str | None, object] = {}  # the jitted kernel per TRITON_INTERPRET setting (read when it is jitted)
+_BUILT: dict[tuple, object] = {}  # (function, TRITON_INTERPRET setting) -> the jitted kernel (read when jitted)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -62,18 +73,19 @@ def _merge_kernel(w_ptr, b_ptr, a_ptr, out_ptr, M, N, R, s, swm, swn, sbm, sbr, 
     tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _kernel():
-    """The jitted kernel, per TRITON_INTERPRET setting (Triton reads it when a function is jitted). Called per
+def _kernel(fn=_merge_kernel):
+    """The jitted kernel `fn`, per TRITON_INTERPRET setting (Triton reads it when a function is jitted). Called per
     launch: the setting is read through envflags (os.environ.get costs ~1 µs of host time)."""
     global tl
-    key = envflags.raw("TRITON_INTERPRET")
-    if key not in _BUILT:
+    key = (fn, envflags.raw("TRITON_INTERPRET"))
+    built = _BUILT.get(key)
+    if built is None:
         import triton
         import triton.language
 
         tl = triton.language
-        _BUILT[key] = triton.jit(_merge_kernel)
-    return _BUILT[key]
+        built = _BUILT[key] = triton.jit(fn)
+    return built
 
 
 def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
@@ -89,9 +101,9 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
     grid, args = _grid_args(w, b, a, s, out)
     if w.is_cuda and w.device.index != torch.cuda.current_device():
         with torch.cuda.device(w.device):  # Triton launches on the current device and its stream
-            _launch(_kernel(), grid, args)
+            _launch(_kernel(), grid, args, _merge_key(args), _NAMES)
     else:
-        _launch(_kernel(), grid, args)
+        _launch(_kernel(), grid, args, _merge_key(args), _NAMES)
     return out
 
 
@@ -106,7 +118,7 @@ def _check(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> None:
 def _grid_args(w, b, a, s: float, out) -> tuple[tuple[int, int, int], tuple]:
     """The launch grid and the kernel's arguments (the last five are its constexprs, in `_NAMES` order)."""
     (m, n), r = w.shape, a.shape[0]
-    bm, bn = 64, 128
+    bm, bn = 32, 128  # (bench/skinny_probe.py: W read from DRAM, 3–5% faster than 64 × 128 at the harness shapes)
     br = max(16, min(64, _next_power_of_2(r)))
     args = (w, b, a, out, m, n, r, float(s), *w.stride(), *b.stride(), *a.stride(), *out.stride(),
             bm, bn, br, _cdiv(r, br), w.dtype == torch.float32)
@@ -155,16 +167,22 @@ _DIRECT = [True]  # whether compiled kernels are launched directly (False once t
 _NAMES = ("BM", "BN", "BR", "NR", "IEEE")
 
 
-def _launch(kernel, grid: tuple[int, int, int], args: tuple) -> None:
-    """Launch with the compiled kernel looked up by every int argument's value, every pointer's 16-byte alignment,
-    the dtype and the device (current = the tensors', see merged_weight) — everything Triton specializes this
-    kernel's arguments on, `out` sharing W's dtype — instead of through `JITFunction.run`, whose
-    argument binding and cache-key hashing cost tens of µs of host time per call (a LoRA step launches this
-    ~150 times, and eager steps on a fast GPU are close to host-bound). The first launch per key goes through
-    Triton's own path and compiles; if the compiled kernel's launcher API differs (another Triton version), every
-    launch takes Triton's own path."""
+def _merge_key(args: tuple) -> tuple:
+    """What Triton specializes the merge kernel on: every int argument's value, every pointer's 16-byte alignment,
+    the dtype and the device (current = the tensors', see merged_weight); `out` shares W's dtype."""
     tensors = args[:4]
-    key = (tensors[0].device, tensors[0].dtype, *(t.data_ptr() % 16 == 0 for t in tensors), *args[4:7], *args[8:])
+    return ("merge", tensors[0].device, tensors[0].dtype, *(t.data_ptr() % 16 == 0 for t in tensors), *args[4:7],
+            *args[8:])
+
+
+def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple[str, ...],
+            num_warps: int = 4, num_stages: int | None = None) -> None:
+    """Launch with the compiled kernel looked up by `key` (everything Triton specializes the kernel's arguments on,
+    built by the caller) instead of through `JITFunction.run`, whose argument binding and cache-key hashing cost
+    tens of µs of host time per call (a LoRA step launches these kernels a few hundred times, and eager steps on a
+    fast GPU are close to host-bound). `args` ends with the constexprs, named by `names`. The first launch per key
+    goes through Triton's own path and compiles; if the compiled kernel's launcher API differs (another Triton
+    version), every launch takes Triton's own path."""
     compiled = _COMPILED.get(key)
     if compiled is not None:
         try:
@@ -173,7 +191,135 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple) -> None:
         except (TypeError, IndexError, AttributeError):  # a launcher API we do not know: Triton's own path from now
             _COMPILED.clear()
             _DIRECT[0] = False
-    params = dict(zip(_NAMES, args[-5:]))
-    compiled = kernel[grid](*args[:-5], **params, num_warps=4)
+    k = len(names)
+    options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+    compiled = kernel[grid](*args[:-k], **dict(zip(names, args[-k:])), **options)
     if _DIRECT[0] and os.environ.get("TRITON_INTERPRET") != "1" and hasattr(compiled, "__getitem__"):
         _COMPILED[key] = compiled
+
+
+def _grads_kernel(g_ptr, b_ptr, xa_ptr, out_ptr, N, D, R, s, sgn, sgd, sbd, sbr, sxn, sxr, ga_off, db_off,
+                  BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ND: tl.constexpr, IEEE: tl.constexpr):
+    """Rows [pid0·BN, +BN) × columns [pid1·ND·BD, +ND·BD) of g (N × D): adds this tile's part of s·g·B to ga
+    (fp32 at out + ga_off, stored transposed: element (n, j) at j·N + n) and of s·gᵀ·xa to dB (fp32 at
+    out + db_off, D × R row-major), both with atomics; each g tile is loaded once for both products."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rr = tl.arange(0, BR)
+    mn, mr = rn < N, rr < R
+    xa = tl.load(xa_ptr + rn[:, None] * sxn + rr[None, :] * sxr, mask=mn[:, None] & mr[None, :], other=0.0)
+    acc = tl.zeros((BN, BR), dtype=tl.float32)
+    d_start = tl.program_id(1) * (ND * BD)
+    for i in range(ND):  # (a constexpr trip count: Triton's interpreter cannot loop to a runtime bound)
+        rd = d_start + i * BD + tl.arange(0, BD)
+        md = rd < D
+        g = tl.load(g_ptr + rn[:, None] * sgn + rd[None, :] * sgd, mask=mn[:, None] & md[None, :], other=0.0)
+        b = tl.load(b_ptr + rd[:, None] * sbd + rr[None, :] * sbr, mask=md[:, None] & mr[None, :], other=0.0)
+        if IEEE:  # fp32: no TF32 rounding
+            acc += tl.dot(g, b, input_precision="ieee")
+            part = tl.dot(tl.trans(g), xa, input_precision="ieee")
+        else:
+            acc += tl.dot(g, b)
+            part = tl.dot(tl.trans(g), xa)
+        tl.atomic_add(out_ptr + db_off + rd[:, None] * R + rr[None, :], part * s, mask=md[:, None] & mr[None, :],
+                      sem="relaxed")
+    tl.atomic_add(out_ptr + ga_off + rr[None, :] * N + rn[:, None], acc * s, mask=mn[:, None] & mr[None, :],
+                  sem="relaxed")
+
+
+_GRAD_NAMES = ("BN", "BD", "BR", "ND", "IEEE")
+_GRAD_BN, _GRAD_BD, _GRAD_COLS = 128, 64, 512  # rows per program, columns per step, columns per program (measured)
+_GRAD_WARPS, _GRAD_STAGES = 4, 3
+_GRAD_MAX_RANK = 64  # larger ranks: the cuBLAS GEMMs (the kernel keeps a rows × rank fp32 block in registers)
+
+
+def grads_available(tensors, ranks) -> bool:
+    """Whether `lora_grads` can run for these gradients and xa's (CUDA, 16/32-bit floats, every offset the kernel
+    computes within int32, ranks ≤ 64) — and may: off under `torch.use_deterministic_algorithms(True)` (fp32
+    atomics) and with `UNIPEFT_TRITON=0`."""
+    if not _HAS_TRITON or max(ranks) > _GRAD_MAX_RANK or torch.are_deterministic_algorithms_enabled() \
+            or envflags.off("UNIPEFT_TRITON") or (torch.compiler.is_compiling() and not _HAS_OP):
+        return False
+    return all(t.is_cuda and t.dtype in _DTYPES and _extent(t) < 2**31 for t in tensors)
+
+
+def _extent(t: torch.Tensor) -> int:
+    """The largest element offset a kernel indexing t by its strides computes (int32 arithmetic must hold it)."""
+    return sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) + 1
+
+
+def lora_grads(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.Tensor], rows: list[int],
+               scales: list[float], total_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The skinny products of the LoRA backward for the members with a gradient (see the module docstring), in g's
+    dtype: gaᵀ (total_rank × N; member i's s_i·(g_i·B_i)ᵀ in rows [rows[i], +r_i), zero rows for members not
+    listed), and the listed members' dB_i = s_i·g_iᵀ·xa_i (d_i × r_i) one after another in one flat tensor — apart
+    from gaᵀ, so that a dB kept as a parameter's .grad does not hold gaᵀ's memory.
+    g_i: N × d_i, B_i: d_i × r_i, xa_i: N × r_i (any strides), all of one dtype. Under torch.compile this is the
+    custom op `unipeft::lora_grads`."""
+    if torch.compiler.is_compiling():
+        return torch.ops.unipeft.lora_grads(gs, bs, xas, rows, scales, total_rank)
+    return _lora_grads(gs, bs, xas, rows, scales, total_rank, _launch_grads)
+
+
+def _grad_stages(dtype: torch.dtype, br: int) -> int:
+    """Pipeline depth: three stages of the g and B tiles where they fit in 64 KiB of shared memory (bf16/fp16 at
+    r ≤ 32: 54 KiB), fewer for fp32 or wide ranks, so the kernel builds on GPUs with less shared memory than Hopper."""
+    size = 4 if dtype == torch.float32 else 2
+    per_stage = (_GRAD_BN * _GRAD_BD + _GRAD_BD * br) * size
+    return max(1, min(_GRAD_STAGES, 64 * 1024 // per_stage))
+
+
+def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> tuple[torch.Tensor, torch.Tensor]:
+    n = gs[0].shape[0]
+    n_ga = total_rank * n
+    out = torch.zeros(n_ga + sum(g.shape[1] * b.shape[1] for g, b in zip(gs, bs)), device=gs[0].device,
+                      dtype=torch.float32)
+    db_off = n_ga
+    for g, b, xa, row, s in zip(gs, bs, xas, rows, scales):
+        d, r = b.shape
+        if g.shape != (n, d) or xa.shape != (n, r) or not (g.dtype == b.dtype == xa.dtype) or row + r > total_rank:
+            raise ValueError(f"lora_grads: shapes/dtypes disagree: g {tuple(g.shape)} {g.dtype}, B {tuple(b.shape)} "
+                             f"{b.dtype}, xa {tuple(xa.shape)} {xa.dtype}, rows {row}..{row + r} of {total_rank}")
+        nd = _cdiv(min(d, _GRAD_COLS), _GRAD_BD)
+        grid = (_cdiv(n, _GRAD_BN), _cdiv(d, nd * _GRAD_BD), 1)
+        args = (g, b, xa, out, n, d, r, float(s), *g.stride(), *b.stride(), *xa.stride(), row * n, db_off,
+                _GRAD_BN, _GRAD_BD, max(16, _next_power_of_2(r)), nd, g.dtype == torch.float32)
+        launch(grid, args)
+        db_off += d * r
+    dtype = gs[0].dtype
+    dbs = out[n_ga:].to(dtype) if dtype != torch.float32 else out[n_ga:].clone()  # (its own storage, see above)
+    return out[:n_ga].view(total_rank, n).to(dtype), dbs
+
+
+def _int_spec(v: int) -> tuple[bool, bool, bool]:
+    """What Triton specializes an int argument on: == 1, divisible by 16, fits in int32."""
+    return v == 1, v % 16 == 0, -2**31 <= v < 2**31
+
+
+def _launch_grads(grid: tuple[int, int, int], args: tuple) -> None:
+    """Launch through the compiled-kernel cache, keyed by what Triton specializes on — not by the values of N and
+    the offsets, which change with every batch length (raw values would miss the cache and grow it per length)."""
+    g = args[0]
+    key = ("grads", g.device, g.dtype, *(t.data_ptr() % 16 == 0 for t in args[:4]),
+           *(_int_spec(v) for v in args[4:7]), *(_int_spec(v) for v in args[8:16]), *args[16:])
+    stages = _grad_stages(g.dtype, args[18])
+    if g.is_cuda and g.device.index != torch.cuda.current_device():
+        with torch.cuda.device(g.device):
+            _launch(_kernel(_grads_kernel), grid, args, key, _GRAD_NAMES, _GRAD_WARPS, stages)
+    else:
+        _launch(_kernel(_grads_kernel), grid, args, key, _GRAD_NAMES, _GRAD_WARPS, stages)
+
+
+def _lora_grads_op(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.Tensor], rows: list[int],
+                   scales: list[float], total_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    def launch(grid, args):
+        wrap_triton(_kernel(_grads_kernel))[grid](*args[:-5], **dict(zip(_GRAD_NAMES, args[-5:])),
+                                                  num_warps=_GRAD_WARPS, num_stages=_grad_stages(args[0].dtype,
+                                                                                                 args[18]))
+    with torch.cuda.device(gs[0].device) if gs[0].is_cuda else contextlib.nullcontext():
+        return _lora_grads(gs, bs, xas, rows, scales, total_rank, launch)
+
+
+if _HAS_OP:
+    torch.library.triton_op("unipeft::lora_grads", _lora_grads_op, mutates_args=())

@@ -22,6 +22,9 @@ it saves the same tensors. A member called with a different x than the one its o
 (cross-attention: q reads the decoder, k/v the encoder) turns its group off; `link` keeps it off while the members
 stay the same. Every member then runs alone, with the same results.
 
+On CUDA, gaᵀ and every dB_i come from one Triton kernel per member that reads g_i once for both
+(kernels.lora_grads) instead of two GEMMs.
+
 Only for training-shaped calls (gradients on, the merged form paying for every member, plain LoRA on hook-free
 nn.Linear bases in one dtype, no routing). Under torch.compile the same logic runs while the graph is traced, so
 the compiled graph holds one group node per q/k/v (the tracer follows x's identity; version counters are not
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from . import envflags, fused  # (fused imports this module too: used at call time only, never at import)
+from . import envflags, fused, kernels  # (fused imports this module too: used at call time only, never at import)
 
 #: leaf-name sets of projections that read the same input (Llama/Mistral/Qwen, BERT, T5-style, gated T5)
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
@@ -212,15 +215,25 @@ class _LoraGroup(torch.autograd.Function):
         live = [i for i in range(k) if gs[i] is not None]
         gts = [None if g is None else g.t() for g in gs]  # g_iᵀ: read by gaᵀ and by dB_i (one transpose each)
         create_graph, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
-        # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (row blocks are contiguous, so each GEMM writes its block in place;
-        # blocks of members without a gradient are zero). Blocks of Σr-sized tensors are taken with one
-        # split_with_sizes call rather than a slice per member (host time).
-        if create_graph or compiling:
+        grads_b = [None] * k
+        # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (blocks of members without a gradient are zero).
+        if xa is not None and live and not create_graph and kernels.grads_available([gs[i] for i in live], ranks):
+            # one Triton kernel per member reads g_i once for its gaᵀ block and its dB (kernels.lora_grads)
+            offsets = [sum(ranks[:i]) for i in range(k)]
+            xas = xa.split_with_sizes(ranks, 1)
+            ga_t, dbs = kernels.lora_grads([gs[i] for i in live], [bs[i] for i in live], [xas[i] for i in live],
+                                           [offsets[i] for i in live], [scales[i] for i in live], sum(ranks))
+            for i, db in zip(live, dbs.split_with_sizes([bs[i].numel() for i in live])):
+                grads_b[i] = db.view(bs[i].shape) if needs[4 + 3 * i] else None
+            xa = None  # (dB is done)
+        elif create_graph or compiling:
             # double backward (create_graph=True): out= GEMMs are not differentiable; a compiler: no writes into
             # slices (it would add copies) and no cached zero
             ga_t = torch.cat([(bs[i].t() @ gts[i]) * scales[i] if i in live
                               else x2.new_zeros(ranks[i], x2.shape[0]) for i in range(k)])
         else:
+            # row blocks are contiguous, so each GEMM writes its block in place; blocks are taken with one
+            # split_with_sizes call rather than a slice per member (host time)
             ga_t = x2.new_empty(sum(ranks), x2.shape[0]) if len(live) == k else x2.new_zeros(sum(ranks), x2.shape[0])
             blocks = ga_t.split_with_sizes(ranks)
             zero = fused.zero_like(x2)
@@ -234,12 +247,12 @@ class _LoraGroup(torch.autograd.Function):
             for i in live:
                 dx = torch.mm(gs[i], ws[i]) if dx is None else acc(dx, gs[i], ws[i])
             dx = acc(dx, ga_t.t(), torch.cat(as_) if create_graph else a_cat).view(x.shape)
-        grads_a, grads_b = [None] * k, [None] * k
+        grads_a = [None] * k
         if any(needs[3 + 3 * i] for i in live):
             da = torch.mm(ga_t, x2).split_with_sizes(ranks)  # the one pass over x
             for i in live:
                 grads_a[i] = da[i] if needs[3 + 3 * i] else None
-        if any(needs[4 + 3 * i] for i in live):
+        if xa is not None and any(needs[4 + 3 * i] for i in live):
             if create_graph:  # double backward: xa as a function of x and A
                 xa = torch.mm(x2, torch.cat(as_).t())
             xas = xa.split_with_sizes(ranks, 1)
