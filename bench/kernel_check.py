@@ -1,5 +1,6 @@
-"""GPU check of the Triton kernels against PyTorch (bf16 / fp16 / fp32), and of the grouped q/k/v path's gradients
-against the per-projection path on a random Llama (bf16). Usage: PYTHONPATH=src python3 bench/kernel_check.py"""
+"""GPU check of the Triton kernels against PyTorch (bf16 / fp16 / fp32) and the fp64 formulas, and of the grouped
+q/k/v path's gradients against the per-projection path on a random Llama (bf16).
+Usage: PYTHONPATH=src python3 bench/kernel_check.py"""
 
 from __future__ import annotations
 
@@ -83,6 +84,64 @@ def grouped_grads() -> dict:
     return dict(loss_grouped=l1, loss_single=l0, max_rel_grad_diff=rel, params=len(g0))
 
 
+def lora_grads_rows() -> list[dict]:
+    """kernels.lora_grads (gaᵀ and dB from one read of g, fp32 atomics) against the fp64 formula, next to cuBLAS's
+    bf16 GEMMs' error, at the harness shapes (N = 8192, d_out 2048 / 5632, r = 16) and a q/k/v-like group."""
+    rows = []
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for dims, ranks in (([2048], [16]), ([5632], [16]), ([2048, 512, 512], [16, 16, 16]), ([1000], [40])):
+            n = 8192
+            gs = [torch.randn(n, d, device="cuda", dtype=dtype) for d in dims]
+            bs = [torch.randn(d, r, device="cuda", dtype=dtype) * 0.02 for d, r in zip(dims, ranks)]
+            xa = torch.randn(n, sum(ranks), device="cuda", dtype=dtype)
+            xas = list(xa.split(ranks, 1))
+            offs = [sum(ranks[:i]) for i in range(len(ranks))]
+            got = kernels.lora_grads(gs, bs, xas, offs, [2.0] * len(dims), sum(ranks)).double()
+            again = kernels.lora_grads(gs, bs, xas, offs, [2.0] * len(dims), sum(ranks)).double()  # cached launch
+            ga64 = torch.cat([2.0 * (g.double() @ b.double()).t() for g, b in zip(gs, bs)])
+            db64 = [2.0 * g.double().t() @ x.double() for g, x in zip(gs, xas)]
+            want = torch.cat([ga64.flatten(), *(d.flatten() for d in db64)])
+            cublas = torch.cat([torch.cat([(2.0 * (g @ b)).t() for g, b in zip(gs, bs)]).flatten(),
+                                *((2.0 * (g.t() @ x)).flatten() for g, x in zip(gs, xas))]).double()
+            scale = want.abs().max()
+            rows.append(dict(dtype=str(dtype), dims=dims, ranks=ranks,
+                             kernel_rel_err=float((got - want).abs().max() / scale),
+                             cublas_rel_err=float((cublas - want).abs().max() / scale),
+                             cached_launch_rel_diff=float((again - got).abs().max() / scale)))
+    return rows
+
+
+def grads_kernel_training() -> dict:
+    """LoRA gradients of a random bf16 Llama (groups and lone projections) with the grads kernel and with the cuBLAS
+    GEMMs, three steps each (the later ones through the cached launch path): relative norm of the difference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import unipeft
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=1000)
+    am = unipeft.attach(LlamaForCausalLM(cfg).to("cuda", torch.bfloat16), "lora", r=16, alpha=32,
+                        targets=["q", "k", "v", "o", "gate", "up", "down"])
+    with torch.no_grad():
+        for p in am.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    x = torch.randint(0, 1000, (4, 512), device="cuda")
+    real, out = kernels.grads_available, {}
+    for on in (True, False):
+        kernels.grads_available = real if on else (lambda *a: False)
+        for _ in range(3):
+            am.zero_grad(set_to_none=True)
+            am(input_ids=x, labels=x).loss.backward()
+        out[on] = {n: p.grad.float() for n, p in am.named_parameters() if p.requires_grad}
+    kernels.grads_available = real
+    rel = max(float((out[True][n] - out[False][n]).norm() / out[False][n].norm()) for n in out[False])
+    return dict(max_rel_grad_diff_kernel_vs_cublas=rel, params=len(out[False]))
+
+
 if __name__ == "__main__":
-    res = dict(merged_weight=merged_weight_rows(), launch_host_us=launch_host_us(), grouped=grouped_grads())
+    res = dict(merged_weight=merged_weight_rows(), launch_host_us=launch_host_us(), grouped=grouped_grads(),
+               lora_grads=lora_grads_rows(), grads_kernel_training=grads_kernel_training())
     print(json.dumps(res, indent=1))

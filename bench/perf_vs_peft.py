@@ -87,7 +87,13 @@ def run(compile_: bool, only: set[str] | None) -> list[dict]:
         if not want(case):
             return
         m = make()
+        if compile_:
+            torch._dynamo.reset()  # each case compiles afresh; its graph and graph-break counts are its own
+            torch._dynamo.utils.counters.clear()
         rows.append(_h.time_train(tag + case, wrap(m), params_of(m)))
+        if compile_:
+            c = torch._dynamo.utils.counters
+            rows[-1].update(graphs=c["stats"]["unique_graphs"], graph_breaks=sum(c["graph_break"].values()))
         del m
         _h.release()
 
