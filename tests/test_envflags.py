@@ -38,3 +38,42 @@ def test_raw_follows_os_environ(monkeypatch) -> None:
     assert envflags.raw("UNIPEFT_TEST_FLAG") not in (None, one)
     monkeypatch.setenv("UNIPEFT_TEST_FLAG", "1")
     assert envflags.raw("UNIPEFT_TEST_FLAG") == one
+
+
+def test_every_switch_read_by_the_library_is_encoded_at_import() -> None:
+    """A key encoded inside a torch.compile region broke its graph (41 breaks on a Llama whose first call was
+    compiled); every name the library passes to `off`/`raw` must be encoded when envflags is imported."""
+    import re
+    from pathlib import Path
+
+    import unipeft
+
+    src = Path(unipeft.__file__).parent
+    names = {m for f in src.glob("*.py") for m in re.findall(r'envflags\.(?:off|raw)\("([A-Z_]+)"\)', f.read_text())}
+    assert names >= {"UNIPEFT_FUSED", "UNIPEFT_GROUPS", "UNIPEFT_TRITON"}
+    if envflags._FAST:
+        assert names <= set(envflags._KEYS)
+
+
+def test_first_call_compiled_has_no_graph_break() -> None:
+    """A fresh process whose first model call is compiled (AOTAutograd, CPU): one graph, no break, every step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import sys, torch, unipeft
+sys.path.insert(0, 'tests')
+from conftest import tiny_model, inputs
+am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+batch = inputs(batch=4, seq=48)
+cm = torch.compile(am, backend="aot_eager")
+for _ in range(2):
+    cm(**batch, labels=batch["input_ids"]).loss.backward()
+c = torch._dynamo.utils.counters
+print(c["stats"]["unique_graphs"], sum(c["graph_break"].values()))
+"""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["1", "0"]

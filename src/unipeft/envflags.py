@@ -16,7 +16,9 @@ _ENVIRON = os.environ
 _DATA = getattr(_ENVIRON, "_data", None)
 _FAST = type(_DATA) is dict and hasattr(_ENVIRON, "encodekey") and hasattr(_ENVIRON, "encodevalue")
 _ZERO = _ENVIRON.encodevalue("0") if _FAST else "0"
-_KEYS: dict[str, object] = {}
+#: the switches' encoded keys, made here: encoding one inside a torch.compile region would break its graph
+_KEYS: dict[str, object] = {n: _ENVIRON.encodekey(n) for n in ("UNIPEFT_FUSED", "UNIPEFT_GROUPS", "UNIPEFT_TRITON",
+                                                              "TRITON_INTERPRET")} if _FAST else {}
 
 
 def off(name: str) -> bool:
