@@ -99,11 +99,7 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
         raise ValueError(f"merged_weight: out must match W ({tuple(w.shape)} {w.dtype} {w.device}); got "
                          f"{tuple(out.shape)} {out.dtype} {out.device}")
     grid, args = _grid_args(w, b, a, s, out)
-    if w.is_cuda and w.device.index != torch.cuda.current_device():
-        with torch.cuda.device(w.device):  # Triton launches on the current device and its stream
-            _launch(_kernel(), grid, args, _merge_key(args), _NAMES)
-    else:
-        _launch(_kernel(), grid, args, _merge_key(args), _NAMES)
+    _launch(_kernel(), grid, args, _merge_key(args), _NAMES)
     return out
 
 
@@ -182,7 +178,12 @@ def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple
     tens of µs of host time per call (a LoRA step launches these kernels a few hundred times, and eager steps on a
     fast GPU are close to host-bound). `args` ends with the constexprs, named by `names`. The first launch per key
     goes through Triton's own path and compiles; if the compiled kernel's launcher API differs (another Triton
-    version), every launch takes Triton's own path."""
+    version), every launch takes Triton's own path. Triton launches on the current device and its stream, so a
+    tensor on another GPU (a model split across GPUs) makes its device current for the launch."""
+    t = args[0]
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        with torch.cuda.device(t.device):
+            return _launch(kernel, grid, args, key, names, num_warps, num_stages)
     compiled = _COMPILED.get(key)
     if compiled is not None:
         try:
@@ -302,11 +303,7 @@ def _launch_grads(grid: tuple[int, int, int], args: tuple) -> None:
     key = ("grads", g.device, g.dtype, *(t.data_ptr() % 16 == 0 for t in args[:4]),
            *(_int_spec(v) for v in args[4:7]), *(_int_spec(v) for v in args[8:16]), *args[16:])
     stages = _grad_stages(g.dtype, args[18])
-    if g.is_cuda and g.device.index != torch.cuda.current_device():
-        with torch.cuda.device(g.device):
-            _launch(_kernel(_grads_kernel), grid, args, key, _GRAD_NAMES, _GRAD_WARPS, stages)
-    else:
-        _launch(_kernel(_grads_kernel), grid, args, key, _GRAD_NAMES, _GRAD_WARPS, stages)
+    _launch(_kernel(_grads_kernel), grid, args, key, _GRAD_NAMES, _GRAD_WARPS, stages)
 
 
 def _lora_grads_op(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.Tensor], rows: list[int],
