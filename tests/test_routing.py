@@ -106,3 +106,59 @@ def test_gradient_checkpointing_gives_the_same_gradients(family: str, preset: st
         assert plain.keys() == ckpt.keys()
         for k in plain:
             torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+class _Walks(dict):
+    """AdaptedModel._wrappers that counts the walks over its layers."""
+
+    walks = 0
+
+    def values(self):
+        self.walks += 1
+        return super().values()
+
+    def items(self):
+        self.walks += 1
+        return super().items()
+
+
+def test_a_plain_call_walks_no_layer_for_routing_or_prompts() -> None:
+    """Without per-sample routing and prompt adapters a model call reads no layer to clear a routing or to look for
+    prompt tokens (per layer, a compiled call paid an identity guard evaluated in Python and a replayed write);
+    after a routed call the next plain call clears the routing from every layer, and only that one walks them."""
+    am = unipeft.attach(tiny_model("llama").eval(), "lora")
+    am.add("b", "lora")
+    randomize(am, "b")
+    spy = _Walks(am._wrappers)
+    am._wrappers = spy
+    x = inputs(batch=2)
+    with torch.no_grad():
+        plain = output_of(am(**x))
+        assert spy.walks == 0
+        routed = output_of(am(**x, adapter_names=["b", "default"]))
+        assert all(w.routing is not None for w in dict.values(spy)) and spy.walks == 1
+        again = output_of(am(**x))
+        assert all(w.routing is None for w in dict.values(spy)) and spy.walks == 2
+        output_of(am(**x))
+        assert spy.walks == 2
+    torch.testing.assert_close(again, plain)
+    assert not torch.allclose(routed[:1], plain[:1])  # row 0 ran adapter b, so the routing did act
+
+
+def test_prompt_adapters_are_found_after_others() -> None:
+    """The model-level flag follows the layers: a prompt adapter added after a LoRA one is seen, detach resets it."""
+    model = tiny_model("llama").eval()
+    am = unipeft.attach(model, "lora")
+    x = inputs(batch=1)
+    assert not am.__dict__["_has_prompt"]
+    am.add("p", "prompt")
+    randomize(am, "p")
+    am.activate("p")
+    assert am.__dict__["_has_prompt"]
+    with torch.no_grad():
+        with_prompt = output_of(am(**x))
+        am.deactivate()
+        without = output_of(am(**x))
+    assert with_prompt.shape == without.shape and not torch.allclose(with_prompt, without)
+    am.detach()
+    assert not am.__dict__["_has_prompt"]

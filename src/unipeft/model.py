@@ -308,6 +308,7 @@ class AdaptedModel(nn.Module):
             set_module(self.model, path, original)
         self._wrappers.clear()
         self._groups = []
+        self.__dict__["_has_prompt"] = False
         if self._position_hook is not None:
             self._position_hook.remove()
             self._position_hook = None
@@ -450,6 +451,8 @@ class AdaptedModel(nn.Module):
         """Push the active/merged sets into the wrappers and set requires_grad: active, unmerged adapters train."""
         graphs.invalidate(self.model, guard=self._unrouted)  # CUDA graphs recorded the old state (graphs.py)
         self._groups = siblings.link(self._wrappers)
+        # whether any layer holds prompt tokens: a model call without them then reads no layer for them (prompt.py)
+        self.__dict__["_has_prompt"] = any(w.holds_prompt for w in self._wrappers.values())
         for w in self._wrappers.values():
             w.active = list(self.active)
             w.merged = [n for n in self.merged if n in w.adapters]
@@ -510,8 +513,14 @@ class AdaptedModel(nn.Module):
                 raise UnipeftError(f"per-sample routing needs unmerged adapters; {', '.join(self.merged)} merged: "
                                    "call unmerge() first")
             routing = Routing(names)
+        elif not self.__dict__.get("_routed", False):
+            # No layer holds a routing: nothing to clear. Touching every layer here would also cost a compiled call
+            # a replayed write per layer and an identity guard per layer (each reached from both `_wrappers` and
+            # the module tree), which dynamo evaluates in Python at every call.
+            return None
         for w in self._wrappers.values():  # (a plain attribute: nn.Module.__setattr__'s checks cost ~1 µs per layer
             w.__dict__["routing"] = routing  # per call on a host-bound step)
+        self.__dict__["_routed"] = routing is not None  # (a Routing stays on the layers until the next call)
         return routing
 
     def _shift_positions(self, module: nn.Module, args: tuple, kwargs: dict):

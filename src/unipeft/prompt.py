@@ -12,6 +12,11 @@ from .errors import UnipeftError
 
 
 def prompt_sources(am) -> list[tuple[str, torch.Tensor]]:
+    """(adapter, its prompt tokens) for the adapters this call uses that have prompt tokens. Runs at every model
+    call: without prompt adapters (the model keeps the flag, `AdaptedModel._refresh`) it reads no layer — a
+    compiled call would otherwise guard every layer, reached both here and through the module tree."""
+    if not am.__dict__.get("_has_prompt", True):
+        return []
     routing_names = None
     for w in am._wrappers.values():
         routing_names = None if w.routing is None else w.routing.names

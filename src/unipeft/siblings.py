@@ -108,8 +108,11 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
             or envflags.off("UNIPEFT_GROUPS"):
         return None
     mine = group.index.get(id(layer))
-    if mine is None or group.members[mine] is not layer:
-        return None  # a shallow copy sharing the group (nn.DataParallel's replicas): not a member, runs alone
+    if mine is None:
+        # A shallow copy sharing the group (nn.DataParallel's replicas): not a member, runs alone. (The group holds
+        # its members, so no other object can have a member's id. Comparing `group.members[mine] is layer` instead
+        # would cost a compiled call one identity guard per member, evaluated in Python at every call.)
+        return None
     # Version counters guard against in-place changes between the members' calls. A compiled graph has no such
     # changes to see (and its tracer cannot read the counters), so there the identity of x is the whole key.
     compiling = torch.compiler.is_compiling()
@@ -194,9 +197,13 @@ class _LoraGroup(torch.autograd.Function):
         biases = tensors[3 * k:]
         need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
         a_cat = torch.cat(as_)  # Σr × d_in
-        xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None  # N × Σr: the one pass over x
-        ys = tuple(F.linear(x, fused._merged_weight(w, None, a, b, s), bias)
-                   for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
+        ys, xa = [], None
+        for w, a, b, s, bias in zip(ws, as_, bs, scales, biases):
+            ys.append(F.linear(x, fused._merged_weight(w, None, a, b, s), bias))
+            if need_b and xa is None:
+                # N × Σr, the one pass over x — right after the first GEMM read x, while part of it is in L2
+                xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t())
+        ys = tuple(ys)
         ctx.save_for_backward(x, xa, a_cat, *ws, *as_, *bs)  # the A's too: double backward differentiates through them
         ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
         ctx.ranks = [a.shape[0] for a in as_]  # (backward splits Σr-sized tensors into the members' blocks with them)
