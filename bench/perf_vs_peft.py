@@ -2,6 +2,8 @@
 
 Usage (on the GPU machine, harness copied into an ignored folder that travels with `carry`):
     PYTHONPATH=src python3 bench/perf_vs_peft.py --harness .gpu_carry/bench --out perf.json [--compile] [--only a,b]
+        [--repeats K]   # then the floor and unipeft LoRA in turn, K rounds: the median ratio (drift hits both)
+        [--guards]      # with --compile: each case again with guard evaluation skipped (what guards cost)
 
 Cases (Llama-shaped 953M model, bf16, batch 8 × 1024, LoRA r=16 on all 7 linears, dropout 0, AdamW; median of 10):
   train: frozen floor, peft LoRA, unipeft LoRA (fused path), unipeft LoRA reference path (UNIPEFT_FUSED=0)
@@ -90,10 +92,15 @@ def run(compile_: bool, only: set[str] | None) -> list[dict]:
         if compile_:
             torch._dynamo.reset()  # each case compiles afresh; its graph and graph-break counts are its own
             torch._dynamo.utils.counters.clear()
-        rows.append(_h.time_train(tag + case, wrap(m), params_of(m)))
+        model, params = wrap(m), params_of(m)
+        rows.append(_h.time_train(tag + case, model, params))
         if compile_:
             c = torch._dynamo.utils.counters
             rows[-1].update(graphs=c["stats"]["unique_graphs"], graph_breaks=sum(c["graph_break"].values()))
+            if _SKIP_GUARDS[0]:  # the same compiled model without evaluating its guards: what they cost per step
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    rows.append(_h.time_train(tag + case + "_guards_skipped", model, params))
+        del model, params
         del m
         _h.release()
 
@@ -161,6 +168,37 @@ def run(compile_: bool, only: set[str] | None) -> list[dict]:
         _h.B, _h.T = b0, t0
     if want("accelerate"):  # last: accelerate swaps RoPE process-wide until restored
         rows += _accelerated()
+    return rows
+
+
+def interleaved(compile_: bool, k: int) -> list[dict]:
+    """The frozen floor and unipeft LoRA timed in turn for k rounds, each model built (and compiled) once: a ratio
+    per round and their median. Two cases timed minutes apart drift with the host and the clocks (the same
+    compiled pair gave 1.104× and 1.126× in two back-to-back runs); taken in turn, the drift hits both. Both models
+    are on the GPU together, so these rows' peak memory is not a case's own (the single runs give that)."""
+    wrap = torch.compile if compile_ else (lambda m: m)
+    tag = "compiled_" if compile_ else ""
+    if compile_:
+        torch._dynamo.reset()
+    floor = _h.make_model()
+    floor_params = _h.frozen_floor(floor)
+    lora = _unipeft(_h.make_model())
+    lora_params = _trainable(lora)
+    cases = ((f"{tag}interleaved_frozen_floor", wrap(floor), floor_params),
+             (f"{tag}interleaved_unipeft_lora_r16", wrap(lora), lora_params))
+    rows, ratios = [], []
+    for i in range(k):
+        pair = [_h.time_train(f"{case}_{i}", model, params) for case, model, params in cases]
+        rows += pair
+        ratios.append(pair[1]["step_ms"] / pair[0]["step_ms"])
+        if compile_ and _SKIP_GUARDS[0]:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                rows += [_h.time_train(f"{case}_{i}_guards_skipped", model, params) for case, model, params in cases]
+    rows.append(dict(case=f"{tag}interleaved_lora_over_floor", ratios=[round(r, 3) for r in ratios],
+                     median=round(sorted(ratios)[k // 2], 3)))
+    print(json.dumps(rows[-1]), flush=True)
+    del cases, floor, lora, floor_params, lora_params
+    _h.release()
     return rows
 
 
@@ -261,6 +299,10 @@ def main() -> None:
     ap.add_argument("--out", default="perf.json")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated case names")
+    ap.add_argument("--guards", action="store_true",
+                    help="with --compile: time each case again without evaluating the compiled guards")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="then time the frozen floor and unipeft LoRA in turn this many rounds (median ratio)")
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
     import peft
@@ -272,13 +314,17 @@ def main() -> None:
                 gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), H=_h.H, L=_h.L, I=_h.I, B=_h.B,
                 T=_h.T, compiled=args.compile)
     print(json.dumps(meta), flush=True)
+    _SKIP_GUARDS[0] = args.guards
     rows = run(args.compile, set(args.only.split(",")) if args.only else None)
+    if args.repeats:
+        rows += interleaved(args.compile, args.repeats)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(table(rows))
 
 
 _h = None
+_SKIP_GUARDS = [False]
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,15 @@ in a real step, where g, x and W were not just read. Prints tables and writes JS
   rows  : xa = x·Aᵀ (N × r, forward): cuBLAS vs a Triton kernel owning whole rows (no atomics)
   cols  : dA = gaᵀ·x (r × d, backward): cuBLAS vs a Triton kernel adding column-block partials with fp32 atomics
   merge : W' = W + s·B·A: kernels.merged_weight tile choices
+  parts : where the grads kernel's time goes — timing-only variants that store instead of adding atomically, or
+          skip the stores (wrong results, only timed), against a clone of g (read + write)
+  mref  : the W' kernel against a plain copy of W (the same bytes), with eviction hints and row loops
+  widths: the frozen GEMM x·Wᵀ against its output width — whether appending A's rows to W' (xa from the same
+          GEMM) costs less than the separate x·Aᵀ
+  layout: dA and xa with their operands in either layout
+  l2    : a skinny pass right after a frozen GEMM that read the same tensor, against one that reads another copy
 
-Usage (GPU machine): PYTHONPATH=src python3 bench/skinny_probe.py [--out skinny.json]
+Usage (GPU machine): PYTHONPATH=src python3 bench/skinny_probe.py [--out skinny.json] [--only grads,parts,...]
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import torch
 import triton
 import triton.language as tl
+from torch.nn import functional as F
 
 from unipeft import kernels
 
@@ -182,20 +190,157 @@ def merge(m: int, n: int, r: int = 16) -> None:
              _time([lambda w=w, o=o: launch(w, o) for w, o in zip(ws, outs)]), ws[0].numel() * 4)
 
 
+@triton.jit
+def _grads_parts(g_ptr, b_ptr, xa_ptr, out_ptr, N, D, R, sgn, sgd, sbd, sbr, sxn, sxr, db_off,
+                 BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ND: tl.constexpr, STORE: tl.constexpr):
+    """kernels._grads_kernel's loop with its outputs replaced: STORE 0 atomics (as the real kernel), 1 plain stores,
+    2 none (one token store per program, so the loads and dots are not optimized away)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rr = tl.arange(0, BR)
+    mn, mr = rn < N, rr < R
+    xa = tl.load(xa_ptr + rn[:, None] * sxn + rr[None, :] * sxr, mask=mn[:, None] & mr[None, :], other=0.0)
+    acc = tl.zeros((BN, BR), dtype=tl.float32)
+    dacc = tl.zeros((BD, BR), dtype=tl.float32)
+    d_start = tl.program_id(1) * (ND * BD)
+    for i in range(ND):
+        rd = d_start + i * BD + tl.arange(0, BD)
+        md = rd < D
+        g = tl.load(g_ptr + rn[:, None] * sgn + rd[None, :] * sgd, mask=mn[:, None] & md[None, :], other=0.0)
+        b = tl.load(b_ptr + rd[:, None] * sbd + rr[None, :] * sbr, mask=md[:, None] & mr[None, :], other=0.0)
+        acc += tl.dot(g, b)
+        part = tl.dot(tl.trans(g), xa)
+        if STORE == 0:
+            tl.atomic_add(out_ptr + db_off + rd[:, None] * R + rr[None, :], part, mask=md[:, None] & mr[None, :],
+                          sem="relaxed")
+        elif STORE == 1:
+            tl.store(out_ptr + db_off + rd[:, None] * R + rr[None, :], part, mask=md[:, None] & mr[None, :])
+        else:
+            dacc += part
+    if STORE == 0:
+        tl.atomic_add(out_ptr + rr[None, :] * N + rn[:, None], acc, mask=mn[:, None] & mr[None, :], sem="relaxed")
+    elif STORE == 1:
+        tl.store(out_ptr + rr[None, :] * N + rn[:, None], acc, mask=mn[:, None] & mr[None, :])
+    else:
+        one = (tl.arange(0, BN)[:, None] < 1) & (rr[None, :] < 1)
+        tl.store(out_ptr + tl.program_id(0) * 0 + rr[None, :] * 0 + tl.arange(0, BN)[:, None] * 0,
+                 tl.sum(acc, 0)[None, :] + tl.sum(dacc, 0)[None, :], mask=one)
+
+
+def parts(d: int, r: int = 16) -> None:
+    gs = _copies((N, d))
+    b = torch.randn(d, r, device="cuda", dtype=torch.bfloat16) * 0.05
+    xa = torch.randn(N, r, device="cuda", dtype=torch.bfloat16)
+    out = torch.zeros(N * r + d * r, device="cuda", dtype=torch.float32)
+    _row("parts", (N, d, r), "clone of g (read + write)", _time([lambda g=g: g.clone() for g in gs]),
+         gs[0].numel() * 4)
+    _row("parts", (N, d, r), "lora_grads (zeroing and rounding included)",
+         _time([lambda g=g: kernels.lora_grads([g], [b], [xa], [0], [2.0], r) for g in gs]), gs[0].numel() * 2)
+    for bn, warps in ((128, 4), (256, 8)):
+        nd = triton.cdiv(min(512, d), 64)
+        grid = (triton.cdiv(N, bn), triton.cdiv(d, nd * 64))
+        for store, what in ((0, "atomics"), (1, "plain stores (timing only)"), (2, "no stores (timing only)")):
+            def launch(g, store=store, bn=bn, warps=warps, nd=nd, grid=grid):
+                _grads_parts[grid](g, b, xa, out, N, d, r, *g.stride(), *b.stride(), *xa.stride(), N * r,
+                                   BN=bn, BD=64, BR=16, ND=nd, STORE=store, num_warps=warps, num_stages=3)
+            _row("parts", (N, d, r), f"bn{bn} w{warps} kernel only, {what}",
+                 _time([lambda g=g: launch(g) for g in gs]), gs[0].numel() * 2)
+
+
+def merge_ref(m: int, n: int, r: int = 16) -> None:
+    ws = _copies((m, n))
+    b = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(r, n, device="cuda", dtype=torch.bfloat16)
+    outs = [torch.empty_like(w) for w in ws]
+    _row("mref", (m, n, r), "copy_ of W (the same bytes)",
+         _time([lambda w=w, o=o: o.copy_(w) for w, o in zip(ws, outs)]), ws[0].numel() * 4)
+    _row("mref", (m, n, r), "merged_weight",
+         _time([lambda w=w, o=o: kernels.merged_weight(w, b, a, 2.0, out=o) for w, o in zip(ws, outs)]),
+         ws[0].numel() * 4)
+
+
+def widths() -> None:
+    for d_in, outs in ((2048, (2048, 2096, 4096, 4144, 6144, 6192, 5632, 5664, 11264, 11296)), (5632, (2048, 2064))):
+        xs = _copies((N, d_in))
+        for d_out in outs:
+            w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16)
+            _row("widths", (N, d_in, d_out), "x·Wᵀ", _time([lambda x=x, w=w: F.linear(x, w) for x in xs], reps=20),
+                 (N * d_in + N * d_out + d_out * d_in) * 2)
+        for r in (16, 48):
+            a = torch.randn(r, d_in, device="cuda", dtype=torch.bfloat16)
+            _row("widths", (N, d_in, r), "x·Aᵀ alone", _time([lambda x=x, a=a: F.linear(x, a) for x in xs]),
+                 N * d_in * 2)
+        y = torch.randn(N, d_in + 48, device="cuda", dtype=torch.bfloat16)
+        tail = _time([lambda y=y, d_in=d_in: y[:, d_in:].contiguous()])
+        _row("widths", (N, 48), "copy of xa out of a wider output", tail, N * 48 * 4)
+
+
+def layout(d: int, r: int) -> None:
+    xs = _copies((N, d))
+    ga_t = torch.randn(r, N, device="cuda", dtype=torch.bfloat16)
+    ga = torch.randn(N, r, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(r, d, device="cuda", dtype=torch.bfloat16)
+    for name, f in (("dA = gaᵀ·x, gaᵀ stored (as used)", lambda x: torch.mm(ga_t, x)),
+                    ("dA = gaᵀ·x, ga stored", lambda x: torch.mm(ga.t(), x)),
+                    ("dAᵀ = xᵀ·ga", lambda x: torch.mm(x.t(), ga)),
+                    ("xa = x·Aᵀ (as used)", lambda x: F.linear(x, a)),
+                    ("xaᵀ = A·xᵀ", lambda x: torch.mm(a, x.t()))):
+        _row("layout", (N, d, r), name, _time([lambda x=x, f=f: f(x) for x in xs]), N * d * 2)
+
+
+def l2(d_out: int, d_in: int) -> None:
+    gs, xs = _copies((N, d_out)), _copies((N, d_in))
+    w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(d_out, 16, device="cuda", dtype=torch.bfloat16) * 0.05
+    a = torch.randn(48, d_in, device="cuda", dtype=torch.bfloat16)
+    xa = torch.randn(N, 16, device="cuda", dtype=torch.bfloat16)
+    kg, kx = len(gs), len(xs)
+
+    def grads(g):
+        return kernels.lora_grads([g], [b], [xa], [0], [2.0], 16)
+    shape = (N, d_in, d_out)
+    _row("l2", shape, "g·W", _time([lambda g=g: torch.mm(g, w) for g in gs]), 0)
+    _row("l2", shape, "g·W, then grads on the same g", _time([lambda g=g: (torch.mm(g, w), grads(g)) for g in gs]), 0)
+    _row("l2", shape, "g·W, then grads on another g",
+         _time([lambda i=i: (torch.mm(gs[i], w), grads(gs[(i + 1) % kg])) for i in range(kg)]), 0)
+    _row("l2", shape, "x·Wᵀ", _time([lambda x=x: F.linear(x, w) for x in xs]), 0)
+    _row("l2", shape, "x·Wᵀ, then x·Aᵀ on the same x",
+         _time([lambda x=x: (F.linear(x, w), F.linear(x, a)) for x in xs]), 0)
+    _row("l2", shape, "x·Wᵀ, then x·Aᵀ on another x",
+         _time([lambda i=i: (F.linear(xs[i], w), F.linear(xs[(i + 1) % kx], a)) for i in range(kx)]), 0)
+
+
+SECTIONS = ("grads", "rows", "cols", "merge", "parts", "mref", "widths", "layout", "l2")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="skinny.json")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     args = ap.parse_args()
+    want = set(args.only.split(","))
     print("| kind | shape | variant | µs | ideal µs (4.8 TB/s) |")
     print("|---|---|---|---|---|")
     for d in (2048, 5632):
-        grads(d)
+        if "grads" in want:
+            grads(d)
+        if "parts" in want:
+            parts(d)
     for d, r in ((2048, 48), (2048, 32), (2048, 16), (5632, 16)):
-        rows(d, r)
-    for d, r in ((2048, 48), (2048, 32), (2048, 16), (5632, 16)):
-        cols(d, r)
+        if "rows" in want:
+            rows(d, r)
+        if "cols" in want:
+            cols(d, r)
+        if "layout" in want:
+            layout(d, r)
     for m, n in ((2048, 2048), (5632, 2048), (2048, 5632)):
-        merge(m, n)
+        if "merge" in want:
+            merge(m, n)
+        if "mref" in want:
+            merge_ref(m, n)
+        if "l2" in want:
+            l2(m, n)
+    if "widths" in want:
+        widths()
     with open(args.out, "w") as f:
         json.dump(ROWS, f, indent=1)
 
