@@ -6,10 +6,10 @@ in a real step, where g, x and W were not just read. Prints tables and writes JS
   grads : ga = s·g·B (N × r) and dB = s·gᵀ·xa (d × r): cuBLAS's two GEMMs vs kernels.lora_grads's kernel
   rows  : xa = x·Aᵀ (N × r, forward): cuBLAS vs a Triton kernel owning whole rows (no atomics)
   cols  : dA = gaᵀ·x (r × d, backward): cuBLAS vs a Triton kernel adding column-block partials with fp32 atomics
-  merge : W' = W + s·B·A: kernels.merged_weight tile choices
+  merge : W' = W + s·B·A: kernels.merged_weight against addmm and a plain copy of W (the same bytes), and its tiles
+  mref  : the same references without the tile sweep
   parts : where the grads kernel's time goes — timing-only variants that store instead of adding atomically, or
           skip the stores (wrong results, only timed), against a clone of g (read + write)
-  mref  : the W' kernel against a plain copy of W (the same bytes), with eviction hints and row loops
   widths: the frozen GEMM x·Wᵀ against its output width — whether appending A's rows to W' (xa from the same
           GEMM) costs less than the separate x·Aᵀ
   layout: dA and xa with their operands in either layout
@@ -171,14 +171,24 @@ def cols(d: int, r: int) -> None:
              _time([lambda x=x: launch(x) for x in xs]), xs[0].numel() * 2)
 
 
-def merge(m: int, n: int, r: int = 16) -> None:
+def merge(m: int, n: int, r: int = 16, tiles: bool = True) -> None:
+    """W' builds against addmm and a plain copy of W (the same bytes); with `tiles`, the kernel's tile choices too
+    (section "merge"; without them section "mref")."""
+    kind = "merge" if tiles else "mref"
     ws = _copies((m, n))
     b = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
     a = torch.randn(r, n, device="cuda", dtype=torch.bfloat16)
     outs = [torch.empty_like(w) for w in ws]
     kernel = kernels._kernel()
-    _row("merge", (m, n, r), "addmm", _time([lambda w=w: torch.addmm(w, b, a, alpha=2.0) for w in ws]),
+    _row(kind, (m, n, r), "addmm", _time([lambda w=w: torch.addmm(w, b, a, alpha=2.0) for w in ws]),
          ws[0].numel() * 4)
+    _row(kind, (m, n, r), "copy_ of W (the same bytes)",
+         _time([lambda w=w, o=o: o.copy_(w) for w, o in zip(ws, outs)]), ws[0].numel() * 4)
+    _row(kind, (m, n, r), "merged_weight",
+         _time([lambda w=w, o=o: kernels.merged_weight(w, b, a, 2.0, out=o) for w, o in zip(ws, outs)]),
+         ws[0].numel() * 4)
+    if not tiles:
+        return
     for bm, bn, warps, stages in ((64, 128, 4, 1), (32, 128, 4, 1), (64, 256, 8, 1), (128, 128, 8, 1),
                                   (128, 256, 8, 1), (32, 256, 4, 1), (64, 64, 4, 1)):
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), 1)
@@ -244,18 +254,6 @@ def parts(d: int, r: int = 16) -> None:
                                    BN=bn, BD=64, BR=16, ND=nd, STORE=store, num_warps=warps, num_stages=3)
             _row("parts", (N, d, r), f"bn{bn} w{warps} kernel only, {what}",
                  _time([lambda g=g: launch(g) for g in gs]), gs[0].numel() * 2)
-
-
-def merge_ref(m: int, n: int, r: int = 16) -> None:
-    ws = _copies((m, n))
-    b = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
-    a = torch.randn(r, n, device="cuda", dtype=torch.bfloat16)
-    outs = [torch.empty_like(w) for w in ws]
-    _row("mref", (m, n, r), "copy_ of W (the same bytes)",
-         _time([lambda w=w, o=o: o.copy_(w) for w, o in zip(ws, outs)]), ws[0].numel() * 4)
-    _row("mref", (m, n, r), "merged_weight",
-         _time([lambda w=w, o=o: kernels.merged_weight(w, b, a, 2.0, out=o) for w, o in zip(ws, outs)]),
-         ws[0].numel() * 4)
 
 
 def widths() -> None:
@@ -335,8 +333,8 @@ def main() -> None:
     for m, n in ((2048, 2048), (5632, 2048), (2048, 5632)):
         if "merge" in want:
             merge(m, n)
-        if "mref" in want:
-            merge_ref(m, n)
+        if "mref" in want and "merge" not in want:
+            merge(m, n, tiles=False)
         if "l2" in want:
             l2(m, n)
     if "widths" in want:

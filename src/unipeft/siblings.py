@@ -197,13 +197,14 @@ class _LoraGroup(torch.autograd.Function):
         biases = tensors[3 * k:]
         need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
         a_cat = torch.cat(as_)  # Σr × d_in
-        ys, xa = [], None
-        for w, a, b, s, bias in zip(ws, as_, bs, scales, biases):
-            ys.append(F.linear(x, fused._merged_weight(w, None, a, b, s), bias))
-            if need_b and xa is None:
-                # N × Σr, the one pass over x — right after the first GEMM read x, while part of it is in L2
-                xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t())
-        ys = tuple(ys)
+        members = list(zip(ws, as_, bs, scales, biases))
+
+        def output(w, a, b, s, bias):
+            return F.linear(x, fused._merged_weight(w, None, a, b, s), bias)
+        first = output(*members[0])
+        # N × Σr, the one pass over x — right after the first GEMM read x, while part of it is still in L2
+        xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None
+        ys = (first, *(output(*m) for m in members[1:]))
         ctx.save_for_backward(x, xa, a_cat, *ws, *as_, *bs)  # the A's too: double backward differentiates through them
         ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
         ctx.ranks = [a.shape[0] for a in as_]  # (backward splits Σr-sized tensors into the members' blocks with them)
