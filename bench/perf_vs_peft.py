@@ -77,7 +77,7 @@ def _generate(case: str, model, names=None) -> dict:
     return _h.report(case, sorted(times[1:])[1])
 
 
-def run(compile_: bool, only: set[str] | None) -> list[dict]:
+def run(compile_: bool, only: set[str] | None, guards: bool = False) -> list[dict]:
     rows: list[dict] = []
     wrap = torch.compile if compile_ else (lambda m: m)
     tag = "compiled_" if compile_ else ""
@@ -97,11 +97,10 @@ def run(compile_: bool, only: set[str] | None) -> list[dict]:
         if compile_:
             c = torch._dynamo.utils.counters
             rows[-1].update(graphs=c["stats"]["unique_graphs"], graph_breaks=sum(c["graph_break"].values()))
-            if _SKIP_GUARDS[0]:  # the same compiled model without evaluating its guards: what they cost per step
+            if guards:  # the same compiled model without evaluating its guards: what they cost per step
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     rows.append(_h.time_train(tag + case + "_guards_skipped", model, params))
-        del model, params
-        del m
+        del model, params, m
         _h.release()
 
     train("frozen_floor", lambda: _h.make_model(), lambda m: _h.frozen_floor(m))
@@ -171,7 +170,7 @@ def run(compile_: bool, only: set[str] | None) -> list[dict]:
     return rows
 
 
-def interleaved(compile_: bool, k: int) -> list[dict]:
+def interleaved(compile_: bool, k: int, guards: bool = False) -> list[dict]:
     """The frozen floor and unipeft LoRA timed in turn for k rounds, each model built (and compiled) once: a ratio
     per round and their median. Two cases timed minutes apart drift with the host and the clocks (the same
     compiled pair gave 1.104× and 1.126× in two back-to-back runs); taken in turn, the drift hits both. Both models
@@ -191,7 +190,7 @@ def interleaved(compile_: bool, k: int) -> list[dict]:
         pair = [_h.time_train(f"{case}_{i}", model, params) for case, model, params in cases]
         rows += pair
         ratios.append(pair[1]["step_ms"] / pair[0]["step_ms"])
-        if compile_ and _SKIP_GUARDS[0]:
+        if compile_ and guards:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 rows += [_h.time_train(f"{case}_{i}_guards_skipped", model, params) for case, model, params in cases]
     rows.append(dict(case=f"{tag}interleaved_lora_over_floor", ratios=[round(r, 3) for r in ratios],
@@ -314,17 +313,15 @@ def main() -> None:
                 gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), H=_h.H, L=_h.L, I=_h.I, B=_h.B,
                 T=_h.T, compiled=args.compile)
     print(json.dumps(meta), flush=True)
-    _SKIP_GUARDS[0] = args.guards
-    rows = run(args.compile, set(args.only.split(",")) if args.only else None)
+    rows = run(args.compile, set(args.only.split(",")) if args.only else None, args.guards)
     if args.repeats:
-        rows += interleaved(args.compile, args.repeats)
+        rows += interleaved(args.compile, args.repeats, args.guards)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(table(rows))
 
 
 _h = None
-_SKIP_GUARDS = [False]
 
 if __name__ == "__main__":
     main()
