@@ -9,7 +9,8 @@ Cases (Llama-shaped 953M model, bf16, batch 8 × 1024, LoRA r=16 on all 7 linear
   train: frozen floor, peft LoRA, unipeft LoRA (fused path), unipeft LoRA reference path (UNIPEFT_FUSED=0)
   forward: merged (= base), peft unmerged, unipeft unmerged (fused, reference)
   mixed: 4 adapters at 8 × 1024 (peft, unipeft), 32 adapters at 32 × 256 (merged, peft, unipeft)
-  decode: 32 × 256 prompt + 32 new tokens, merged vs unipeft with 32 adapters (peft's 21 s anchor is not re-run)
+  decode: 32 × 256 prompt + 32 new tokens, merged vs unipeft with 32 adapters (peft's 21 s anchor is not re-run);
+    the `decode` case adds the static-cache (compiled, CUDA-graphed) generate of both, a new mix, the bmm path
   bottleneck: houlsby / parallel / scaled_parallel train steps (reference path) against the frozen floor
   accelerate: unipeft.accelerate'd base (Liger-Kernel): its frozen floor, LoRA on it, and its loss vs the plain one;
     then both again with the layers replayed from CUDA graphs (accelerate(..., cuda_graphs=True))
@@ -61,20 +62,107 @@ def _nonzero_b(m) -> None:
                 p.normal_(0, 0.01)
 
 
-def _generate(case: str, model, names=None) -> dict:
-    x = torch.randint(0, _h.VOCAB, (_h.B, _h.T), device="cuda")
+def _generate(case: str, model, names=None, static: bool = False, runs: int = 4, keep: list | None = None) -> dict:
+    """Median of runs 2..n of a greedy generate (32 × 256 prompt, 32 new tokens); `static`: a static KV cache, whose
+    decoding steps transformers compiles (mode reduce-overhead: CUDA graphs) — the first run compiles."""
+    x = torch.randint(0, _h.VOCAB, (_h.B, _h.T), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     if names is not None:
         kw["adapter_names"] = names
+    if static:
+        kw["cache_implementation"] = "static"
     times = []
     with torch.no_grad():
-        for _ in range(4):
+        for _ in range(runs):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    return _h.report(case, sorted(times[1:])[1])
+    if keep is not None:
+        keep.append(out[:, _h.T:].cpu())
+    later = sorted(times[1:])
+    return _h.report(case, later[len(later) // 2], first_run_s=round(times[0], 2))
+
+
+def _decode(rounds: int = 3) -> list[dict]:
+    """Decoding with 32 adapters (one per row) against the merged model. Eager (dynamic KV cache): the merged model,
+    unipeft's per-routing path and its shared stacks (prepare_routing) timed in turn for `rounds` rounds — eager
+    decoding is host-bound and the host drifts by 10–15% within minutes — medians reported. The same in turn with a
+    static cache (compiled, CUDA-graphed decoding steps; the first two rounds compile and warm up, not counted).
+    Then a new mix of adapters on the compiled model (no recompile expected), the compiled steps with the routed
+    kernels off, and greedy-token agreement between the paths (on a
+    random-init model near-uniform logits make any rounding difference flip tokens: a reference, not a check)."""
+    from torch._dynamo.utils import counters
+
+    rows: list[dict] = []
+    b0, t0 = _h.B, _h.T
+    _h.B, _h.T = 32, 256
+    names = [f"a{k}" if k else "default" for k in range(32)]
+    tokens: dict[str, list] = {}
+    merged = _h.make_model().eval()
+    am = _unipeft(_h.make_model().eval(), 32).eval()
+    _nonzero_b(am)
+    timed: dict[str, list[float]] = {}
+
+    def in_turn(cases) -> None:
+        for case, model, shared, kw in cases:
+            if shared is not None and (model.__dict__.get("_shared") is not None) != shared:
+                model.prepare_routing(shared)  # (kept between static rounds: its stacks' addresses are compiled in)
+            row = _generate(case, model, None if shared is None else names, keep=tokens.setdefault(case, []), **kw)
+            timed.setdefault(case, []).append(row["step_ms"])
+
+    eager = (("generate_merged_32x256_32new", merged, None, {}),
+             ("unipeft_32_adapters_generate_32x256_32new", am, False, {}),
+             ("unipeft_32_adapters_generate_32x256_32new_shared", am, True, {}))
+    for _ in range(rounds):
+        in_turn(eager)
+    counters.clear()
+    static = (("generate_merged_static_32x256_32new", merged, None, dict(static=True, runs=3)),
+              ("unipeft_32_adapters_generate_static_32x256_32new", am, True, dict(static=True, runs=3)))
+    for _ in range(rounds + 2):  # the first round compiles both (not counted)
+        in_turn(static)
+    for case, times in timed.items():
+        times = times[2:] if "static" in case else times
+        rows.append(_h.report(case, sorted(times)[len(times) // 2] / 1e3, rounds_ms=times))
+    by = {r["case"]: r["rounds_ms"] for r in rows}
+    pairs = {"eager": ("unipeft_32_adapters_generate_32x256_32new", "generate_merged_32x256_32new"),
+             "eager_shared": ("unipeft_32_adapters_generate_32x256_32new_shared", "generate_merged_32x256_32new"),
+             "static": ("unipeft_32_adapters_generate_static_32x256_32new", "generate_merged_static_32x256_32new")}
+    medians = {}
+    for label, (case, ref) in pairs.items():
+        per_round = [round(a / b, 4) for a, b in zip(by[case], by[ref])]
+        medians[label] = dict(rounds=per_round, median=sorted(per_round)[len(per_round) // 2])
+    rows.append({"case": "decode_in_turn_ratios", **medians})
+    print(json.dumps(rows[-1]), flush=True)
+    del merged
+    _h.release()
+    graphs = dict(counters["stats"]).get("unique_graphs", 0)
+    breaks = sum(counters["graph_break"].values())
+    mix = names[1:] + names[:1]
+    rows.append(_generate("unipeft_32_adapters_generate_static_new_mix", am, mix, static=True, runs=3))
+    rows[-1].update(unique_graphs_after_first=graphs, unique_graphs_after_new_mix=dict(counters["stats"]).get(
+        "unique_graphs", 0), graph_breaks=breaks)
+    torch._dynamo.reset()  # the compiled steps again, with the routed kernels off (gather + batched GEMMs)
+    os.environ["UNIPEFT_TRITON"] = "0"
+    rows.append(_generate("unipeft_32_adapters_generate_static_32x256_32new_bmm", am, names, static=True, runs=4))
+    os.environ["UNIPEFT_TRITON"] = "1"
+    merged_eager, ours_eager = tokens["generate_merged_32x256_32new"][0], tokens[
+        "unipeft_32_adapters_generate_32x256_32new"][0]
+    agree = {"merged_static_vs_eager": tokens["generate_merged_static_32x256_32new"][0],
+             "static_vs_eager": tokens["unipeft_32_adapters_generate_static_32x256_32new"][0],
+             "shared_vs_per_routing": tokens["unipeft_32_adapters_generate_32x256_32new_shared"][0]}
+    refs = {"merged_static_vs_eager": merged_eager, "static_vs_eager": ours_eager,
+            "shared_vs_per_routing": ours_eager}
+    rows.append({"case": "decode_token_agreement",
+                 **{k: round(float((v == refs[k]).float().mean()), 4) for k, v in agree.items()},
+                 **{k + "_first_token": round(float((v[:, 0] == refs[k][:, 0]).float().mean()), 4)
+                    for k, v in agree.items()}})
+    print(json.dumps(rows[-1]), flush=True)
+    del am
+    _h.release()
+    _h.B, _h.T = b0, t0
+    return rows
 
 
 def run(compile_: bool, only: set[str] | None, guards: bool = False) -> list[dict]:
@@ -165,6 +253,8 @@ def run(compile_: bool, only: set[str] | None, guards: bool = False) -> list[dic
         del pm, m
         _h.release()
         _h.B, _h.T = b0, t0
+    if want("decode") and not compile_:
+        rows += _decode()
     if want("accelerate"):  # last: accelerate swaps RoPE process-wide until restored
         rows += _accelerated()
     return rows
@@ -279,7 +369,12 @@ def table(rows: list[dict]) -> str:
             "unipeft_merged_forward": "forward_merged",
             "unipeft_32_adapters_forward_32x256": "forward_merged_32x256",
             "peft_32_adapters_forward_32x256": "forward_merged_32x256",
-            "unipeft_32_adapters_generate_32x256_32new": "generate_merged_32x256_32new"}
+            "unipeft_32_adapters_generate_32x256_32new": "generate_merged_32x256_32new",
+            "unipeft_32_adapters_generate_32x256_32new_shared": "generate_merged_32x256_32new",
+            "generate_merged_static_32x256_32new": "generate_merged_32x256_32new",
+            "unipeft_32_adapters_generate_static_32x256_32new": "generate_merged_static_32x256_32new",
+            "unipeft_32_adapters_generate_static_new_mix": "generate_merged_static_32x256_32new",
+            "unipeft_32_adapters_generate_static_32x256_32new_bmm": "generate_merged_static_32x256_32new"}
     for key, r in by.items():
         if "step_ms" not in r:
             lines.append(f"| {key} | {json.dumps({k: v for k, v in r.items() if k != 'case'})} | | | |")

@@ -10,7 +10,7 @@ from test_engine import randomize
 from torch.nn import functional as F
 
 import unipeft
-from unipeft import fused, siblings
+from unipeft import fused, routed, siblings
 
 
 def _run(am, monkeypatch, flag: str, seq: int = 7, **kwargs):
@@ -126,8 +126,8 @@ def test_routed_cache_checks_weight_versions_once_per_call(monkeypatch) -> None:
     randomize(am, "default", seed=1)
     randomize(am, "b", seed=2)
     checks = []
-    real = fused._fresh
-    monkeypatch.setattr(fused, "_fresh", lambda v: checks.append(1) or real(v))
+    real = routed._fresh
+    monkeypatch.setattr(routed, "_fresh", lambda v: checks.append(1) or real(v))
     ids = inputs(batch=2, seq=4)["input_ids"]
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False,
               pad_token_id=0, adapter_names=["b", "default"])

@@ -1,4 +1,4 @@
-"""The Triton kernel (kernels.py) under TRITON_INTERPRET=1 on CPU against the explicit formula W + s·B·A in fp64.
+"""The Triton kernels (kernels.py) under TRITON_INTERPRET=1 on CPU against their explicit formulas in fp64.
 (The interpreter runs fp32 and fp16 correctly, not bf16; the GPU check in bench/kernel_check.py covers bf16 and
 the cached launch path.)"""
 
@@ -211,3 +211,169 @@ def test_grads_launch_key_follows_triton_specialization() -> None:
     assert kernels._int_spec(2**31) == (False, True, False)
     assert kernels._grad_stages(torch.bfloat16, 16) == 3
     assert kernels._grad_stages(torch.float32, 64) == 1  # 48 KiB per stage: one fits the 64 KiB budget
+
+
+# -- the routed kernel (per-row adapters by slot) ------------------------------------------------------------------
+def _routed_expected(y, x, a_stack, b_stack, slots) -> torch.Tensor:
+    """y + (x_bt·A_sᵀ)·B_sᵀ with s = slots[b], in fp64 from the operands as given."""
+    a, b = a_stack.double()[slots], b_stack.double()[slots]  # (B, r, d_in), (B, d_out, r)
+    return y.double() + torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x.double(), a), b)
+
+
+def _routed_operands(bsz: int, t: int, d_in: int, d_out: int, r: int, n: int, seed: int = 0):
+    """Random stacks with the last slot zero (the base's), x as a strided view: for one token per row the transpose
+    of a (d_in, B) tensor (its d_in stride is B), for more a column slice of a wider tensor (row stride > d_in)."""
+    g = torch.Generator().manual_seed(seed)
+    if t == 1:
+        x = torch.randn(d_in, bsz, generator=g).t().unsqueeze(1)
+    else:
+        x = torch.randn(bsz, t, d_in + 5, generator=g)[:, :, 2:2 + d_in]
+    assert not x.is_contiguous()
+    y = torch.randn(bsz, t, d_out, generator=g)
+    a_stack = torch.randn(n, r, d_in, generator=g)
+    b_stack = torch.randn(n, d_out, r, generator=g)
+    a_stack[-1], b_stack[-1] = 0, 0
+    slots = torch.tensor([n - 1, 1, 0, 1, n - 1, 2][:bsz], dtype=torch.long)  # the zero slot and repeated slots
+    return y, x, a_stack, b_stack, slots
+
+
+@pytest.mark.parametrize("t,chunks", [(1, 2), (3, 3)])
+def test_routed_lora_matches_the_formula(t: int, chunks: int) -> None:
+    """Rank below one rank block (6 < 16, masked); d_in over 2 or 3 ROUTED_BK chunks (a count that is not a power of
+    two too), not a multiple of it; d_out wider than one ROUTED_BN block and not a multiple of it; rows on the zero
+    slot get y back; y is not modified (out of place)."""
+    d_in, d_out = (chunks - 1) * kernels.ROUTED_BK + 30, kernels.ROUTED_BN + 44
+    assert d_in % kernels.ROUTED_BK and d_out % kernels.ROUTED_BN
+    y, x, a_stack, b_stack, slots = _routed_operands(6, t, d_in, d_out, 6, 4, seed=t)
+    y_before = y.clone()
+    got = kernels.routed_lora(y, x, a_stack, b_stack, slots)
+    assert got.shape == y.shape and got.dtype == torch.float32 and torch.equal(y, y_before)
+    torch.testing.assert_close(got.double(), _routed_expected(y, x, a_stack, b_stack, slots), rtol=1e-5, atol=1e-4)
+    base_rows = slots == 3
+    assert torch.equal(got[base_rows], y[base_rows]), "rows on the zero slot are y exactly"
+    half = [v.half() for v in (y, x, a_stack, b_stack)]  # fp32 accumulation, one rounding to fp16
+    got16 = kernels.routed_lora(*half, slots)
+    assert got16.dtype == torch.float16
+    reference = _routed_expected(*(v.float() for v in half), slots).half()
+    torch.testing.assert_close(got16, reference, rtol=2e-3, atol=2e-2)
+
+
+def test_routed_lora_reads_strided_stacks_and_y() -> None:
+    """The stacks and y as views with non-unit inner strides: the kernel reads every operand by its strides."""
+    g = torch.Generator().manual_seed(5)
+    bsz, t, d_in, d_out, r, n = 3, 2, 40, 24, 8, 3
+    x = torch.randn(bsz, t, d_in, generator=g)
+    y = torch.randn(bsz, t, 2 * d_out, generator=g)[:, :, ::2]
+    a_stack = torch.randn(n, d_in, r, generator=g).transpose(1, 2)  # (n, r, d_in), strides (r·d_in, 1, r)
+    b_stack = torch.randn(n, r, d_out, generator=g).transpose(1, 2)  # (n, d_out, r), strides (r·d_out, 1, d_out)
+    slots = torch.tensor([2, 0, 0])
+    got = kernels.routed_lora(y, x, a_stack, b_stack, slots)
+    torch.testing.assert_close(got.double(), _routed_expected(y, x, a_stack, b_stack, slots), rtol=1e-5, atol=1e-4)
+
+
+def test_routed_op_is_registered_and_checks_operands() -> None:
+    """The custom op torch.compile graphs call (`unipeft::routed_lora`) gives the same numbers; mismatched shapes,
+    dtypes or slot types get a clear error."""
+    assert hasattr(torch.ops.unipeft, "routed_lora")
+    y, x, a_stack, b_stack, slots = _routed_operands(4, 2, 70, 50, 4, 3, seed=7)
+    expected = _routed_expected(y, x, a_stack, b_stack, slots)
+    torch.testing.assert_close(torch.ops.unipeft.routed_lora(y, x, a_stack, b_stack, slots).double(), expected,
+                               rtol=1e-5, atol=1e-4)
+    bad = [(y, x, a_stack[:, :, :-1], b_stack, slots),  # A's d_in is not x's
+           (y, x, a_stack, b_stack[:, :, :-1], slots),  # ranks of A and B differ
+           (y, x, a_stack, b_stack[:-1], slots),  # slot counts differ
+           (y[:, :, :-1], x, a_stack, b_stack, slots),  # d_out of y is not B's
+           (y[:, :1], x, a_stack, b_stack, slots),  # tokens per row differ
+           (y, x, a_stack, b_stack, slots[:-1]),  # one slot per row
+           (y, x, a_stack, b_stack, slots.int()),  # slots are int64
+           (y, x, a_stack.half(), b_stack, slots)]  # one dtype
+    for args in bad:
+        with pytest.raises(ValueError, match="shapes/dtypes disagree"):
+            kernels.routed_lora(*args)
+        with pytest.raises(ValueError, match="shapes/dtypes disagree"):
+            kernels._check_routed(*args)
+
+
+def test_routed_kernel_availability(monkeypatch) -> None:
+    """CUDA only, no gradient, at most ROUTED_MAX_TOKENS tokens per row, 3-d x, UNIPEFT_TRITON not 0; given the A
+    stack, x's dtype (16/32-bit float) and ranks ≤ 64."""
+    x = torch.zeros(2, 1, 8)
+    with torch.no_grad():
+        assert not kernels.routed_available(x)  # CPU
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        assert kernels.routed_available(x) == kernels._HAS_TRITON
+        assert kernels.routed_available(torch.zeros(2, kernels.ROUTED_MAX_TOKENS, 8)) == kernels._HAS_TRITON
+        assert not kernels.routed_available(torch.zeros(2, kernels.ROUTED_MAX_TOKENS + 1, 8))
+        assert not kernels.routed_available(torch.zeros(2, 8))
+        assert kernels.routed_available(x, torch.zeros(3, 64, 8)) == kernels._HAS_TRITON
+        assert not kernels.routed_available(x, torch.zeros(3, 65, 8))
+        assert not kernels.routed_available(x, torch.zeros(3, 4, 8, dtype=torch.float16))
+        assert not kernels.routed_available(x.double(), torch.zeros(3, 4, 8, dtype=torch.float64))
+    with torch.enable_grad():
+        assert not kernels.routed_available(x)
+    with torch.no_grad():
+        monkeypatch.setenv("UNIPEFT_TRITON", "0")
+        assert not kernels.routed_available(x)
+
+
+class _CompilingTorch:
+    """`torch` as routed.py sees it inside a compiled call (torch.compiler.is_compiling() is True), everything else
+    the real module: the compiled branches run eagerly, the kernel in Triton's interpreter (a real torch.compile
+    cannot trace it on CPU: the interpreter reads the fake tensors' data)."""
+
+    compiler = type("compiler", (), {"is_compiling": staticmethod(lambda: True)})
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_routed_generate_through_the_kernel(shared: bool, monkeypatch) -> None:
+    """A routed greedy `generate` whose decoding steps (one token per row) run the routed kernel — from the
+    per-routing stacks, or from the shared ones (`prepare_routing`) — as a compiled call does, equals the reference
+    path's (UNIPEFT_FUSED=0). Adapters of three ranks, one on more projections and one on fewer; rows on the base and
+    repeated adapters."""
+    from conftest import inputs, tiny_model
+    from test_engine import randomize
+
+    import unipeft
+    from unipeft import routed
+
+    am = unipeft.attach(tiny_model("llama").eval(), "lora", r=4)
+    am.add("b", "lora", r=6, targets=["q", "v", "down"])  # down: d_in 48
+    am.add("c", "lora", r=2, alpha=8, targets=["q"])
+    for i, n in enumerate(am.recipes):
+        randomize(am, n, seed=i + 1, std=0.3)
+    am.eval()  # (the shared stacks serve eval calls; new wrappers start in training mode)
+    ids = inputs(batch=5, seq=5)["input_ids"]
+    names = ["b", "__base__", "default", "c", "b"]
+    steps = 3
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+              pad_token_id=0, adapter_names=names)
+    with torch.no_grad():
+        monkeypatch.setenv("UNIPEFT_FUSED", "0")
+        reference = am.generate(input_ids=ids, **kw)
+        base = am.generate(input_ids=ids, **{**kw, "adapter_names": ["__base__"] * len(names)})
+        assert [torch.equal(reference[i], base[i]) for i in range(len(names))] == [n == "__base__" for n in names]
+        monkeypatch.setenv("UNIPEFT_FUSED", "1")
+        monkeypatch.setattr(routed, "torch", _CompilingTorch())
+        monkeypatch.setattr(kernels, "routed_available", lambda x, a=None: (
+            not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] <= kernels.ROUTED_MAX_TOKENS
+            and (a is None or a.shape[1] <= 64)))
+        launches = []
+        real = kernels.routed_lora
+        monkeypatch.setattr(kernels, "routed_lora", lambda *args: launches.append(args[1].shape) or real(*args))
+        shared_out = []
+        real_shared = routed.shared_lora
+        monkeypatch.setattr(routed, "shared_lora", lambda *args: shared_out.append(real_shared(*args)) or
+                            shared_out[-1])
+        if shared:
+            assert am.prepare_routing() == len(am._wrappers)
+        got = am.generate(input_ids=ids, **kw)
+    assert all(s[1] == 1 for s in launches), "only decoding steps (one token per row) run the kernel"
+    assert len(launches) == (steps - 1) * len(am._wrappers), "every adapted projection at every decoding step"
+    if shared:
+        assert len(shared_out) == steps * len(am._wrappers) and all(o is not None for o in shared_out)
+    else:
+        assert not shared_out
+    assert torch.equal(got, reference)

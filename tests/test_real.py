@@ -14,6 +14,8 @@ from test_engine import MERGEABLE, PRESETS, ZERO_INIT, randomize
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import unipeft
+from unipeft import routed
+from unipeft.layer import BASE
 
 SENTENCES = ["A gorgeous, witty, seductive movie.", "The plot is paper-thin and the acting is worse.",
              "An utterly charming film that never wears out its welcome.", "Tedious and overlong."]
@@ -185,3 +187,38 @@ def test_save_load_fresh_process_real(which: str, tmp_path: Path, request) -> No
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_routed_generate_with_shared_stacks_on_smollm2(smollm2, monkeypatch) -> None:
+    """Three LoRA adapters (ranks 8, 4, 16; different projections) and the base, one per row of a greedy `generate`
+    through the shared stacks: each row's tokens are those of that row generated alone with its adapter active."""
+    model, tok, _ = smollm2
+    torch.manual_seed(0)  # (A's initialization: with these weights every row generates other tokens)
+    am = unipeft.attach(model, "lora", r=8)
+    am.add("b", "lora", r=4, targets=["q", "k", "v", "o"])
+    am.add("c", "lora", r=16, targets=["v", "down"])
+    for i, n in enumerate(am.recipes):
+        randomize(am, n, seed=i, std=0.06)
+    am.eval()
+    names = ["default", "b", BASE, "c"]
+    enc = tok(["Once upon a time"] * len(names), return_tensors="pt")
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
+    try:
+        with torch.no_grad():
+            assert am.prepare_routing() == len(am._wrappers)
+            took = []
+            real = routed.shared_lora
+            monkeypatch.setattr(routed, "shared_lora", lambda *a: took.append(real(*a)) or took[-1])
+            mixed = am.generate(**enc, adapter_names=names, **kw)
+            assert len(took) == 4 * len(am._wrappers) and all(t is not None for t in took), "the stacks served all"
+            monkeypatch.undo()
+            for row, name in enumerate(names):
+                if name == BASE:
+                    am.deactivate()
+                else:
+                    am.activate(name)
+                alone = am.generate(**{k: v[row:row + 1] for k, v in enc.items()}, **kw)
+                assert torch.equal(mixed[row:row + 1], alone), f"row {row} ({name})"
+    finally:
+        am.detach()
+    assert len({tuple(r) for r in mixed[:, -4:].tolist()}) == len(names), "each row generates its own tokens"

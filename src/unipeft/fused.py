@@ -24,9 +24,8 @@ other modules keep their own forward and add the delta with one accumulating GEM
 On CUDA the two backward products that read g — s·(g·B) for dA and dB = s·gᵀ·xa — are one Triton kernel that
 reads g once (kernels.lora_grads); elsewhere, and in deterministic mode, two GEMMs.
 
-Mixed batches (`adapter_names=`) with many LoRA adapters go through `routed_lora`: each row's A and s·B are gathered
-from stacked adapter weights and two batched GEMMs add every row's delta — a fixed number of launches for any number
-of adapters (SGMV-style), where a loop over adapters launches per adapter.
+Mixed batches (`adapter_names=`) with many LoRA adapters go through routed.py: a fixed number of launches per
+projection for any number of adapters (SGMV-style), where a loop over adapters launches per adapter.
 
 `UNIPEFT_FUSED=0` turns these paths off (the reference path is always there; tests compare the two).
 """
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import arch, envflags, kernels, quant, siblings
+from . import arch, envflags, kernels, quant, routed, siblings
 from .functions import SiteAdapter
 
 #: the kinds of base a projection can have on the fused path (`fusable` returns one; "" = reference path)
@@ -55,7 +54,7 @@ def simple_lora(sa: SiteAdapter, training: bool) -> bool:
             and not hasattr(sa, "learned_scale") and (not training or isinstance(sa.dropout, nn.Identity)))
 
 
-def _base_kind(base: nn.Module) -> str:
+def base_kind(base: nn.Module) -> str:
     if type(base) is nn.Linear:
         return LINEAR
     if type(base).__name__ == "Conv1D":
@@ -70,7 +69,7 @@ def fusable(layer, items: list[tuple[str, SiteAdapter]]) -> str:
     it — or "" when the reference path must run."""
     if not items or not all(simple_lora(sa, layer.training) for _, sa in items):
         return ""
-    kind = _base_kind(layer.base_layer)
+    kind = base_kind(layer.base_layer)
     if layer.routing is None:
         return kind if len(items) == 1 else ""
     return ROUTED if kind in (LINEAR, CONV1D) and len({n for n, _ in items}) == len(items) else ""
@@ -79,7 +78,7 @@ def fusable(layer, items: list[tuple[str, SiteAdapter]]) -> str:
 def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: str) -> torch.Tensor | None:
     """The fused result for this projection call, or None when the reference path must run."""
     if kind == ROUTED:
-        return routed_lora(layer, x, items) if x.dim() == 3 else None
+        return routed.lora(layer, x, items) if x.dim() == 3 else None
     if x.dim() < 2:
         return None
     base, sa = layer._modules["base_layer"], items[0][1]
@@ -94,7 +93,7 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
     return lora_linear(x, base, sa, kind)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     kind = "cuda" if x.is_cuda else x.device.type  # (x.device builds an object per call: a decode step's hot path)
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
@@ -235,7 +234,7 @@ def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter, kind: str = L
     w, bias = base._parameters["weight"], base._parameters.get("bias")
     if kind == CONV1D:
         w = w.t()  # transformers' Conv1D stores d_in × d_out
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if not (x.dtype == w.dtype == a.dtype == b.dtype == dtype):
         x, w, a, b = x.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -277,20 +276,7 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, sa: SiteAdapter) -> torch.Tenso
     return _LoraDelta.apply(y, x, a, b, float(sa.s))
 
 
-def routed_lora(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]]) -> torch.Tensor:
-    """Per-row adapters: y = base(x) + x·A_rowᵀ·(s·B_row)ᵀ with A_row/B_row gathered per batch row (zero for rows
-    routed to the base or to an adapter that has no site here); the second batched GEMM accumulates into y."""
-    dtype, x_dtype = _compute_dtype(x), x.dtype
-    a_rows, b_rows = _row_weights(layer, items, x.shape[0], x.device, dtype)
-    y = _base_output(layer._modules["base_layer"], x)
-    xa = torch.bmm(x if x_dtype == dtype else x.to(dtype), a_rows)
-    y_dtype = y.dtype
-    if y_dtype == dtype and not torch.is_grad_enabled():
-        return y.baddbmm_(xa, b_rows)
-    return torch.baddbmm(y.to(dtype), xa, b_rows).to(y_dtype)
-
-
-def _base_output(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def base_output(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """base(x); for a plain nn.Linear without hooks, F.linear directly — a decoding step is CPU-bound, and the
     module call's own overhead was a visible share of a projection's host time."""
     if type(base) is nn.Linear and _unhooked(base):
@@ -303,59 +289,3 @@ def _unhooked(base: nn.Module) -> bool:
     the instance (accelerate's offloading hooks replace `module.forward` to bring weights in first). Only then
     may the fused paths use its weight directly instead of calling it."""
     return not (arch.has_hooks(base) or "forward" in base.__dict__)
-
-
-def _row_weights(layer, items, batch: int, device: torch.device, dtype: torch.dtype):
-    """Each row's Aᵀ (B, d_in, r) and (s·B)ᵀ (B, r, d_out). Without gradients they are cached per routing, batch
-    and dtype, so decoding steps reuse them until an adapter weight changes. The adapter tensors' version counters
-    are compared once per Routing while its call is open — one model call, or one whole `generate` — not at every
-    decoding step: with 32 adapters that was 64 comparisons per projection per token, a fifth of a CPU-bound
-    decode's host time. A Routing stays on the layers after its call; calls that bypass the AdaptedModel then
-    compare the counters every time."""
-    key = (layer.routing.key, batch, device, dtype)
-    cached = layer.__dict__.get("_unipeft_rows")
-    if cached is not None and cached[0] == key and not torch.is_grad_enabled():
-        if cached[4] is layer.routing and layer.routing.open:
-            return cached[2], cached[3]
-        if _fresh(cached[1]):
-            cached[4] = layer.routing  # checked for this call; later steps of it trust the cache
-            return cached[2], cached[3]
-    a_stack, b_stack, tensors = _stacks(layer, items, dtype)
-    rows = layer.routing.row_index(tuple(n for n, _ in items), batch, device)
-    a_rows = a_stack.index_select(0, rows).transpose(1, 2)
-    b_rows = b_stack.index_select(0, rows).transpose(1, 2)
-    if not torch.is_grad_enabled():
-        versions = (tensors, tuple(t._version for t in tensors))
-        layer.__dict__["_unipeft_rows"] = [key, versions, a_rows, b_rows, layer.routing]
-    return a_rows, b_rows
-
-
-def _fresh(versions) -> bool:
-    tensors, seen = versions
-    return all(t._version == v for t, v in zip(tensors, seen))
-
-
-def _stacks(layer, items: list[tuple[str, SiteAdapter]], dtype: torch.dtype):
-    """Stacked A (n+1, r_max, d_in) and s·B (n+1, d_out, r_max), the last slot zero, ranks padded with zeros, and
-    the adapter tensors they came from. Cached while no gradient is recorded and no adapter weight changed (their
-    version counters say so); rebuilt when training, so gradients reach every adapter."""
-    cached = layer.__dict__.get("_unipeft_stacks")
-    if cached is not None and not torch.is_grad_enabled() and cached[0] == (layer.routing.key, dtype) and \
-            _fresh(cached[1]):
-        return cached[2], cached[3], cached[1][0]
-    params = [(sa.fn.down.weight, sa.fn.up.weight, float(sa.s)) for _, sa in items]
-    r_max = max(a.shape[0] for a, _, _ in params)
-    d_in, d_out = params[0][0].shape[1], params[0][1].shape[0]
-    a_list, b_list = [], []
-    for a, b, s in params:
-        pad = r_max - a.shape[0]
-        a_list.append(nn.functional.pad(a.to(dtype), (0, 0, 0, pad)))
-        b_list.append(nn.functional.pad((b * s).to(dtype), (0, pad)))
-    a_list.append(a_list[0].new_zeros(r_max, d_in))
-    b_list.append(b_list[0].new_zeros(d_out, r_max))
-    a_stack, b_stack = torch.stack(a_list), torch.stack(b_list)
-    tensors = tuple(t for a, b, _ in params for t in (a, b))
-    if not torch.is_grad_enabled():
-        layer.__dict__["_unipeft_stacks"] = ((layer.routing.key, dtype), (tensors, tuple(t._version for t in tensors)),
-                                             a_stack, b_stack)
-    return a_stack, b_stack, tensors

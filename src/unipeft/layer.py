@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import compose, fused
+from . import compose, fused, routed
 from .functions import SiteAdapter
 from .recipe import ALL_SITES
 
@@ -89,6 +89,8 @@ class AdapterLayer(nn.Module):
         self.active: list = []
         self.merged: list[str] = []
         self.routing: Routing | None = None
+        #: the model's key in routed.CURRENT, set while the model has shared stacks (routed.py)
+        self.route: int | None = None
         self.prefix_call: tuple[list[tuple[str, SiteAdapter]], torch.Tensor | None] | None = None
         self.holds_prompt = False  #: whether any adapter here has prompt tokens (lets a model call skip the rest)
 
@@ -138,6 +140,7 @@ class AdapterLayer(nn.Module):
         self.__dict__.pop("_unipeft_plan", None)
         self.__dict__.pop("_unipeft_stacks", None)
         self.__dict__.pop("_unipeft_rows", None)
+        self.__dict__.pop(routed.SHARED, None)
 
     def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], str, list]:
         """(items in effect, their roles, the fused path's kind — "" when it does not apply, never under blocks —,
@@ -169,6 +172,13 @@ class AdapterLayer(nn.Module):
                 if own:
                     copies.append((u, own[-1]))
             return self._forward_copies(copies, args, kwargs) if copies else self.base_layer(*args, **kwargs)
+        route = self.route
+        if route is not None:  # shared stacks (routed.py): nothing here reads which adapters the rows name
+            slots = routed.CURRENT.get(route)
+            if slots is not None and not self.training and not torch.is_grad_enabled() and fused.enabled():
+                out = routed.shared_lora(self, args[0] if args else next(iter(kwargs.values())), slots)
+                if out is not None:
+                    return out
         items, roles, fast, units = self._plan()
         if not items:
             return self.base_layer(*args, **kwargs)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpointing, compose, graphs, quant, siblings
+from . import checkpointing, compose, graphs, quant, routed, siblings
 from . import prefix as prefix_mod
 from . import prompt as prompt_mod
 from .arch import Binding, accepts, get_module, logical_modules, resolve, set_module, text_config
@@ -35,6 +35,7 @@ class AdaptedModel(nn.Module):
         super().__init__()
         self.__class__ = _with_model_signature(type(self), type(model))
         self.model = model
+        self.training = model.training  # (the handle reports the model's mode; it holds no module of its own)
         self.recipes: dict[str, Recipe] = {}
         self.train_modules: dict[str, list[str]] = {}
         self.active: list = []
@@ -59,12 +60,12 @@ class AdaptedModel(nn.Module):
 
     def _routed_call(self, call, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Any:
         """call(args, kwargs) with this call's routing handed to the layers, marked over when the call returns."""
-        routing = self._set_routing(adapter_names, args, kwargs)
+        routing = self._set_routing(adapter_names, args, kwargs, generating=call == self._generate)
         try:
             return call(args, kwargs)
         finally:
             if routing is not None:
-                routing.open = False  # (fused._row_weights trusts checks made earlier in an open call only)
+                routing.open = False  # (routed._operands trusts checks made earlier in an open call only)
 
     def _forward(self, args: tuple, kwargs: dict) -> Any:
         args, kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
@@ -79,7 +80,20 @@ class AdaptedModel(nn.Module):
             siblings.clear(self._groups)  # outputs computed ahead never outlive the call (siblings.py)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None and self.__dict__.get("_shared") is None \
+                and routed.static_cache(self.model, kwargs):
+            self.prepare_routing()  # transformers compiles a static-cache generate's decoding steps: trace once
         return self._routed_call(self._generate, adapter_names, args, kwargs)
+
+    def prepare_routing(self, enable: bool = True) -> int:
+        """Stack every adapter's LoRA weights once per projection for mixed-adapter calls (`adapter_names=`), slot i =
+        the i-th adapter (routed.py). A routed call then hands the layers one slot index per row: a new mix of
+        adapters copies no weights, and a compiled model — transformers compiles a static-cache `generate`'s decoding
+        steps, which calls this itself — traces once for every mix instead of once per mix. Applies to projections
+        with only plain LoRA on them, in no-grad eval calls; the rest routes as before. Costs one more copy of the
+        adapters' LoRA weights; weights changed in place are copied in at the next routed call.
+        `enable=False` frees the stacks. Returns the number of projections that have them."""
+        return routed.prepare(self, enable)
 
     def _generate(self, args: tuple, kwargs: dict) -> Any:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -123,6 +137,7 @@ class AdaptedModel(nn.Module):
                 wrapper = self._wrap(b.module, created)
                 base = wrapper.base_layer
                 wrapper.add_site(name, SiteAdapter(part, b, base, **self._extra_dims(b, base)))
+                wrapper.train(base.training)  # a new adapter takes the model's mode (eval: no dropout)
                 if b.role == "prefix":
                     prefix_mod.install(base, wrapper, b.module)
             for path in heads:
@@ -316,6 +331,7 @@ class AdaptedModel(nn.Module):
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         self.recipes.clear(), self.train_modules.clear(), self.active.clear(), self.merged.clear()
         self.fusions.clear()
+        routed.prepare(self, False)
         graphs.graph_layers(self.model, enable=False)  # (recorded with the adapters; the originals are plain)
         return self.model
 
@@ -450,6 +466,7 @@ class AdaptedModel(nn.Module):
     def _refresh(self) -> None:
         """Push the active/merged sets into the wrappers and set requires_grad: active, unmerged adapters train."""
         graphs.invalidate(self.model, guard=self._unrouted)  # CUDA graphs recorded the old state (graphs.py)
+        self.__dict__["_shared_dirty"] = True  # shared stacks (prepare_routing) are rebuilt at the next routed call
         self._groups = siblings.link(self._wrappers)
         # whether any layer holds prompt tokens: a model call without them then reads no layer for them (prompt.py)
         self.__dict__["_has_prompt"] = any(w.holds_prompt for w in self._wrappers.values())
@@ -494,8 +511,9 @@ class AdaptedModel(nn.Module):
                 return int(v.shape[0])
         return None
 
-    def _set_routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Routing | None:
-        routing = None
+    def _set_routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict,
+                     generating: bool = False) -> Routing | None:
+        routing = slots = None
         if adapter_names is not None:
             names = list(adapter_names)
             for n in names:
@@ -513,6 +531,11 @@ class AdaptedModel(nn.Module):
                 raise UnipeftError(f"per-sample routing needs unmerged adapters; {', '.join(self.merged)} merged: "
                                    "call unmerge() first")
             routing = Routing(names)
+            shared = self.__dict__.get("_shared") if self.__dict__.get("_route_key") is not None else None
+            # (generate runs without gradients, but turns them off only after this point)
+            if shared is not None and (generating or not torch.is_grad_enabled()) \
+                    and not torch.compiler.is_compiling() and all(isinstance(n, str) for n in names):
+                slots = routed.slots(self, names, args, kwargs)
         elif not self.__dict__.get("_routed", False):
             # No layer holds a routing: nothing to clear. Touching every layer here would also cost a compiled call
             # a replayed write per layer and an identity guard per layer (each reached from both `_wrappers` and
@@ -521,6 +544,7 @@ class AdaptedModel(nn.Module):
         for w in self._wrappers.values():  # (a plain attribute: nn.Module.__setattr__'s checks cost ~1 µs per layer
             w.__dict__["routing"] = routing  # per call on a host-bound step)
         self.__dict__["_routed"] = routing is not None  # (a Routing stays on the layers until the next call)
+        routed.publish(self, slots)
         return routing
 
     def _shift_positions(self, module: nn.Module, args: tuple, kwargs: dict):

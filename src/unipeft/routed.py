@@ -1,0 +1,295 @@
+"""Per-sample routing for LoRA projections: each batch row uses its own adapter (`adapter_names=`).
+
+A loop over adapters launches per adapter; here a projection costs a fixed number of launches for any mix. Two ways
+to find each row's weights, picked per call:
+
+  per-routing stacks (the default)
+    A and s·B of the adapters this call names, stacked per projection (n+1, r, d_in) / (n+1, d_out, r) with a zero
+    slot for rows of the base, built at the call's first step and reused while the same routing decodes. Rows with
+    many tokens (prefill, training) gather per-row copies and run two batched GEMMs (bmm, then baddbmm accumulating
+    into y); rows of a few tokens (decoding) go through one Triton kernel on the GPU (kernels.routed_lora) that
+    reads each row's A and B from the stacks by slot, with no per-row copies.
+  shared stacks (`AdaptedModel.prepare_routing()`; a static-cache `generate` prepares them itself)
+    every adapter of the model stacked once per projection, slot i = the i-th adapter, zeros where an adapter skips
+    a projection. A call then hands the layers one slot tensor (B,) and nothing else that depends on the mix, so
+    a new mix copies no weights, and a compiled model — a static-cache `generate` compiles its decoding steps —
+    traces once for every mix instead of once per mix (the per-routing path's Python reads the adapter names).
+    The stacks are refreshed in place when an adapter weight changes (checked once per routed call by the tensors'
+    version counters), so their addresses — which a CUDA graph records — stay put. Only LoRA-only projections
+    (one plain LoRA site per adapter, a linear base, no heads or fusions) take them, only without gradients and in
+    eval mode; anything else runs the per-routing path. Memory: one more copy of the adapters' LoRA weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+from torch import nn
+
+from . import fused, kernels
+from .functions import SiteAdapter
+
+#: each model's current slot tensor, by the model's key (`AdapterLayer.route`). Read from one place rather than
+#: from each layer: an object every layer holds is reached by as many paths as there are layers, and a compiled
+#: call then checks that they are the same object — one identity guard per layer, evaluated in Python at every
+#: call (0.4 ms per decoding step at 112 projections). Set per call by AdaptedModel._set_routing, like the
+#: layers' routing (which stays until the next call); only no-grad calls read it, so no recompute under gradient
+#: checkpointing can see a later call's value.
+CURRENT: dict[int, torch.Tensor | None] = {}
+_KEYS = itertools.count()
+
+
+class RouteKey(int):
+    """A model's key in CURRENT. A deep copy of the model gets None instead, so that it and the original never read
+    each other's slots (the copy routes through the per-routing path until its own prepare_routing())."""
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+SHARED = "_unipeft_shared_stacks"  #: per-layer: [key, (tensors, versions), A stack, s·B stack, sites]
+ROWS = "_unipeft_shared_rows"  #: per-layer, eager: the current call's rows gathered from the shared stacks
+
+
+# -- per-routing stacks --------------------------------------------------------------------------------------------
+def lora(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]]) -> torch.Tensor:
+    """y = base(x) + x·A_rowᵀ·(s·B_row)ᵀ per batch row (zero for rows routed to the base or to an adapter with no
+    site here)."""
+    dtype, x_dtype = fused.compute_dtype(x), x.dtype
+    y = fused.base_output(layer._modules["base_layer"], x)
+    if x_dtype == dtype == y.dtype and torch.compiler.is_compiling() and kernels.routed_available(x):
+        a_stack, b_stack, rows = _operands(layer, items, x.shape[0], x.device, dtype, gathered=False)
+        if kernels.routed_available(x, a_stack):
+            return kernels.routed_lora(y, x, a_stack, b_stack, rows)
+    a_rows, b_rows, _ = _operands(layer, items, x.shape[0], x.device, dtype, gathered=True)
+    xa = torch.bmm(x if x_dtype == dtype else x.to(dtype), a_rows)
+    y_dtype = y.dtype
+    if y_dtype == dtype and not torch.is_grad_enabled():
+        return y.baddbmm_(xa, b_rows)
+    return torch.baddbmm(y.to(dtype), xa, b_rows).to(y_dtype)
+
+
+def _operands(layer, items, batch: int, device: torch.device, dtype: torch.dtype, gathered: bool):
+    """gathered: each row's Aᵀ (B, d_in, r) and (s·B)ᵀ (B, r, d_out), None; else the stacks and each row's slot
+    (B,). Without gradients they are cached per routing, batch, dtype and form, so decoding steps reuse them until an
+    adapter weight changes. The adapter tensors' version counters are compared once per Routing while its call is
+    open — one model call, or one whole `generate` — not at every decoding step: with 32 adapters that was 64
+    comparisons per projection per token, a fifth of a CPU-bound decode's host time. A Routing stays on the layers
+    after its call; calls that bypass the AdaptedModel then compare the counters every time."""
+    key = (layer.routing.key, batch, device, dtype, gathered)
+    caching = not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # (a tracer cannot read versions)
+    cached = layer.__dict__.get("_unipeft_rows") if caching else None
+    if cached is not None and cached[0] == key:
+        if cached[4] is layer.routing and layer.routing.open:
+            return cached[2]
+        if _fresh(cached[1]):
+            cached[4] = layer.routing  # checked for this call; later steps of it trust the cache
+            return cached[2]
+    a_stack, b_stack, tensors = _stacks(layer, items, dtype)
+    rows = layer.routing.row_index(tuple(n for n, _ in items), batch, device)
+    if gathered:
+        out = (a_stack.index_select(0, rows).transpose(1, 2), b_stack.index_select(0, rows).transpose(1, 2), None)
+    else:
+        out = (a_stack, b_stack, rows)
+    if caching:
+        versions = (tensors, tuple(t._version for t in tensors))
+        layer.__dict__["_unipeft_rows"] = [key, versions, out, None, layer.routing]
+    return out
+
+
+def _fresh(versions) -> bool:
+    tensors, seen = versions
+    return all(t._version == v for t, v in zip(tensors, seen))
+
+
+def _stacks(layer, items: list[tuple[str, SiteAdapter]], dtype: torch.dtype):
+    """Stacked A (n+1, r_max, d_in) and s·B (n+1, d_out, r_max), the last slot zero, ranks padded with zeros, and
+    the adapter tensors they came from. Cached while no gradient is recorded and no adapter weight changed (their
+    version counters say so); rebuilt when training, so gradients reach every adapter."""
+    caching = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    device = items[0][1].fn.down.weight.device  # (in the key: the model may have moved since)
+    cached = layer.__dict__.get("_unipeft_stacks") if caching else None
+    if cached is not None and cached[0] == (layer.routing.key, dtype, device) and _fresh(cached[1]):
+        return cached[2], cached[3], cached[1][0]
+    params = [(sa.fn.down.weight, sa.fn.up.weight, float(sa.s)) for _, sa in items]
+    r_max = max(a.shape[0] for a, _, _ in params)
+    d_in, d_out = params[0][0].shape[1], params[0][1].shape[0]
+    a_list, b_list = [], []
+    for a, b, s in params:
+        pad = r_max - a.shape[0]
+        a_list.append(nn.functional.pad(a.to(dtype), (0, 0, 0, pad)))
+        b_list.append(nn.functional.pad((b * s).to(dtype), (0, pad)))
+    a_list.append(a_list[0].new_zeros(r_max, d_in))
+    b_list.append(b_list[0].new_zeros(d_out, r_max))
+    a_stack, b_stack = torch.stack(a_list), torch.stack(b_list)
+    tensors = tuple(t for a, b, _ in params for t in (a, b))
+    if caching:
+        layer.__dict__["_unipeft_stacks"] = ((layer.routing.key, dtype, device),
+                                             (tensors, tuple(t._version for t in tensors)), a_stack, b_stack)
+    return a_stack, b_stack, tensors
+
+
+# -- shared stacks -------------------------------------------------------------------------------------------------
+def share(layer, names: tuple[str, ...]) -> bool:
+    """Build this layer's shared stacks over `names` (every adapter of the model, in slot order; slot len(names) is
+    the base's zero slot), or drop them when the layer cannot take them. Returns whether it has them."""
+    items = _shareable(layer, names)
+    if items is None:
+        layer.__dict__.pop(SHARED, None)
+        return False
+    present = [(i, sa) for i, sa in enumerate(items) if sa is not None]
+    weight = present[0][1].fn.down.weight
+    dtype, device = layer.base_layer.weight.dtype, weight.device  # (the base's dtype: what decoding computes in)
+    r_max = max(sa.fn.down.weight.shape[0] for _, sa in present)
+    d_in, d_out = weight.shape[1], present[0][1].fn.up.weight.shape[0]
+    key = (names, dtype, tuple(id(sa) for sa in items), r_max, device)
+    cached = layer.__dict__.get(SHARED)
+    if cached is None or cached[0] != key:
+        a_stack = torch.zeros(len(names) + 1, r_max, d_in, dtype=dtype, device=device)
+        b_stack = torch.zeros(len(names) + 1, d_out, r_max, dtype=dtype, device=device)
+        if hasattr(torch, "_dynamo"):  # a CUDA graph of a compiled call may keep their addresses (cudagraph trees)
+            torch._dynamo.mark_static_address(a_stack)
+            torch._dynamo.mark_static_address(b_stack)
+        cached = [key, None, a_stack, b_stack, present]
+        layer.__dict__[SHARED] = cached
+    _fill(cached)
+    return True
+
+
+def refresh(layer) -> None:
+    """Copy changed adapter weights into this layer's shared stacks, in place (their addresses stay); rebuild them if
+    the model moved to another device or dtype since (`am.to(...)` changes no version counter)."""
+    cached = layer.__dict__.get(SHARED)
+    if cached is None:
+        return
+    weight = layer.base_layer.weight
+    if cached[2].device != weight.device or cached[2].dtype != weight.dtype:
+        share(layer, cached[0][0])
+    elif not _fresh(cached[1]):
+        _fill(cached)
+
+
+def _fill(cached: list) -> None:
+    _, _, a_stack, b_stack, present = cached
+    tensors = tuple(t for _, sa in present for t in (sa.fn.down.weight, sa.fn.up.weight))
+    with torch.no_grad():
+        for i, sa in present:
+            a, b = sa.fn.down.weight, sa.fn.up.weight
+            r = a.shape[0]
+            a_stack[i, :r].copy_(a)
+            b_stack[i, :, :r].copy_(b * float(sa.s))
+    cached[1] = (tensors, tuple(t._version for t in tensors))
+
+
+def _shareable(layer, names: tuple[str, ...]) -> list[SiteAdapter | None] | None:
+    """Per slot, the adapter's one plain LoRA site here (None: no site), or None when the layer cannot share."""
+    if len(layer.copies) or len(layer.fusions) or layer.merged or not len(layer.adapters) \
+            or fused.base_kind(layer.base_layer) not in (fused.LINEAR, fused.CONV1D):
+        return None
+    if any(n not in names for n in layer.adapters):
+        return None
+    items: list[SiteAdapter | None] = []
+    for n in names:
+        sites = list(layer.sites_of(n))
+        if len(sites) > 1 or (sites and not fused.simple_lora(sites[0], training=False)):
+            return None
+        items.append(sites[0] if sites else None)
+    return items
+
+
+def shared_lora(layer, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+    """The projection's output from the shared stacks (see the module docstring), or None when this layer has none
+    or the call does not fit (then the per-routing path runs). Compiled: the routed kernel reads the stacks by slot
+    (one launch; else a gather and two batched GEMMs). Eager: each row's weights are gathered once per call and
+    reused by its decoding steps, then bmm + baddbmm_ — on a CPU-bound decoding step two aten launches cost less
+    host time than one Triton launch (bench/routed_probe.py), and this path skips the per-routing plan."""
+    cached = layer.__dict__.get(SHARED)
+    if cached is None or x.dim() != 3:
+        return None
+    a_stack, b_stack = cached[2], cached[3]
+    batch, n = x.shape[0], slots.shape[0]
+    if batch % n:
+        return None
+    compiling = torch.compiler.is_compiling()
+    rows = None if compiling else layer.__dict__.get(ROWS)
+    if rows is None or rows[0] is not cached[1] or rows[1] is not slots or rows[2] != batch:
+        # eager: cached per call — keyed by its slot tensor, the batch, and the stacks' version record (replaced at
+        # every refill)
+        per_row = slots if batch == n else slots.repeat_interleave(batch // n)  # (beam search expands rows)
+        if per_row.device != x.device:  # (a model split across devices)
+            per_row = per_row.to(x.device)
+        rows = (cached[1], slots, batch, per_row)
+    y = fused.base_output(layer._modules["base_layer"], x)
+    dtype = a_stack.dtype
+    if compiling:
+        if y.dtype == x.dtype == dtype and kernels.routed_available(x, a_stack):
+            return kernels.routed_lora(y, x, a_stack, b_stack, rows[3])
+        a_rows = a_stack.index_select(0, rows[3]).transpose(1, 2)
+        b_rows = b_stack.index_select(0, rows[3]).transpose(1, 2)
+    else:
+        if len(rows) == 4:
+            rows = (*rows, a_stack.index_select(0, rows[3]).transpose(1, 2),
+                    b_stack.index_select(0, rows[3]).transpose(1, 2))
+            layer.__dict__[ROWS] = rows
+        a_rows, b_rows = rows[4], rows[5]
+    xa = torch.bmm(x if x.dtype == dtype else x.to(dtype), a_rows)
+    if y.dtype == dtype:
+        return y.baddbmm_(xa, b_rows)
+    return torch.baddbmm(y.to(dtype), xa, b_rows).to(y.dtype)
+
+
+# -- the model's side ----------------------------------------------------------------------------------------------
+def prepare(am, enable: bool = True) -> int:
+    """AdaptedModel.prepare_routing: shared stacks on every layer that can take them (slot order = the model's
+    adapters), or none. Returns the number of layers that have them."""
+    am.__dict__["_shared"] = None
+    key = am.__dict__.get("_route_key")
+    if key is None:
+        key = am.__dict__["_route_key"] = RouteKey(next(_KEYS))
+        weakref.finalize(am, CURRENT.pop, key, None)  # (a deleted model's slots go with it)
+    CURRENT.pop(key, None)
+    if not enable:
+        for w in am._wrappers.values():
+            w.__dict__.pop(SHARED, None)
+            w.__dict__["route"] = None
+        return 0
+    names = tuple(am.recipes)
+    count = 0
+    for w in am._wrappers.values():
+        has = share(w, names)
+        w.__dict__["route"] = key if has else None
+        count += has
+    am.__dict__["_shared"] = {n: i for i, n in enumerate(names)}
+    am.__dict__["_shared_dirty"] = False
+    return count
+
+
+def publish(am, slots: torch.Tensor | None) -> None:
+    """This call's slots for the model's layers (None: the call does not use the shared stacks)."""
+    key = am.__dict__.get("_route_key")
+    if key is not None and (slots is not None or CURRENT.get(key) is not None):
+        CURRENT[key] = slots
+
+
+def slots(am, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
+    """Each row's slot in the shared stacks (the base's: one past the last adapter), after bringing the stacks up to
+    date: rebuilt if adapters were added, removed, activated or merged since, refreshed in place if a weight changed."""
+    if am.__dict__.get("_shared_dirty", False):
+        prepare(am)
+    else:
+        for w in am._wrappers.values():
+            refresh(w)
+    shared = am.__dict__["_shared"]
+    device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+    return torch.tensor([shared.get(n, len(shared)) for n in names], dtype=torch.long, device=device)
+
+
+def static_cache(model: nn.Module, kwargs: dict) -> bool:
+    """Whether a generate call decodes with a compilable (static) cache — transformers compiles those steps."""
+    cache = kwargs.get("past_key_values")
+    if cache is not None:
+        return bool(getattr(cache, "is_compileable", False)) and type(cache).__name__ != "DynamicCache"
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    return implementation in ("static", "offloaded_static", "sliding_window", "hybrid")

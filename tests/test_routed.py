@@ -1,0 +1,403 @@
+"""Shared routing stacks (routed.py, `AdaptedModel.prepare_routing`): every adapter's LoRA weights stacked once per
+projection, each row of a routed call picking its slot. Outputs against the reference path (UNIPEFT_FUSED=0), the
+stacks kept up to date (in-place weight changes, adapters added or removed), the layers that must not take them,
+and the point of them: a compiled model traces once for any mix of adapters. fp32 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import inputs, output_of, tiny_model
+from test_engine import randomize
+from transformers import CompileConfig, DynamicCache, GenerationConfig, StaticCache
+
+import unipeft
+from unipeft import routed
+from unipeft.layer import BASE
+
+MIXES = (["b", BASE, "default", "c"], ["c", "c", "b", "default"], ["default", "b", "c", BASE])
+
+
+def _model(family: str = "llama") -> unipeft.AdaptedModel:
+    """Three LoRA adapters of different ranks and scales; "c" only on some of the projections the others adapt."""
+    whole = {"targets": ["c_attn", "c_proj", "c_fc"]} if family == "gpt2" else {}  # whole Conv1D modules on GPT-2
+    am = unipeft.attach(tiny_model(family), "lora", r=4, **whole)
+    am.add("b", "lora", r=6, alpha=4, **whole)
+    am.add("c", "lora", r=2, targets=["c_attn"] if family == "gpt2" else ["q"])
+    for i, n in enumerate(am.recipes):
+        randomize(am, n, seed=i + 1, std=0.3)
+    return am.eval()  # (new wrappers start in training mode; the shared stacks serve eval calls)
+
+
+def _reference(am, monkeypatch, x: dict, names: list) -> torch.Tensor:
+    monkeypatch.setenv("UNIPEFT_FUSED", "0")
+    try:
+        return output_of(am(**x, adapter_names=names))
+    finally:
+        monkeypatch.setenv("UNIPEFT_FUSED", "1")
+
+
+def _spy(monkeypatch) -> list[tuple[object, bool]]:
+    """Record each routed.shared_lora call: (layer, whether it gave the output)."""
+    seen: list[tuple[object, bool]] = []
+    real = routed.shared_lora
+
+    def spy(layer, x, slots):
+        out = real(layer, x, slots)
+        seen.append((layer, out is not None))
+        return out
+    monkeypatch.setattr(routed, "shared_lora", spy)
+    return seen
+
+
+def _stacks(w) -> tuple[torch.Tensor, torch.Tensor]:
+    cached = w.__dict__[routed.SHARED]
+    return cached[2], cached[3]
+
+
+def _shared_layers(am) -> set[int]:
+    return {id(w) for w in am._wrappers.values() if routed.SHARED in w.__dict__}
+
+
+def _check_layout(am) -> None:
+    """Slot i holds the i-th adapter's A and s·B (ranks padded with zeros), zeros where it has no site; the last
+    slot (the base's) is zero."""
+    names = list(am.recipes)
+    for path, w in am._wrappers.items():
+        if routed.SHARED not in w.__dict__:
+            continue
+        a_stack, b_stack = _stacks(w)
+        assert a_stack.shape[0] == b_stack.shape[0] == len(names) + 1, path
+        for i, n in enumerate(names):
+            sites = list(w.sites_of(n))
+            if not sites:
+                assert not a_stack[i].any() and not b_stack[i].any(), (path, n)
+                continue
+            (sa,) = sites
+            a, b = sa.fn.down.weight, sa.fn.up.weight
+            r = a.shape[0]
+            assert torch.equal(a_stack[i, :r], a) and not a_stack[i, r:].any(), (path, n)
+            torch.testing.assert_close(b_stack[i, :, :r], b * float(sa.s), rtol=0, atol=0)
+            assert not b_stack[i, :, r:].any(), (path, n)
+        assert not a_stack[-1].any() and not b_stack[-1].any(), path
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shared_stacks_give_the_reference_outputs(family: str, monkeypatch) -> None:
+    am = _model(family)
+    x = inputs(batch=4, seq=5)
+    mixes = (*MIXES, [BASE] * 4)
+    with torch.no_grad():
+        references = [_reference(am, monkeypatch, x, names) for names in mixes]
+        assert am.prepare_routing() == len(am._wrappers), "every projection holds only plain LoRA"
+        _check_layout(am)
+        assert am.__dict__["_shared"] == {n: i for i, n in enumerate(am.recipes)}
+        seen = _spy(monkeypatch)
+        for names, reference in zip(mixes, references):
+            seen.clear()
+            out = output_of(am(**x, adapter_names=names))
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6, msg=str(names))
+            assert len(seen) == len(am._wrappers) and all(took for _, took in seen), "every projection took them"
+            assert {id(layer) for layer, _ in seen} == _shared_layers(am)
+    base = references[-1]
+    for row, name in enumerate(MIXES[0]):  # (the adapters do act: their rows are not the base's)
+        assert torch.allclose(references[0][row], base[row]) == (name == BASE), name
+
+
+def test_in_place_weight_changes_refresh_the_stacks_in_place(monkeypatch) -> None:
+    am = _model()
+    x = inputs(batch=4, seq=5)
+    names = MIXES[0]
+    with torch.no_grad():
+        am.prepare_routing()
+        before = output_of(am(**x, adapter_names=names))
+        addresses = {p: tuple(t.data_ptr() for t in _stacks(w)) for p, w in am._wrappers.items()}
+        for p in am.adapter_parameters("b").values():
+            p.mul_(-3.0)  # as an optimizer step does: in place, version counters move
+        seen = _spy(monkeypatch)
+        after = output_of(am(**x, adapter_names=names))
+        reference = _reference(am, monkeypatch, x, names)
+    assert seen and all(took for _, took in seen)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after[0], before[0]), "row 0 routes to b, whose weights changed"
+    torch.testing.assert_close(after[1:], before[1:], rtol=1e-5, atol=1e-6)  # no other row did
+    assert {p: tuple(t.data_ptr() for t in _stacks(w)) for p, w in am._wrappers.items()} == addresses
+    _check_layout(am)
+
+
+def test_adding_and_removing_adapters_rebuilds_the_stacks(monkeypatch) -> None:
+    am = _model()
+    x = inputs(batch=4, seq=5)
+    with torch.no_grad():
+        am.prepare_routing()
+        am(**x, adapter_names=MIXES[0])
+        am.add("d", "lora", r=3, targets=["q", "o"])  # a new adapter, and on projections no adapter had
+        randomize(am, "d", seed=9, std=0.3)
+        am.eval()
+        seen = _spy(monkeypatch)
+        names = ["d", "b", BASE, "d"]
+        out = output_of(am(**x, adapter_names=names))
+        assert am.__dict__["_shared"] == {"default": 0, "b": 1, "c": 2, "d": 3}
+        assert _shared_layers(am) == {id(w) for w in am._wrappers.values()}
+        assert {id(layer) for layer, took in seen if took} == _shared_layers(am)
+        _check_layout(am)
+        torch.testing.assert_close(out, _reference(am, monkeypatch, x, names), rtol=1e-5, atol=1e-6)
+
+        am.remove("c")
+        names = ["d", "default", "b", BASE]
+        out = output_of(am(**x, adapter_names=names))
+        assert am.__dict__["_shared"] == {"default": 0, "b": 1, "d": 2}
+        _check_layout(am)
+        torch.testing.assert_close(out, _reference(am, monkeypatch, x, names), rtol=1e-5, atol=1e-6)
+
+        assert am.prepare_routing(False) == 0
+        assert am.__dict__["_shared"] is None
+        assert all(routed.SHARED not in w.__dict__ for w in am._wrappers.values())
+        seen.clear()
+        out = output_of(am(**x, adapter_names=names))
+        assert not seen, "without stacks no layer looks for them"
+        torch.testing.assert_close(out, _reference(am, monkeypatch, x, names), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_with_other_adapters_keep_the_per_routing_path(monkeypatch) -> None:
+    """IA3 scales k, v and down's input, Houlsby adapters follow o and down: those projections get no stacks; routed
+    calls mixing every adapter still equal the reference path. With gradients the stacks are not used, and the
+    gradients equal the reference path's."""
+    am = _model()
+    am.add("d", "ia3")
+    am.add("e", "houlsby")
+    for n in ("d", "e"):
+        randomize(am, n, seed=len(n) + ord(n), std=0.3)
+    am.eval()
+    x = inputs(batch=6, seq=5)
+    names = ["e", "b", BASE, "d", "c", "default"]
+    lora_only = {id(w) for w in am._wrappers.values() if all(am.recipes[n].parts[0].function == "lowrank"
+                                                               for n in w.adapters)}
+    with torch.no_grad():
+        reference = _reference(am, monkeypatch, x, names)
+        count = am.prepare_routing()
+        assert 0 < count < len(am._wrappers) and count == len(lora_only)
+        assert _shared_layers(am) == lora_only
+        seen = _spy(monkeypatch)
+        out = output_of(am(**x, adapter_names=names))
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    assert {id(layer) for layer, took in seen if took} == lora_only
+    for n in am.recipes:  # (only the active adapter trains by default)
+        for p in am.adapter_parameters(n).values():
+            p.requires_grad_(True)
+
+    def run(flag: str):
+        monkeypatch.setenv("UNIPEFT_FUSED", flag)
+        am.zero_grad(set_to_none=True)
+        y = output_of(am(**x, adapter_names=names))
+        (y ** 2).mean().backward()
+        return y.detach(), {(n, k): p.grad.clone() for n in am.recipes for k, p in am.adapter_parameters(n).items()
+                            if p.grad is not None}
+
+    seen.clear()
+    out, grads = run("1")
+    assert not seen, "a call that records gradients does not use the shared stacks"
+    ref_out, ref_grads = run("0")
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and {n for n, _ in grads} == set(am.recipes)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=str(k))
+
+
+def test_compiled_model_traces_once_for_any_mix(monkeypatch) -> None:
+    """With shared stacks nothing a layer reads depends on the mix: one graph for every mix (fullgraph), the same
+    outputs as the reference path — also after an in-place weight change, which the stacks take in place."""
+    from torch._dynamo.testing import CompileCounter
+
+    am = _model()
+    x = inputs(batch=4, seq=5)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            references = [_reference(am, monkeypatch, x, names) for names in MIXES]
+            am.prepare_routing()
+            counter = CompileCounter()
+            am.model.forward = torch.compile(am.model.forward, backend=counter, fullgraph=True)
+            for names, reference in zip(MIXES, references):
+                torch.testing.assert_close(output_of(am(**x, adapter_names=names)), reference, rtol=1e-5,
+                                           atol=1e-6, msg=str(names))
+            assert counter.frame_count == 1
+            for p in am.adapter_parameters("c").values():
+                p.mul_(-2.0)
+            changed = output_of(am(**x, adapter_names=MIXES[1]))
+            assert counter.frame_count == 1
+            reference = _reference(am, monkeypatch, x, MIXES[1])
+        torch.testing.assert_close(changed, reference, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(changed[0], references[1][0])
+    finally:
+        torch._dynamo.reset()
+
+
+def _static_generate(am, ids, names, **kw):
+    cc = CompileConfig(backend="eager", fullgraph=True)
+    cc._compile_all_devices = True  # (transformers compiles CPU models' decoding steps only when told to)
+    return am.generate(input_ids=ids, adapter_names=names, cache_implementation="static", compile_config=cc, **kw)
+
+
+def test_static_cache_generate_prepares_the_stacks_and_compiles_once() -> None:
+    """transformers compiles a static-cache generate's decoding step; `generate` prepares the shared stacks itself,
+    so three mixes share one graph, and each gives the tokens of an eager dynamic-cache routed generate."""
+    from torch._dynamo.utils import counters
+
+    am = _model()
+    ids = inputs(batch=4, seq=5)["input_ids"]
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=0)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            references = [am.generate(input_ids=ids, adapter_names=names, **kw) for names in MIXES]
+            assert am.__dict__.get("_shared") is None
+            counters.clear()
+            for names, reference in zip(MIXES, references):
+                assert torch.equal(_static_generate(am, ids, names, **kw), reference), names
+                assert am.__dict__["_shared"] is not None
+            assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+    assert len({tuple(r[:, 5:].flatten().tolist()) for r in references}) == 3, "the mixes decode differently"
+
+
+def test_static_cache_generate_outside_no_grad_compiles_once() -> None:
+    """A plain generate() call (gradients on until transformers turns them off inside) still hands the layers their
+    slots: one graph for every mix."""
+    from torch._dynamo.utils import counters
+
+    am = _model()
+    ids = inputs(batch=4, seq=5)["input_ids"]
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3, do_sample=False,
+              pad_token_id=0)
+    torch._dynamo.reset()
+    try:
+        counters.clear()
+        for names in MIXES[:2]:
+            _static_generate(am, ids, names, **kw)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("expand", [dict(num_beams=2), dict(num_beams=2, num_return_sequences=2)])
+def test_expanded_rows_find_their_slots(expand: dict, monkeypatch) -> None:
+    """Beam search and num_return_sequences expand each row after the routing is set: the shared stacks repeat each
+    row's slot and give the per-routing path's (and the reference path's) sequences."""
+    am = _model()
+    ids = inputs(batch=4, seq=5)["input_ids"]
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+              pad_token_id=0, adapter_names=MIXES[0], **expand)
+    with torch.no_grad():
+        monkeypatch.setenv("UNIPEFT_FUSED", "0")
+        reference = am.generate(input_ids=ids, **kw)
+        monkeypatch.setenv("UNIPEFT_FUSED", "1")
+        per_routing = am.generate(input_ids=ids, **kw)
+        am.prepare_routing()
+        sizes = []
+        real = routed.shared_lora
+
+        def spy(layer, x, slots):
+            out = real(layer, x, slots)
+            sizes.append((x.shape[0], slots.shape[0], out is not None))
+            return out
+        monkeypatch.setattr(routed, "shared_lora", spy)
+        shared = am.generate(input_ids=ids, **kw)
+    assert sizes and set(sizes) == {(8, 4, True)}, "every call had 2 rows per routed row, all on the stacks"
+    assert shared.shape[0] == 4 * expand.get("num_return_sequences", 1)
+    assert torch.equal(shared, per_routing) and torch.equal(shared, reference)
+
+
+def test_static_cache_detection() -> None:
+    model = tiny_model("llama")
+    assert routed.static_cache(model, {"cache_implementation": "static"})
+    assert not routed.static_cache(model, {})
+    assert not routed.static_cache(model, {"cache_implementation": None})
+    assert not routed.static_cache(model, {"cache_implementation": "dynamic"})
+    assert routed.static_cache(model, {"generation_config": GenerationConfig(cache_implementation="static")})
+    assert routed.static_cache(model, {"past_key_values": StaticCache(config=model.config, max_cache_len=16)})
+    assert not routed.static_cache(model, {"past_key_values": DynamicCache(config=model.config)})
+    model.generation_config.cache_implementation = "static"
+    assert routed.static_cache(model, {})
+    assert not routed.static_cache(model, {"cache_implementation": "dynamic"})
+
+
+def test_plain_calls_and_copies_do_not_read_another_calls_slots(monkeypatch) -> None:
+    """A call without `adapter_names` after a routed one runs the active adapter on every row; a deep copy of a
+    prepared model does not read the original's slots (it routes through the per-routing path until its own
+    prepare_routing) and neither changes the other's results."""
+    import copy
+
+    am = _model()
+    x = inputs(batch=4, seq=5)
+    with torch.no_grad():
+        plain_reference = output_of(am(**x))
+        routed_reference = _reference(am, monkeypatch, x, MIXES[0])
+        am.prepare_routing()
+        seen = _spy(monkeypatch)
+        torch.testing.assert_close(output_of(am(**x, adapter_names=MIXES[0])), routed_reference, rtol=1e-5,
+                                   atol=1e-6)
+        seen.clear()
+        torch.testing.assert_close(output_of(am(**x)), plain_reference, rtol=1e-5, atol=1e-6)
+        assert not seen
+        twin = copy.deepcopy(am)
+        torch.testing.assert_close(output_of(twin(**x, adapter_names=MIXES[1])),
+                                   _reference(am, monkeypatch, x, MIXES[1]), rtol=1e-5, atol=1e-6)
+        assert not seen, "the copy has no stacks of its own yet"
+        assert twin.prepare_routing() == len(twin._wrappers)
+        for p in twin.adapter_parameters("b").values():
+            p.mul_(-3.0)  # the copy's weights only
+        twin_out = output_of(twin(**x, adapter_names=MIXES[0]))
+        assert {id(layer) for layer, took in seen if took} == {id(w) for w in twin._wrappers.values()}
+        torch.testing.assert_close(twin_out, _reference(twin, monkeypatch, x, MIXES[0]), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(twin_out[0], routed_reference[0])
+        torch.testing.assert_close(output_of(am(**x, adapter_names=MIXES[0])), routed_reference, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_stacks_follow_the_model_to_another_dtype(monkeypatch) -> None:
+    """`am.to(...)` after prepare_routing() changes no version counter; the next routed call rebuilds the stacks in
+    the new dtype (and on the new device) instead of mixing them with the moved weights."""
+    am = _model()
+    am.prepare_routing()
+    am.to(torch.float64)
+    x = inputs(batch=4, seq=3)
+    with torch.no_grad():
+        got = output_of(am(**x, adapter_names=MIXES[0]))
+        want = _reference(am, monkeypatch, x, MIXES[0])
+    for w in am._wrappers.values():
+        if routed.SHARED in w.__dict__:
+            assert _stacks(w)[0].dtype == torch.float64
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_new_adapters_take_the_models_mode() -> None:
+    """Attached to a model in eval mode, the new adapters are in eval mode too (no dropout; the shared stacks serve
+    them); attached to a training model, they train."""
+    am = unipeft.attach(tiny_model("llama").eval(), "lora", r=4, dropout=0.1)
+    assert not any(m.training for m in am.modules())
+    am.train()
+    am.add("b", "lora", r=4, dropout=0.1)
+    assert all(m.training for w in am._wrappers.values() for m in w.modules())
+
+
+def test_compiled_per_routing_path_with_a_dynamic_cache(monkeypatch) -> None:
+    """Without shared stacks a compiled routed call still traces without a break: its caches (which compare
+    version counters, something a tracer cannot read) are skipped while compiling."""
+    am = _model()
+    x = inputs(batch=4, seq=3)
+    with torch.no_grad():
+        want = _reference(am, monkeypatch, x, MIXES[0])
+    torch._dynamo.reset()
+    try:
+        forward = am.model.forward
+        am.model.forward = torch.compile(forward, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            got = output_of(am(**x, adapter_names=MIXES[0]))
+    finally:
+        am.model.forward = forward
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
