@@ -4,6 +4,7 @@ Usage (on the GPU machine, harness copied into an ignored folder that travels wi
     PYTHONPATH=src python3 bench/perf_vs_peft.py --harness .gpu_carry/bench --out perf.json [--compile] [--only a,b]
         [--repeats K]   # then the floor and unipeft LoRA in turn, K rounds: the median ratio (drift hits both)
         [--guards]      # with --compile: each case again with guard evaluation skipped (what guards cost)
+        [--rounds K]    # the decode case: K rounds of merged and unipeft decoding timed in turn (default 3)
 
 Cases (Llama-shaped 953M model, bf16, batch 8 × 1024, LoRA r=16 on all 7 linears, dropout 0, AdamW; median of 10):
   train: frozen floor, peft LoRA, unipeft LoRA (fused path), unipeft LoRA reference path (UNIPEFT_FUSED=0)
@@ -165,7 +166,7 @@ def _decode(rounds: int = 3) -> list[dict]:
     return rows
 
 
-def run(compile_: bool, only: set[str] | None, guards: bool = False) -> list[dict]:
+def run(compile_: bool, only: set[str] | None, guards: bool = False, rounds: int = 3) -> list[dict]:
     rows: list[dict] = []
     wrap = torch.compile if compile_ else (lambda m: m)
     tag = "compiled_" if compile_ else ""
@@ -254,7 +255,7 @@ def run(compile_: bool, only: set[str] | None, guards: bool = False) -> list[dic
         _h.release()
         _h.B, _h.T = b0, t0
     if want("decode") and not compile_:
-        rows += _decode()
+        rows += _decode(rounds)
     if want("accelerate"):  # last: accelerate swaps RoPE process-wide until restored
         rows += _accelerated()
     return rows
@@ -395,6 +396,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated case names")
     ap.add_argument("--guards", action="store_true",
                     help="with --compile: time each case again without evaluating the compiled guards")
+    ap.add_argument("--rounds", type=int, default=3, help="decode case: rounds timed in turn")
     ap.add_argument("--repeats", type=int, default=0,
                     help="then time the frozen floor and unipeft LoRA in turn this many rounds (median ratio)")
     args = ap.parse_args()
@@ -408,7 +410,7 @@ def main() -> None:
                 gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), H=_h.H, L=_h.L, I=_h.I, B=_h.B,
                 T=_h.T, compiled=args.compile)
     print(json.dumps(meta), flush=True)
-    rows = run(args.compile, set(args.only.split(",")) if args.only else None, args.guards)
+    rows = run(args.compile, set(args.only.split(",")) if args.only else None, args.guards, args.rounds)
     if args.repeats:
         rows += interleaved(args.compile, args.repeats, args.guards)
     with open(args.out, "w") as f:
