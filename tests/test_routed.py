@@ -26,7 +26,7 @@ def _model(family: str = "llama") -> unipeft.AdaptedModel:
     am.add("c", "lora", r=2, targets=["c_attn"] if family == "gpt2" else ["q"])
     for i, n in enumerate(am.recipes):
         randomize(am, n, seed=i + 1, std=0.3)
-    return am.eval()  # (new wrappers start in training mode; the shared stacks serve eval calls)
+    return am.eval()  # (the shared stacks serve eval calls)
 
 
 def _reference(am, monkeypatch, x: dict, names: list) -> torch.Tensor:
@@ -401,3 +401,72 @@ def test_compiled_per_routing_path_with_a_dynamic_cache(monkeypatch) -> None:
         am.model.forward = forward
         torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_stacks_built_under_inference_mode_refresh_outside_it(monkeypatch) -> None:
+    """Stacks first built inside torch.inference_mode() (an evaluation loop) are ordinary tensors: an optimizer-like
+    in-place change afterwards is copied into them by the next routed call outside inference mode."""
+    am = _model()
+    x = inputs(batch=4, seq=3)
+    with torch.inference_mode():
+        am.prepare_routing()
+        am(**x, adapter_names=MIXES[0])
+    with torch.no_grad():
+        for p in am.adapter_parameters("b").values():
+            p.mul_(-2.0)
+        got = output_of(am(**x, adapter_names=MIXES[0]))
+        want = _reference(am, monkeypatch, x, MIXES[0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_that_bypasses_the_handle_sees_changed_weights(monkeypatch) -> None:
+    """The slots are published only while an AdaptedModel call runs: a later direct call of the wrapped model (the
+    routing still on its layers) goes through the per-routing path, which checks the weights' versions, so an
+    in-place change in between is seen."""
+    am = _model()
+    am.prepare_routing()
+    x = inputs(batch=4, seq=3)
+    with torch.no_grad():
+        am(**x, adapter_names=MIXES[0])
+        assert routed.CURRENT[am._route_key] is None
+        for p in am.adapter_parameters("b").values():
+            p.mul_(-3.0)
+        got = output_of(am.model(**x))  # (the routing set by the last call stays on the layers)
+        want = _reference(am, monkeypatch, x, MIXES[0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_disabling_frees_the_stacks_and_the_gathered_rows() -> None:
+    am = _model()
+    am.prepare_routing()
+    with torch.no_grad():
+        am(**inputs(batch=4, seq=3), adapter_names=MIXES[0])
+    assert any(routed.ROWS in w.__dict__ for w in am._wrappers.values())
+    am.prepare_routing(False)
+    for w in am._wrappers.values():
+        assert routed.SHARED not in w.__dict__ and routed.ROWS not in w.__dict__ and w.route is None
+    assert am.__dict__["_shared_watch"] is None
+
+
+def test_an_unpickled_copy_does_not_read_the_originals_slots() -> None:
+    """The wrapped model saved with torch.save (pickle) and loaded again keeps no routing key on its layers: its calls
+    run its active adapter, whatever the original publishes (keys also restart in every process)."""
+    import io
+
+    am = _model()
+    am.prepare_routing()
+    buffer = io.BytesIO()
+    torch.save(am.model, buffer)
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)  # (the test's own object; never done with outside files)
+    layers = [m for m in copy.modules() if hasattr(m, "route")]
+    assert layers and all(m.route is None for m in layers)
+    x = inputs(batch=4, seq=3)
+    with torch.no_grad():
+        want = output_of(copy(**x))
+        routed.CURRENT[am._route_key] = torch.tensor([1, 2, 0, 3])  # as if the original were mid-call
+        try:
+            got = output_of(copy(**x))
+        finally:
+            routed.CURRENT[am._route_key] = None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

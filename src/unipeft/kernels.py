@@ -334,7 +334,7 @@ def _shrink_kernel(x_ptr, a_ptr, slot_ptr, part_ptr, D_IN, R, T, KS, sxn, sxd, s
                    BK: tl.constexpr, BR: tl.constexpr):
     """Token row m = pid0, input columns [pid1·BK, +BK): this chunk's part of x_m·A_sᵀ (s = slots[m // T]), fp32,
     to part[m, pid1, :BR]. A is read from the stack at slot s — no per-row copies."""
-    m, ks = tl.program_id(0), tl.program_id(1)
+    m, ks = tl.program_id(0).to(tl.int64), tl.program_id(1)  # (int64 offsets: m times a row stride)
     slot = tl.load(slot_ptr + m // T)
     rr = tl.arange(0, BR)
     rk = ks * BK + tl.arange(0, BK)
@@ -348,7 +348,7 @@ def _shrink_kernel(x_ptr, a_ptr, slot_ptr, part_ptr, D_IN, R, T, KS, sxn, sxd, s
 def _expand_kernel(y_ptr, b_ptr, slot_ptr, part_ptr, out_ptr, D_OUT, R, T, KS, syn, syd, sbs, sbn, sbr, son, sod,
                    BN: tl.constexpr, BR: tl.constexpr, KP: tl.constexpr):
     """Token row m = pid0, output columns [pid1·BN, +BN): out = y + (Σ parts)·B_sᵀ, B_s read from the stack."""
-    m = tl.program_id(0)
+    m = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + m // T)
     rr = tl.arange(0, BR)
     kp = tl.arange(0, KP)
@@ -372,20 +372,19 @@ _ROUTED_MAX_RANK = 64
 
 def routed_available(x: torch.Tensor, a_stack: torch.Tensor | None = None) -> bool:
     """Whether `routed_lora` may add this call's per-row deltas: CUDA, a few tokens per row (decoding; longer rows
-    go through per-row weights and batched GEMMs), no gradient (the kernel has no backward), Triton on — and, given
-    the A stack, one 16/32-bit float dtype, ranks ≤ 64 and offsets within int32."""
+    go through per-row weights and batched GEMMs), no gradient (the kernels have no backward), Triton on — and,
+    given the A stack, one 16/32-bit float dtype and ranks ≤ 64 (rows and slots are indexed in int64)."""
     if not (_HAS_TRITON and x.is_cuda and x.dim() == 3 and x.shape[1] <= ROUTED_MAX_TOKENS
             and not torch.is_grad_enabled() and not envflags.off("UNIPEFT_TRITON")
             and (_HAS_OP or not torch.compiler.is_compiling())):
         return False
-    return a_stack is None or (x.dtype == a_stack.dtype and x.dtype in _DTYPES and a_stack.shape[1] <= _ROUTED_MAX_RANK
-                               and a_stack.numel() < 2**31 and x.numel() < 2**31)
+    return a_stack is None or (x.dtype == a_stack.dtype and x.dtype in _DTYPES and a_stack.shape[1] <= _ROUTED_MAX_RANK)
 
 
 def routed_lora(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
                 slots: torch.Tensor) -> torch.Tensor:
     """y + Δ, where token row (b, t) gets Δ = (x_bt·A_sᵀ)·B_sᵀ with s = slots[b] — a segmented-gather LoRA
-    (BGMV-style) in one launch per projection, for decoding with a different adapter per row.
+    (BGMV-style) in two launches per projection, for decoding with a different adapter per row.
     y: (B, T, d_out); x: (B, T, d_in); a_stack: (n, r, d_in); b_stack: (n, d_out, r) with each adapter's scale
     folded in (a zero slot for rows without an adapter); slots: (B,) int64. Out of place (y may be a view a base
     returned; the traffic is the same). Under torch.compile this is the custom op `unipeft::routed_lora`."""

@@ -141,6 +141,7 @@ class AdapterLayer(nn.Module):
         self.__dict__.pop("_unipeft_stacks", None)
         self.__dict__.pop("_unipeft_rows", None)
         self.__dict__.pop(routed.SHARED, None)
+        self.__dict__.pop(routed.ROWS, None)
 
     def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], str, list]:
         """(items in effect, their roles, the fused path's kind — "" when it does not apply, never under blocks —,

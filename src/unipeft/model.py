@@ -66,6 +66,7 @@ class AdaptedModel(nn.Module):
         finally:
             if routing is not None:
                 routing.open = False  # (routed._operands trusts checks made earlier in an open call only)
+                routed.publish(self, None)  # (stacks are refreshed per call: a later, bypassing call can't trust them)
 
     def _forward(self, args: tuple, kwargs: dict) -> Any:
         args, kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
@@ -80,7 +81,8 @@ class AdaptedModel(nn.Module):
             siblings.clear(self._groups)  # outputs computed ahead never outlive the call (siblings.py)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        if adapter_names is not None and self.__dict__.get("_shared") is None \
+        if adapter_names is not None and (self.__dict__.get("_shared") is None
+                                          or self.__dict__.get("_route_key") is None) \
                 and routed.static_cache(self.model, kwargs):
             self.prepare_routing()  # transformers compiles a static-cache generate's decoding steps: trace once
         return self._routed_call(self._generate, adapter_names, args, kwargs)
@@ -137,7 +139,7 @@ class AdaptedModel(nn.Module):
                 wrapper = self._wrap(b.module, created)
                 base = wrapper.base_layer
                 wrapper.add_site(name, SiteAdapter(part, b, base, **self._extra_dims(b, base)))
-                wrapper.train(base.training)  # a new adapter takes the model's mode (eval: no dropout)
+                wrapper.train(base.training)  # a new adapter takes its base module's mode (eval: no dropout)
                 if b.role == "prefix":
                     prefix_mod.install(base, wrapper, b.module)
             for path in heads:
@@ -207,6 +209,7 @@ class AdaptedModel(nn.Module):
                     del d[fuse.name]
             w._forget_plan()
         del self.fusions[fuse.name]
+        self.__dict__["_shared_dirty"] = True  # (layers that had the fusion may take shared stacks again)
         self._unwrap_empty()
         return self
 
@@ -467,6 +470,7 @@ class AdaptedModel(nn.Module):
         """Push the active/merged sets into the wrappers and set requires_grad: active, unmerged adapters train."""
         graphs.invalidate(self.model, guard=self._unrouted)  # CUDA graphs recorded the old state (graphs.py)
         self.__dict__["_shared_dirty"] = True  # shared stacks (prepare_routing) are rebuilt at the next routed call
+        self.__dict__["_shared_watch"] = None  # (it holds the adapters' tensors: a removed one must not stay alive)
         self._groups = siblings.link(self._wrappers)
         # whether any layer holds prompt tokens: a model call without them then reads no layer for them (prompt.py)
         self.__dict__["_has_prompt"] = any(w.holds_prompt for w in self._wrappers.values())

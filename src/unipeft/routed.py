@@ -6,9 +6,9 @@ to find each row's weights, picked per call:
   per-routing stacks (the default)
     A and s·B of the adapters this call names, stacked per projection (n+1, r, d_in) / (n+1, d_out, r) with a zero
     slot for rows of the base, built at the call's first step and reused while the same routing decodes. Rows with
-    many tokens (prefill, training) gather per-row copies and run two batched GEMMs (bmm, then baddbmm accumulating
-    into y); rows of a few tokens (decoding) go through one Triton kernel on the GPU (kernels.routed_lora) that
-    reads each row's A and B from the stacks by slot, with no per-row copies.
+    many tokens (prefill, training) — and every eager call — gather per-row copies and run two batched GEMMs (bmm,
+    then baddbmm accumulating into y); under torch.compile, rows of a few tokens (decoding) go through two Triton
+    kernels on the GPU (kernels.routed_lora) that read each row's A and B from the stacks by slot, no copies.
   shared stacks (`AdaptedModel.prepare_routing()`; a static-cache `generate` prepares them itself)
     every adapter of the model stacked once per projection, slot i = the i-th adapter, zeros where an adapter skips
     a projection. A call then hands the layers one slot tensor (B,) and nothing else that depends on the mix, so
@@ -18,6 +18,10 @@ to find each row's weights, picked per call:
     version counters), so their addresses — which a CUDA graph records — stay put. Only LoRA-only projections
     (one plain LoRA site per adapter, a linear base, no heads or fusions) take them, only without gradients and in
     eval mode; anything else runs the per-routing path. Memory: one more copy of the adapters' LoRA weights.
+    The slots are published for the duration of an AdaptedModel call (`routed.CURRENT`); a call that bypasses it
+    (`am.model(...)`) routes through the per-routing path, which checks the weights' versions itself. Compile the
+    inner model (`am.model`, as transformers does for a static cache), not the AdaptedModel: its routing setup
+    runs outside the compiled region only then.
 """
 
 from __future__ import annotations
@@ -34,19 +38,30 @@ from .functions import SiteAdapter
 #: each model's current slot tensor, by the model's key (`AdapterLayer.route`). Read from one place rather than
 #: from each layer: an object every layer holds is reached by as many paths as there are layers, and a compiled
 #: call then checks that they are the same object — one identity guard per layer, evaluated in Python at every
-#: call (0.4 ms per decoding step at 112 projections). Set per call by AdaptedModel._set_routing, like the
-#: layers' routing (which stays until the next call); only no-grad calls read it, so no recompute under gradient
-#: checkpointing can see a later call's value.
+#: call (0.4 ms per decoding step at 112 projections). Published by AdaptedModel for the duration of one call and
+#: set back to None when it returns; only no-grad calls read it, so no recompute under gradient checkpointing can
+#: see another call's value. Keys are only ever added (a model's entry is set to None, never removed): dynamo
+#: guards on the table's keys, so a model that prepares stacks after another was compiled costs that one a
+#: recompile, and removing keys would cost one every time.
 CURRENT: dict[int, torch.Tensor | None] = {}
 _KEYS = itertools.count()
 
 
 class RouteKey(int):
-    """A model's key in CURRENT. A deep copy of the model gets None instead, so that it and the original never read
-    each other's slots (the copy routes through the per-routing path until its own prepare_routing())."""
+    """A model's key in CURRENT. A deep copy or an unpickled copy of the model gets None instead, so that copies
+    never read each other's slots (keys restart in every process, too); the copy routes through the per-routing
+    path until it prepares its own stacks (a static-cache generate does that itself)."""
 
     def __deepcopy__(self, memo: dict) -> None:
         return None
+
+    def __reduce__(self):
+        return (_no_key, ())
+
+
+def _no_key() -> None:
+    return None
+
 
 SHARED = "_unipeft_shared_stacks"  #: per-layer: [key, (tensors, versions), A stack, s·B stack, sites]
 ROWS = "_unipeft_shared_rows"  #: per-layer, eager: the current call's rows gathered from the shared stacks
@@ -146,8 +161,9 @@ def share(layer, names: tuple[str, ...]) -> bool:
     key = (names, dtype, tuple(id(sa) for sa in items), r_max, device)
     cached = layer.__dict__.get(SHARED)
     if cached is None or cached[0] != key:
-        a_stack = torch.zeros(len(names) + 1, r_max, d_in, dtype=dtype, device=device)
-        b_stack = torch.zeros(len(names) + 1, d_out, r_max, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # (built under inference_mode they could never be refreshed outside it)
+            a_stack = torch.zeros(len(names) + 1, r_max, d_in, dtype=dtype, device=device)
+            b_stack = torch.zeros(len(names) + 1, d_out, r_max, dtype=dtype, device=device)
         if hasattr(torch, "_dynamo"):  # a CUDA graph of a compiled call may keep their addresses (cudagraph trees)
             torch._dynamo.mark_static_address(a_stack)
             torch._dynamo.mark_static_address(b_stack)
@@ -201,7 +217,7 @@ def _shareable(layer, names: tuple[str, ...]) -> list[SiteAdapter | None] | None
 def shared_lora(layer, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
     """The projection's output from the shared stacks (see the module docstring), or None when this layer has none
     or the call does not fit (then the per-routing path runs). Compiled: the routed kernel reads the stacks by slot
-    (one launch; else a gather and two batched GEMMs). Eager: each row's weights are gathered once per call and
+    (two launches; else a gather and two batched GEMMs). Eager: each row's weights are gathered once per call and
     reused by its decoding steps, then bmm + baddbmm_ — on a CPU-bound decoding step two aten launches cost less
     host time than one Triton launch (bench/routed_probe.py), and this path skips the per-routing plan."""
     cached = layer.__dict__.get(SHARED)
@@ -247,11 +263,13 @@ def prepare(am, enable: bool = True) -> int:
     key = am.__dict__.get("_route_key")
     if key is None:
         key = am.__dict__["_route_key"] = RouteKey(next(_KEYS))
-        weakref.finalize(am, CURRENT.pop, key, None)  # (a deleted model's slots go with it)
-    CURRENT.pop(key, None)
+        weakref.finalize(am, CURRENT.__setitem__, key, None)  # (a deleted model's slots go with it)
+    CURRENT[key] = None
+    am.__dict__["_shared_watch"] = None
     if not enable:
         for w in am._wrappers.values():
             w.__dict__.pop(SHARED, None)
+            w.__dict__.pop(ROWS, None)
             w.__dict__["route"] = None
         return 0
     names = tuple(am.recipes)
@@ -274,7 +292,7 @@ def prepare(am, enable: bool = True) -> int:
 def publish(am, slots: torch.Tensor | None) -> None:
     """This call's slots for the model's layers (None: the call does not use the shared stacks)."""
     key = am.__dict__.get("_route_key")
-    if key is not None and (slots is not None or CURRENT.get(key) is not None):
+    if key is not None and CURRENT.get(key) is not slots:
         CURRENT[key] = slots
 
 
