@@ -470,3 +470,31 @@ def test_an_unpickled_copy_does_not_read_the_originals_slots() -> None:
         finally:
             routed.CURRENT[am._route_key] = None
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_compiled_layers_guard_no_shared_routing_object(caplog) -> None:
+    """The slot tensor is read from one table, not from each layer: the compiled call has no identity guard between
+    layers' routing state (dynamo evaluates those in Python at every call, one per layer). Read from dynamo's guard
+    log; the log must show lambda guards at all (transformers' shared config makes some), or the check is void."""
+    import logging
+
+    am = _model()
+    am.prepare_routing()
+    x = inputs(batch=4, seq=3)
+    torch._dynamo.reset()
+    torch._logging.set_logs(guards=True)
+    forward = am.model.forward
+    try:
+        am.model.forward = torch.compile(forward, backend="eager", fullgraph=True)
+        with caplog.at_level(logging.DEBUG), torch.no_grad():
+            am(**x, adapter_names=MIXES[0])
+    finally:
+        am.model.forward = forward
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    lambdas = [r.getMessage() for r in caplog.records if "LAMBDA_GUARD" in r.getMessage()]
+    text = "\n".join(lambdas)
+    assert "LAMBDA_GUARD" in text, "no guard log captured"
+    lines = [ln for ln in text.splitlines() if "LAMBDA_GUARD" in ln]
+    shared = [ln for ln in lines if any(f".{a} is " in ln for a in ("routing", "route", "slots"))]
+    assert not shared, shared[:3]

@@ -94,6 +94,15 @@ class AdapterLayer(nn.Module):
         self.prefix_call: tuple[list[tuple[str, SiteAdapter]], torch.Tensor | None] | None = None
         self.holds_prompt = False  #: whether any adapter here has prompt tokens (lets a model call skip the rest)
 
+    def __getstate__(self) -> dict:
+        """A copy (copy.deepcopy, pickle) keeps no routing key and no shared stacks: it must not read its original's
+        slots from routed.CURRENT (routed.RouteKey)."""
+        state = dict(self.__dict__)
+        state["route"] = None
+        state.pop(routed.SHARED, None)
+        state.pop(routed.ROWS, None)
+        return state
+
     # -- bookkeeping ---------------------------------------------------------------------------------------------------
     def add_site(self, name: str, sa: SiteAdapter) -> None:
         if name not in self.adapters:

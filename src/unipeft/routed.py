@@ -48,9 +48,11 @@ _KEYS = itertools.count()
 
 
 class RouteKey(int):
-    """A model's key in CURRENT. A deep copy or an unpickled copy of the model gets None instead, so that copies
-    never read each other's slots (keys restart in every process, too); the copy routes through the per-routing
-    path until it prepares its own stacks (a static-cache generate does that itself)."""
+    """A model's key in CURRENT. A deep copy of the model gets None instead (and its layers none either: see
+    AdapterLayer.__getstate__, which also covers pickling), so that copies never read each other's slots — keys
+    restart in every process, too; the copy routes through the per-routing path until it prepares its own stacks
+    (a static-cache generate does that itself). The layers hold the key as a plain int: an object all of them
+    shared would cost a compiled call one identity guard per layer."""
 
     def __deepcopy__(self, memo: dict) -> None:
         return None
@@ -277,7 +279,7 @@ def prepare(am, enable: bool = True) -> int:
     watched: list[torch.Tensor] = []
     for w in am._wrappers.values():
         has = share(w, names)
-        w.__dict__["route"] = key if has else None
+        w.__dict__["route"] = int(key) if has else None  # (a plain int: dynamo guards it by value, not identity)
         count += has
         if has:
             watched.extend(w.__dict__[SHARED][1][0])
