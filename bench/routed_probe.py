@@ -18,6 +18,7 @@ import json
 import time
 
 import torch
+from skinny_probe import _time  # (bench/ is on the path: scripts run from it)
 
 from unipeft import kernels
 
@@ -25,27 +26,9 @@ SHAPES = {"q/k/v/o": (2048, 2048), "gate/up": (2048, 5632), "down": (5632, 2048)
 
 
 def _gpu_us(fn, iters: int = 50) -> float:
-    """GPU time per call: `iters` calls captured in one CUDA graph and replayed (launch costs of the host excluded —
-    a host-bound loop would time the host)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (5 * iters)
+    """GPU time per call: `iters` calls captured in one CUDA graph and replayed (a host-bound loop would time the
+    host); skinny_probe's timer."""
+    return _time([fn], reps=iters)
 
 
 def _host_us(fn, iters: int = 300) -> float:

@@ -316,15 +316,19 @@ def test_routed_kernel_availability(monkeypatch) -> None:
         assert not kernels.routed_available(x)
 
 
-class _CompilingTorch:
-    """`torch` as routed.py sees it inside a compiled call (torch.compiler.is_compiling() is True), everything else
-    the real module: the compiled branches run eagerly, the kernel in Triton's interpreter (a real torch.compile
-    cannot trace it on CPU: the interpreter reads the fake tensors' data)."""
-
-    compiler = type("compiler", (), {"is_compiling": staticmethod(lambda: True)})
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
+def _as_compiled(fn):
+    """fn run as a compiled call runs it: torch.compiler.is_compiling() is True inside (the layer-side routed paths
+    take their compiled branches, the kernel runs as the `unipeft::routed_lora` op — eagerly here, in Triton's
+    interpreter: a real torch.compile cannot trace it on CPU, the interpreter reads the fake tensors' data). The
+    model's routing setup before the layers runs as it does outside a compiled region."""
+    def run(*args):
+        real = torch.compiler.is_compiling
+        torch.compiler.is_compiling = lambda: True
+        try:
+            return fn(*args)
+        finally:
+            torch.compiler.is_compiling = real
+    return run
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -344,7 +348,7 @@ def test_routed_generate_through_the_kernel(shared: bool, monkeypatch) -> None:
     am.add("c", "lora", r=2, alpha=8, targets=["q"])
     for i, n in enumerate(am.recipes):
         randomize(am, n, seed=i + 1, std=0.3)
-    am.eval()  # (the shared stacks serve eval calls; new wrappers start in training mode)
+    am.eval()  # (the shared stacks serve eval calls)
     ids = inputs(batch=5, seq=5)["input_ids"]
     names = ["b", "__base__", "default", "c", "b"]
     steps = 3
@@ -356,7 +360,7 @@ def test_routed_generate_through_the_kernel(shared: bool, monkeypatch) -> None:
         base = am.generate(input_ids=ids, **{**kw, "adapter_names": ["__base__"] * len(names)})
         assert [torch.equal(reference[i], base[i]) for i in range(len(names))] == [n == "__base__" for n in names]
         monkeypatch.setenv("UNIPEFT_FUSED", "1")
-        monkeypatch.setattr(routed, "torch", _CompilingTorch())
+        monkeypatch.setattr(routed, "lora", _as_compiled(routed.lora))
         monkeypatch.setattr(kernels, "routed_available", lambda x, a=None: (
             not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] <= kernels.ROUTED_MAX_TOKENS
             and (a is None or a.shape[1] <= 64)))
@@ -364,7 +368,7 @@ def test_routed_generate_through_the_kernel(shared: bool, monkeypatch) -> None:
         real = kernels.routed_lora
         monkeypatch.setattr(kernels, "routed_lora", lambda *args: launches.append(args[1].shape) or real(*args))
         shared_out = []
-        real_shared = routed.shared_lora
+        real_shared = _as_compiled(routed.shared_lora)
         monkeypatch.setattr(routed, "shared_lora", lambda *args: shared_out.append(real_shared(*args)) or
                             shared_out[-1])
         if shared:

@@ -24,7 +24,7 @@ from . import prompt as prompt_mod
 from .arch import Binding, accepts, get_module, logical_modules, resolve, set_module, text_config
 from .errors import UnipeftError
 from .functions import SiteAdapter
-from .layer import BASE, AdapterLayer, Routing
+from .layer import BASE, AdapterLayer
 from .recipe import Recipe, as_recipe
 
 
@@ -60,7 +60,7 @@ class AdaptedModel(nn.Module):
 
     def _routed_call(self, call, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Any:
         """call(args, kwargs) with this call's routing handed to the layers, marked over when the call returns."""
-        routing = self._set_routing(adapter_names, args, kwargs, generating=call == self._generate)
+        routing = routed.hand_over(self, adapter_names, args, kwargs, generating=call == self._generate)
         try:
             return call(args, kwargs)
         finally:
@@ -508,48 +508,6 @@ class AdaptedModel(nn.Module):
     def _unrouted(self) -> bool:
         """No per-sample routing in this call (graphs.py replays only unrouted calls)."""
         return not self._wrappers or next(iter(self._wrappers.values())).routing is None
-
-    def _batch_size(self, args: tuple, kwargs: dict) -> int | None:
-        for v in (*args, *kwargs.values()):
-            if isinstance(v, torch.Tensor) and v.dim() >= 1:
-                return int(v.shape[0])
-        return None
-
-    def _set_routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict,
-                     generating: bool = False) -> Routing | None:
-        routing = slots = None
-        if adapter_names is not None:
-            names = list(adapter_names)
-            for n in names:
-                if not isinstance(n, str):
-                    compose.check(self, n)
-            unknown = sorted({n for n in names if isinstance(n, str) and n != BASE and n not in self.recipes})
-            if unknown:
-                raise UnipeftError(f"adapter_names has unknown adapter(s) {unknown}; adapters are "
-                                   f"{', '.join(self.recipes)} (or '{BASE}' for none)")
-            batch = self._batch_size(args, kwargs)
-            if batch is not None and batch != len(names):
-                raise UnipeftError(f"adapter_names has {len(names)} entries but the batch has {batch} rows; give "
-                                   "one adapter name per row")
-            if self.merged:
-                raise UnipeftError(f"per-sample routing needs unmerged adapters; {', '.join(self.merged)} merged: "
-                                   "call unmerge() first")
-            routing = Routing(names)
-            shared = self.__dict__.get("_shared") if self.__dict__.get("_route_key") is not None else None
-            # (generate runs without gradients, but turns them off only after this point)
-            if shared is not None and (generating or not torch.is_grad_enabled()) \
-                    and not torch.compiler.is_compiling() and all(isinstance(n, str) for n in names):
-                slots = routed.slots(self, names, args, kwargs)
-        elif not self.__dict__.get("_routed", False):
-            # No layer holds a routing: nothing to clear. Touching every layer here would also cost a compiled call
-            # a replayed write per layer and an identity guard per layer (each reached from both `_wrappers` and
-            # the module tree), which dynamo evaluates in Python at every call.
-            return None
-        for w in self._wrappers.values():  # (a plain attribute: nn.Module.__setattr__'s checks cost ~1 µs per layer
-            w.__dict__["routing"] = routing  # per call on a host-bound step)
-        self.__dict__["_routed"] = routing is not None  # (a Routing stays on the layers until the next call)
-        routed.publish(self, slots)
-        return routing
 
     def _shift_positions(self, module: nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook of the wrapped model for prefixes with `positions: shift` (peft semantics): every row's

@@ -1,4 +1,5 @@
-"""Per-sample routing for LoRA projections: each batch row uses its own adapter (`adapter_names=`).
+"""Per-sample routing (`adapter_names=`): each batch row uses its own adapter. `hand_over` checks a call's names and
+hands the Routing to the layers; the rest is the fast path for LoRA projections.
 
 A loop over adapters launches per adapter; here a projection costs a fixed number of launches for any mix. Two ways
 to find each row's weights, picked per call:
@@ -32,7 +33,8 @@ import weakref
 import torch
 from torch import nn
 
-from . import fused, kernels
+from . import compose, fused, kernels
+from .errors import UnipeftError
 from .functions import SiteAdapter
 
 #: each model's current slot tensor, by the model's key (`AdapterLayer.route`). Read from one place rather than
@@ -98,10 +100,10 @@ def _operands(layer, items, batch: int, device: torch.device, dtype: torch.dtype
     caching = not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # (a tracer cannot read versions)
     cached = layer.__dict__.get("_unipeft_rows") if caching else None
     if cached is not None and cached[0] == key:
-        if cached[4] is layer.routing and layer.routing.open:
+        if cached[3] is layer.routing and layer.routing.open:
             return cached[2]
         if _fresh(cached[1]):
-            cached[4] = layer.routing  # checked for this call; later steps of it trust the cache
+            cached[3] = layer.routing  # checked for this call; later steps of it trust the cache
             return cached[2]
     a_stack, b_stack, tensors = _stacks(layer, items, dtype)
     rows = layer.routing.row_index(tuple(n for n, _ in items), batch, device)
@@ -111,7 +113,7 @@ def _operands(layer, items, batch: int, device: torch.device, dtype: torch.dtype
         out = (a_stack, b_stack, rows)
     if caching:
         versions = (tensors, tuple(t._version for t in tensors))
-        layer.__dict__["_unipeft_rows"] = [key, versions, out, None, layer.routing]
+        layer.__dict__["_unipeft_rows"] = [key, versions, out, layer.routing]
     return out
 
 
@@ -258,6 +260,47 @@ def shared_lora(layer, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | N
 
 
 # -- the model's side ----------------------------------------------------------------------------------------------
+def hand_over(am, adapter_names: list | None, args: tuple, kwargs: dict, generating: bool = False):
+    """Check `adapter_names` against the model and the batch, and hand the call's Routing (None: no routing) to
+    every layer — and, when the model has shared stacks, the rows' slots (`publish`). Returns the Routing."""
+    from .layer import BASE, Routing  # (at call time: layer imports this module)
+
+    routing = slot_tensor = None
+    if adapter_names is not None:
+        names = list(adapter_names)
+        for n in names:
+            if not isinstance(n, str):
+                compose.check(am, n)
+        unknown = sorted({n for n in names if isinstance(n, str) and n != BASE and n not in am.recipes})
+        if unknown:
+            raise UnipeftError(f"adapter_names has unknown adapter(s) {unknown}; adapters are "
+                               f"{', '.join(am.recipes)} (or '{BASE}' for none)")
+        batch = next((int(v.shape[0]) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)
+                      and v.dim() >= 1), None)
+        if batch is not None and batch != len(names):
+            raise UnipeftError(f"adapter_names has {len(names)} entries but the batch has {batch} rows; give "
+                               "one adapter name per row")
+        if am.merged:
+            raise UnipeftError(f"per-sample routing needs unmerged adapters; {', '.join(am.merged)} merged: "
+                               "call unmerge() first")
+        routing = Routing(names)
+        shared = am.__dict__.get("_shared") if am.__dict__.get("_route_key") is not None else None
+        # (generate runs without gradients, but turns them off only after this point)
+        if shared is not None and (generating or not torch.is_grad_enabled()) \
+                and not torch.compiler.is_compiling() and all(isinstance(n, str) for n in names):
+            slot_tensor = slots(am, names, args, kwargs)
+    elif not am.__dict__.get("_routed", False):
+        # No layer holds a routing: nothing to clear. Touching every layer here would also cost a compiled call
+        # a replayed write per layer and an identity guard per layer (each reached from both `_wrappers` and
+        # the module tree), which dynamo evaluates in Python at every call.
+        return None
+    for w in am._wrappers.values():  # (a plain attribute: nn.Module.__setattr__'s checks cost ~1 µs per layer
+        w.__dict__["routing"] = routing  # per call on a host-bound step)
+    am.__dict__["_routed"] = routing is not None  # (a Routing stays on the layers until the next call)
+    publish(am, slot_tensor)
+    return routing
+
+
 def prepare(am, enable: bool = True) -> int:
     """AdaptedModel.prepare_routing: shared stacks on every layer that can take them (slot order = the model's
     adapters), or none. Returns the number of layers that have them."""
