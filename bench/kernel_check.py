@@ -84,6 +84,31 @@ def grouped_grads() -> dict:
     return dict(loss_grouped=l1, loss_single=l0, max_rel_grad_diff=rel, params=len(g0))
 
 
+def _flat(result) -> torch.Tensor:
+    ga_t, dbs = result  # (gaᵀ and the dB's are separate tensors: a dB becomes .grad)
+    return torch.cat([ga_t.flatten(), dbs]).double()
+
+
+def merged_weights_rows() -> list[dict]:
+    """kernels.merged_weights (a sibling group's W' in one launch) against merged_weight per member: the same
+    numbers bit for bit (one kernel, the member picked per program), and the error against fp64."""
+    rows = []
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for d_outs in ((2048, 2048, 2048), (5632, 5632), (2048, 512, 512), (100, 70, 50, 30)):
+            ws = [torch.randn(m, 2048, device="cuda", dtype=dtype) for m in d_outs]
+            bs = [torch.randn(m, 16, device="cuda", dtype=dtype) * 0.01 for m in d_outs]
+            as_ = [torch.randn(16, 2048, device="cuda", dtype=dtype) for _ in d_outs]
+            scales = [2.0, 0.5, 1.0, 3.0][:len(d_outs)]
+            got = kernels.merged_weights(ws, bs, as_, scales)
+            one = [kernels.merged_weight(w, b, a, s) for w, b, a, s in zip(ws, bs, as_, scales)]
+            err = max(float((g.double() - (w.double() + s * b.double() @ a.double())).abs().max())
+                      for g, w, b, a, s in zip(got, ws, bs, as_, scales))
+            rows.append(dict(dtype=str(dtype), d_outs=list(d_outs),
+                             equal_to_per_member=all(torch.equal(g, o) for g, o in zip(got, one)), max_abs_err=err))
+    return rows
+
+
 def lora_grads_rows() -> list[dict]:
     """kernels.lora_grads (gaᵀ and dB from one read of g, fp32 atomics) against the fp64 formula, next to cuBLAS's
     bf16 GEMMs' error, at the harness shapes (N = 8192, d_out 2048 / 5632, r = 16) and a q/k/v-like group."""
@@ -97,8 +122,8 @@ def lora_grads_rows() -> list[dict]:
             xa = torch.randn(n, sum(ranks), device="cuda", dtype=dtype)
             xas = list(xa.split(ranks, 1))
             offs = [sum(ranks[:i]) for i in range(len(ranks))]
-            got = kernels.lora_grads(gs, bs, xas, offs, [2.0] * len(dims), sum(ranks)).double()
-            again = kernels.lora_grads(gs, bs, xas, offs, [2.0] * len(dims), sum(ranks)).double()  # cached launch
+            got = _flat(kernels.lora_grads(gs, bs, xas, offs, [2.0] * len(dims), sum(ranks)))
+            again = _flat(kernels.lora_grads(gs, bs, xas, offs, [2.0] * len(dims), sum(ranks)))  # cached launch
             ga64 = torch.cat([2.0 * (g.double() @ b.double()).t() for g, b in zip(gs, bs)])
             db64 = [2.0 * g.double().t() @ x.double() for g, x in zip(gs, xas)]
             want = torch.cat([ga64.flatten(), *(d.flatten() for d in db64)])
@@ -142,6 +167,7 @@ def grads_kernel_training() -> dict:
 
 
 if __name__ == "__main__":
-    res = dict(merged_weight=merged_weight_rows(), launch_host_us=launch_host_us(), grouped=grouped_grads(),
+    res = dict(merged_weight=merged_weight_rows(), merged_weights=merged_weights_rows(),
+               launch_host_us=launch_host_us(), grouped=grouped_grads(),
                lora_grads=lora_grads_rows(), grads_kernel_training=grads_kernel_training())
     print(json.dumps(res, indent=1))

@@ -194,8 +194,8 @@ def merge(m: int, n: int, r: int = 16, tiles: bool = True) -> None:
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), 1)
 
         def launch(w, o, bm=bm, bn=bn, warps=warps, stages=stages, grid=grid):
-            kernel[grid](w, b, a, o, m, n, r, 2.0, *w.stride(), *b.stride(), *a.stride(), *o.stride(),
-                         BM=bm, BN=bn, BR=16, NR=1, IEEE=False, num_warps=warps, num_stages=stages)
+            args = kernels._grid_args([w], [b], [a], [2.0], o)[1][:-5]  # (the tile sizes replaced below)
+            kernel[grid](*args, BM=bm, BN=bn, BR=16, NR=1, IEEE=False, num_warps=warps, num_stages=stages)
         _row("merge", (m, n, r), f"bm{bm} bn{bn} w{warps} s{stages}",
              _time([lambda w=w, o=o: launch(w, o) for w, o in zip(ws, outs)]), ws[0].numel() * 4)
 

@@ -332,6 +332,29 @@ def test_group_backward_through_the_grads_kernel(monkeypatch) -> None:
     assert calls == [1, 2, 1, 3] * len(am.model.model.layers), "per layer: down, gate/up, o, q/k/v (backward order)"
 
 
+def test_group_forward_builds_its_weights_in_one_launch(monkeypatch) -> None:
+    """With the W' kernel available, a sibling group's forward builds every member's W' in one launch
+    (kernels.merged_weights: q/k/v, gate/up), the lone projections one each; outputs and LoRA gradients equal the
+    reference path's."""
+    from unipeft import kernels
+
+    am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+    randomize(am)
+    ref_out, ref_grads = _run(am, monkeypatch, "0", seq=48)
+    monkeypatch.setattr(kernels, "available", lambda t: True)
+    groups, lone = [], []
+    real_group, real_lone = kernels._merged_weights, kernels.merged_weight
+    monkeypatch.setattr(kernels, "_merged_weights", lambda ws, *a: groups.append(len(ws)) or real_group(ws, *a))
+    monkeypatch.setattr(kernels, "merged_weight", lambda *a, **kw: lone.append(1) or real_lone(*a, **kw))
+    out, grads = _run(am, monkeypatch, "1", seq=48)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-5, msg=k)
+    layers = len(am.model.model.layers)
+    assert groups == [3, 2] * layers, "per layer: q/k/v, then gate/up, each one call"
+    assert len(lone) == 2 * 2 * layers, "o and down: forward, and again in backward for dx"
+
+
 def test_grads_kernel_on_real_smollm2(smollm2_path, monkeypatch) -> None:
     """The real SmolLM2-135M (fp32, 2 × 320 tokens): LoRA gradients with the Triton grads kernel in every group
     and lone projection equal the cuBLAS-path gradients (the kernel runs in Triton's interpreter on CPU)."""

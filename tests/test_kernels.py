@@ -76,6 +76,47 @@ def test_compiled_op_is_registered_and_matches_the_formula() -> None:
         kernels.compiled_merged_weight(w, b, a.t().contiguous(), 1.0)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_merged_weights_builds_a_group_in_one_launch_per_three(k: int) -> None:
+    """Sibling projections' W' (q/k/v, gate/up: one d_in and rank, d_out may differ — GQA's k/v are narrower) from
+    one launch per three members into one buffer, returned as its row blocks: each against the formula in fp64,
+    in fp32 and in fp16 (fp32 accumulation, one rounding); the eager call and the compiled graph's custom op agree."""
+    g = torch.Generator().manual_seed(k)
+    d_outs = [70, 33, 33, 48][:k]
+    ws = [torch.randn(d, 40, generator=g) for d in d_outs]
+    bs = [torch.randn(d, 6, generator=g) for d in d_outs]
+    as_ = [torch.randn(6, 40, generator=g) for _ in d_outs]
+    scales = [0.5, 2.0, -1.0, 0.25][:k]
+    launches = []
+    outs = kernels._merged_weights(ws, bs, as_, scales, lambda grid, args: launches.append(args) or
+                                   kernels._launch_merge(grid, args))
+    assert len(launches) == (k + 2) // 3 and outs.shape == (sum(d_outs), 40)
+    inputs = {id(t) for t in ws + bs + as_}
+    written = [t for args in launches for t in args if isinstance(t, torch.Tensor) and id(t) not in inputs]
+    assert all(t is outs for t in written), "the kernel writes the one buffer (views of it: copies when compiled)"
+    got = kernels.merged_weights(ws, bs, as_, scales)
+    assert [t.shape[0] for t in got] == d_outs and all(t._base is got[0]._base for t in got), "row blocks of one buffer"
+    for w_, b_, a_, s_, t in zip(ws, bs, as_, scales, got):
+        torch.testing.assert_close(t.double(), w_.double() + s_ * b_.double() @ a_.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(got), outs, rtol=0, atol=0)
+    torch.testing.assert_close(torch.ops.unipeft.merged_weights(ws, bs, as_, scales), outs, rtol=0, atol=0)
+    half = kernels.merged_weights([t.half() for t in ws], [t.half() for t in bs], [t.half() for t in as_], scales)
+    for w_, b_, a_, s_, t in zip(ws, bs, as_, scales, half):
+        want = (w_.half().double() + s_ * b_.half().double() @ a_.half().double()).half()
+        torch.testing.assert_close(t, want, rtol=1e-3, atol=1e-2)
+
+
+def test_merged_weights_refuses_members_it_cannot_build_together() -> None:
+    w, b, a = torch.zeros(8, 6), torch.zeros(8, 2), torch.zeros(2, 6)
+    assert kernels.groupable([w, w], [b, b], [a, a])
+    assert not kernels.groupable([w, torch.zeros(8, 5)], [b, b], [a, torch.zeros(2, 5)])  # d_in differs
+    assert not kernels.groupable([w, w], [b, torch.zeros(8, 3)], [a, torch.zeros(3, 6)])  # rank differs
+    with pytest.raises(ValueError, match="build them one by one"):
+        kernels.merged_weights([w, w.t().contiguous().t()], [b, b], [a, a], [1.0, 1.0])  # strides differ
+    with pytest.raises(ValueError, match="shapes/dtypes disagree"):
+        kernels.merged_weights([w, w], [b, torch.zeros(7, 2)], [a, a], [1.0, 1.0])
+
+
 def test_lora_function_compiler_branch_through_the_kernel(monkeypatch) -> None:
     """`_LoraLinear` as a compiled graph runs it — W' from the custom op in forward and, tagged, in backward — against
     y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ differentiated by autograd (fp32 tensors, compared in fp64)."""
@@ -152,6 +193,24 @@ def test_lora_grads_matches_the_formula(n: int) -> None:
     assert half[0].dtype == torch.float16
     torch.testing.assert_close(_joined(half).double(), _grads_expected(*([t.half() for t in ts] for ts in args[:3]),
                                                                        *args[3:]), rtol=2e-3, atol=2e-2)
+
+
+def test_lora_grads_launches_three_members_at_a_time() -> None:
+    """Four members with a gradient (more than one launch holds): different widths, ranks and strides per member
+    (each member's g, B and xa are read by their own strides, its column programs found by its block counts)."""
+    gen = torch.Generator().manual_seed(7)
+    n, ranks, dims = 37, [4, 8, 4, 16], [130, 20, 600, 64]
+    xa = torch.randn(n, sum(ranks), generator=gen)
+    xas = list(xa.split(ranks, 1))
+    xas[1] = xas[1].contiguous()  # one xa with its own row stride
+    gs = [torch.randn(n, d, generator=gen) for d in dims]
+    gs[3] = torch.randn(dims[3], n, generator=gen).t()  # a transposed g
+    bs = [torch.randn(d, r, generator=gen) for d, r in zip(dims, ranks)]
+    args = (gs, bs, xas, [0, 4, 12, 16], [0.5, 2.0, 1.0, -0.75], sum(ranks))
+    launches = []
+    got = kernels._lora_grads(*args, lambda grid, a: launches.append(grid) or kernels._launch_grads(grid, a))
+    assert len(launches) == 2
+    torch.testing.assert_close(_joined(got).double(), _grads_expected(*args), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("r", [33, 64])

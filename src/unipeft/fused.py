@@ -143,6 +143,14 @@ def _merged_weight(weight, source, a, b, s: float) -> torch.Tensor:
     return torch.addmm(weight, b, a, alpha=s)
 
 
+def merged_weights(ws, as_, bs, scales) -> list[torch.Tensor]:
+    """W_i' = W_i + s_i·B_i·A_i of sibling projections (siblings.py) for a training step: one Triton launch for the
+    group where the kernel applies (kernels.merged_weights), else one build per member."""
+    if kernels.available(ws[0]) and kernels.groupable(ws, bs, as_):
+        return kernels.merged_weights(list(ws), list(bs), list(as_), list(scales))
+    return [_merged_weight(w, None, a, b, s) for w, a, b, s in zip(ws, as_, bs, scales)]
+
+
 def _merged_weight_again(weight, source, a, b, s: float) -> torch.Tensor:
     """W' for the compiled backward, by an expression the compiler cannot merge with the forward's (merged, it
     would keep W' alive from forward to backward: a second copy of every adapted weight). The same numbers."""

@@ -4,7 +4,8 @@ Each LoRA projection on the fused path reads its input x twice beyond the frozen
 forward, once for dA = s·(g·B)ᵀ·x in backward. q, k and v read the same x, so one group does it once for all:
 
     forward    xa = x·[A_q; A_k; A_v]ᵀ                          (one pass over x instead of three)
-               y_i = x·W_i'ᵀ + b_i,   W_i' = W_i + s_i·B_i·A_i    (as the single-projection merged form)
+               y_i = x·W_i'ᵀ + b_i,   W_i' = W_i + s_i·B_i·A_i    (as the single-projection merged form; every
+                                                                  member's W' from one launch on CUDA)
     backward   ga = [s_q·g_q·B_q | s_k·g_k·B_k | …]                 (N × Σr)
                dx = Σ_i g_i·W_i + ga·[A_q; A_k; …]                (accumulated in the GEMM epilogues: autograd would
                                                                   otherwise add three N × d_in tensors, and no W_i'
@@ -22,8 +23,8 @@ it saves the same tensors. A member called with a different x than the one its o
 (cross-attention: q reads the decoder, k/v the encoder) turns its group off; `link` keeps it off while the members
 stay the same. Every member then runs alone, with the same results.
 
-On CUDA, gaᵀ and every dB_i come from one Triton kernel per member that reads g_i once for both
-(kernels.lora_grads) instead of two GEMMs.
+On CUDA, gaᵀ and every dB_i come from one Triton launch for the whole group that reads each g_i once for both
+(kernels.lora_grads) instead of two GEMMs per member, and the members' W' from one launch (kernels.merged_weights).
 
 Only for training-shaped calls (gradients on, the merged form paying for every member, plain LoRA on hook-free
 nn.Linear bases in one dtype, no routing). Under torch.compile the same logic runs while the graph is traced, so
@@ -197,14 +198,13 @@ class _LoraGroup(torch.autograd.Function):
         biases = tensors[3 * k:]
         need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
         a_cat = torch.cat(as_)  # Σr × d_in
-        members = list(zip(ws, as_, bs, scales, biases))
 
-        def output(w, a, b, s, bias):
-            return F.linear(x, fused._merged_weight(w, None, a, b, s), bias)
-        first = output(*members[0])
+        w_primes = fused.merged_weights(ws, as_, bs, scales)  # every member's W', one launch on CUDA
+        first = F.linear(x, w_primes[0], biases[0])
         # N × Σr, the one pass over x — right after the first GEMM read x, while part of it is still in L2
         xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None
-        ys = (first, *(output(*m) for m in members[1:]))
+        ys = (first, *(F.linear(x, w, bias) for w, bias in zip(w_primes[1:], biases[1:])))
+        del w_primes
         ctx.save_for_backward(x, xa, a_cat, *ws, *as_, *bs)  # the A's too: double backward differentiates through them
         ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
         ctx.ranks = [a.shape[0] for a in as_]  # (backward splits Σr-sized tensors into the members' blocks with them)
