@@ -409,20 +409,21 @@ def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> tuple[tor
 
 def _grads_grid_args(gs, bs, xas, rows, scales, db_offs, out) -> tuple[tuple[int, int, int], tuple]:
     """Grid and arguments for up to three members (the last five are the constexprs, in `_GRAD_NAMES` order). A
-    program spans ND·BD columns, the same for every member of the launch (from the narrowest)."""
+    program spans ND·BD columns, the same for every member of the launch (from the narrowest). Built in one pass
+    over the members: this runs per launch, and eager steps on a fast GPU are close to host-bound."""
     n = gs[0].shape[0]
-    nd = _cdiv(min(min(g.shape[1] for g in gs), _GRAD_COLS), _GRAD_BD)
-    blocks = [_cdiv(g.shape[1], nd * _GRAD_BD) for g in gs]
-    c1 = blocks[0] if len(gs) > 1 else 2**30
-    c2 = blocks[0] + blocks[1] if len(gs) > 2 else 2**30
-    args = (*_padded(gs), *_padded(bs), *_padded(xas), out, n, *_padded([g.shape[1] for g in gs]),
-            *_padded([b.shape[1] for b in bs]), *_padded([float(s) for s in scales]),
-            *_padded([row * n for row in rows]), *_padded(db_offs), *_padded([g.stride(0) for g in gs]),
-            *_padded([g.stride(1) for g in gs]), *_padded([b.stride(0) for b in bs]),
-            *_padded([b.stride(1) for b in bs]), *_padded([x.stride(0) for x in xas]),
-            *_padded([x.stride(1) for x in xas]), c1, c2,
-            _GRAD_BN, _GRAD_BD, max(16, _next_power_of_2(max(b.shape[1] for b in bs))), nd,
-            gs[0].dtype == torch.float32)
+    per = [(g, b, xa, g.shape[1], b.shape[1], float(s), row * n, off, *g.stride(), *b.stride(), *xa.stride())
+           for g, b, xa, row, s, off in zip(gs, bs, xas, rows, scales, db_offs)]
+    widths, ranks = [m[3] for m in per], [m[4] for m in per]
+    per += [per[0]] * (_GROUP - len(per))  # (unused slots repeat member 0's; never read)
+    cols = list(zip(*per))  # column j: the j-th field of the three members
+    nd = _cdiv(min(min(widths), _GRAD_COLS), _GRAD_BD)
+    blocks = [_cdiv(d, nd * _GRAD_BD) for d in widths]
+    c1 = blocks[0] if len(widths) > 1 else 2**30
+    c2 = blocks[0] + blocks[1] if len(widths) > 2 else 2**30
+    args = (*cols[0], *cols[1], *cols[2], out, n, *cols[3], *cols[4], *cols[5], *cols[6], *cols[7], *cols[8],
+            *cols[9], *cols[10], *cols[11], *cols[12], *cols[13], c1, c2,
+            _GRAD_BN, _GRAD_BD, max(16, _next_power_of_2(max(ranks))), nd, gs[0].dtype == torch.float32)
     return (_cdiv(n, _GRAD_BN), sum(blocks), 1), args
 
 
