@@ -213,6 +213,22 @@ def test_lora_grads_launches_three_members_at_a_time() -> None:
     torch.testing.assert_close(_joined(got).double(), _grads_expected(*args), rtol=1e-5, atol=1e-4)
 
 
+def test_grads_launch_key_follows_what_triton_specializes() -> None:
+    """Compiled grads kernels are cached by a key built per launch: batches whose row counts and offsets Triton
+    specializes alike share one entry (no growth per batch length), a row count that is not a multiple of 16, other
+    widths or strides get their own."""
+    def key(n: int, d: int = 64, transposed: bool = False):
+        g = torch.empty(d, n).t() if transposed else torch.empty(n, d)
+        b, xa = torch.empty(d, 8), torch.empty(n, 8)
+        out = torch.empty(8 * n + d * 8)
+        return kernels._grads_key(kernels._grads_grid_args([g, g], [b, b], [xa, xa], [0, 8], [1.0, 2.0],
+                                                           [16 * n, 16 * n + d * 8], out)[1])
+    assert key(4096) == key(8192)
+    assert key(4097) != key(4096)
+    assert key(4096, d=80) != key(4096)
+    assert key(4096, transposed=True) != key(4096)
+
+
 @pytest.mark.parametrize("r", [33, 64])
 def test_lora_grads_wide_ranks_and_strided_operands(r: int) -> None:
     """Ranks that need a 64-wide rank block; g and B given transposed (non-contiguous) — the kernel reads them by

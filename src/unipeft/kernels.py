@@ -433,12 +433,20 @@ def _int_spec(v: int) -> tuple[bool, bool, bool]:
 
 
 def _launch_grads(grid: tuple[int, int, int], args: tuple) -> None:
-    """Launch through the compiled-kernel cache, keyed by what Triton specializes on — not by the values of N and
-    the offsets, which change with every batch length (raw values would miss the cache and grow it per length)."""
+    """Launch through the compiled-kernel cache (see `_grads_key`)."""
     g = args[0]
-    key = ("grads", g.device, g.dtype, *(t.data_ptr() % 16 == 0 for t in args[:10]),
-           *(_int_spec(v) for v in args[10:17]), *(_int_spec(v) for v in args[20:-5]), *args[-5:])
-    _launch(_kernel(_grads_kernel), grid, args, key, _GRAD_NAMES, _GRAD_WARPS, _grad_stages(g.dtype, args[-3]))
+    _launch(_kernel(_grads_kernel), grid, args, _grads_key(args), _GRAD_NAMES, _GRAD_WARPS,
+            _grad_stages(g.dtype, args[-3]))
+
+
+def _grads_key(args: tuple) -> tuple:
+    """The cache key of a grads launch: what Triton specializes on for N and the gaᵀ / dB offsets, which change with
+    every batch length (raw values would miss the cache and grow it per length), and the raw values of the widths,
+    ranks and strides, which a layer keeps (more specific than Triton's own key, so never wrong; half the host time
+    of specializing every int)."""
+    g = args[0]
+    return ("grads", g.device, g.dtype, *(t.data_ptr() % 16 == 0 for t in args[:10]), _int_spec(args[10]),
+            *args[11:17], *(_int_spec(v) for v in args[20:26]), *args[26:])
 
 
 def _lora_grads_op(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.Tensor], rows: list[int],
