@@ -233,6 +233,14 @@ def test_compiled_model_traces_once_for_any_mix(monkeypatch) -> None:
         torch._dynamo.reset()
 
 
+def _greedy(tokens: int, **extra):
+    """A model, prompts (4 rows × 5 tokens) and greedy generate() arguments for exactly `tokens` new tokens."""
+    am = _model()
+    ids = inputs(batch=4, seq=5)["input_ids"]
+    return am, ids, dict(attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                         do_sample=False, pad_token_id=0, **extra)
+
+
 def _static_generate(am, ids, names, **kw):
     cc = CompileConfig(backend="eager", fullgraph=True)
     cc._compile_all_devices = True  # (transformers compiles CPU models' decoding steps only when told to)
@@ -244,10 +252,7 @@ def test_static_cache_generate_prepares_the_stacks_and_compiles_once() -> None:
     so three mixes share one graph, and each gives the tokens of an eager dynamic-cache routed generate."""
     from torch._dynamo.utils import counters
 
-    am = _model()
-    ids = inputs(batch=4, seq=5)["input_ids"]
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-              pad_token_id=0)
+    am, ids, kw = _greedy(6)
     torch._dynamo.reset()
     try:
         with torch.no_grad():
@@ -268,10 +273,7 @@ def test_static_cache_generate_outside_no_grad_compiles_once() -> None:
     slots: one graph for every mix."""
     from torch._dynamo.utils import counters
 
-    am = _model()
-    ids = inputs(batch=4, seq=5)["input_ids"]
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3, do_sample=False,
-              pad_token_id=0)
+    am, ids, kw = _greedy(3)
     torch._dynamo.reset()
     try:
         counters.clear()
@@ -286,10 +288,7 @@ def test_static_cache_generate_outside_no_grad_compiles_once() -> None:
 def test_expanded_rows_find_their_slots(expand: dict, monkeypatch) -> None:
     """Beam search and num_return_sequences expand each row after the routing is set: the shared stacks repeat each
     row's slot and give the per-routing path's (and the reference path's) sequences."""
-    am = _model()
-    ids = inputs(batch=4, seq=5)["input_ids"]
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False,
-              pad_token_id=0, adapter_names=MIXES[0], **expand)
+    am, ids, kw = _greedy(4, adapter_names=MIXES[0], **expand)
     with torch.no_grad():
         monkeypatch.setenv("UNIPEFT_FUSED", "0")
         reference = am.generate(input_ids=ids, **kw)
