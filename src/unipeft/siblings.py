@@ -226,7 +226,7 @@ class _LoraGroup(torch.autograd.Function):
         grads_b = [None] * k
         # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (blocks of members without a gradient are zero).
         if xa is not None and live and not create_graph and kernels.grads_available([gs[i] for i in live], ranks):
-            # one Triton kernel per member reads g_i once for its gaᵀ block and its dB (kernels.lora_grads)
+            # one Triton launch for the group reads each g_i once for its gaᵀ block and its dB (kernels.lora_grads)
             offsets = [sum(ranks[:i]) for i in range(k)]
             xas = xa.split_with_sizes(ranks, 1)
             ga_t, dbs = kernels.lora_grads([gs[i] for i in live], [bs[i] for i in live], [xas[i] for i in live],
