@@ -3,6 +3,8 @@
 Usage (GPU machine): PYTHONPATH=src python3 bench/graph_probe.py --harness .gpu_carry/bench [--liger] [--compile]
 Per case: eager wall ms, host ms (time until the CPU has issued the whole step, before the sync), graphed replay ms.
 With --compile each model is wrapped in torch.compile (no capture) and the row adds the graph and graph-break counts.
+--phases adds, per case, the GPU time of forward, backward and optimizer step between CUDA events (gaps between
+kernels included, unlike a profiler's busy time) and the host time to issue each, medians of 8 synced steps.
 """
 
 from __future__ import annotations
@@ -21,7 +23,37 @@ def _median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def measure(h, case: str, model, params, graph: bool = True, compile_: bool = False) -> dict:
+def phases(h, model, params, steps: int = 12) -> dict:
+    """Medians (ms) of the GPU time of each phase of a synced step (CUDA events at its boundaries) and of the host
+    time to issue it: where a step with more, smaller kernels loses time to the gaps between them."""
+    x = torch.randint(0, h.VOCAB, (h.B, h.T), device="cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    rows = []
+    for i in range(steps):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        torch.cuda.synchronize()
+        t = [time.perf_counter()]
+        ev[0].record()
+        loss = model(input_ids=x, labels=x).loss
+        t.append(time.perf_counter())
+        ev[1].record()
+        loss.backward()
+        t.append(time.perf_counter())
+        ev[2].record()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        ev[3].record()
+        torch.cuda.synchronize()
+        if i >= 4:
+            names = ("fwd", "bwd", "opt")
+            rows.append(dict(wall=(time.perf_counter() - t[0]) * 1e3,
+                             **{f"host_{p}": (t[j + 1] - t[j]) * 1e3 for j, p in enumerate(names)},
+                             **{f"gpu_{p}": ev[j].elapsed_time(ev[j + 1]) for j, p in enumerate(names)}))
+    return {f"phase_{k}_ms": round(_median([r[k] for r in rows]), 2) for k in rows[0]}
+
+
+def measure(h, case: str, model, params, graph: bool = True, compile_: bool = False, phased: bool = False) -> dict:
     if compile_:
         torch._dynamo.reset()  # each variant compiles afresh (dynamo would reuse the last one's code)
         torch._dynamo.utils.counters.clear()
@@ -46,6 +78,8 @@ def measure(h, case: str, model, params, graph: bool = True, compile_: bool = Fa
     if compile_:
         c = torch._dynamo.utils.counters
         row.update(graphs=c["stats"]["unique_graphs"], graph_breaks=sum(c["graph_break"].values()))
+    if phased:
+        row.update(phases(h, model, params))
     try:
         if not graph:
             raise RuntimeError("capture not attempted (--no-graph)")
@@ -83,6 +117,7 @@ def main() -> None:
     ap.add_argument("--liger", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--no-graph", action="store_true", help="eager only (Liger's fused loss syncs: no capture)")
+    ap.add_argument("--phases", action="store_true", help="also time each phase between CUDA events")
     ap.add_argument("--out", default="graph_probe.json")
     ap.add_argument("--variants", default="unipeft_lora", help="e.g. lora,lora_notriton:UNIPEFT_TRITON=0")
     args = ap.parse_args()
@@ -95,7 +130,8 @@ def main() -> None:
     m = h.make_model()
     if args.liger:
         unipeft.accelerate(m)
-    rows.append(measure(h, "floor", m, h.frozen_floor(m), graph=not args.no_graph, compile_=args.compile))
+    rows.append(measure(h, "floor", m, h.frozen_floor(m), graph=not args.no_graph, compile_=args.compile,
+                        phased=args.phases))
     del m
     h.release()
     import os
@@ -109,7 +145,8 @@ def main() -> None:
             unipeft.accelerate(m)
         am = unipeft.attach(m, "lora", r=16, alpha=32, targets=SITES)
         params = [p for p in am.parameters() if p.requires_grad]
-        rows.append(measure(h, name, am, params, graph=not args.no_graph, compile_=args.compile))
+        rows.append(measure(h, name, am, params, graph=not args.no_graph, compile_=args.compile,
+                            phased=args.phases))
         del m, am
         h.release()
         for k, v in old.items():

@@ -270,6 +270,7 @@ def interleaved(compile_: bool, k: int, guards: bool = False) -> list[dict]:
     tag = "compiled_" if compile_ else ""
     if compile_:
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     floor = _h.make_model()
     floor_params = _h.frozen_floor(floor)
     lora = _unipeft(_h.make_model())
@@ -286,6 +287,10 @@ def interleaved(compile_: bool, k: int, guards: bool = False) -> list[dict]:
                 rows += [_h.time_train(f"{case}_{i}_guards_skipped", model, params) for case, model, params in cases]
     rows.append(dict(case=f"{tag}interleaved_lora_over_floor", ratios=[round(r, 3) for r in ratios],
                      median=round(sorted(ratios)[k // 2], 3)))
+    if compile_:  # (both models' graphs together: the floor's 1 and LoRA's; breaks: a break's reasons, counted)
+        c = torch._dynamo.utils.counters
+        rows[-1].update(graphs=c["stats"]["unique_graphs"], graph_breaks=sum(c["graph_break"].values()),
+                        break_reasons=[r[:200] for r in c["graph_break"]])
     print(json.dumps(rows[-1]), flush=True)
     del cases, floor, lora, floor_params, lora_params
     _h.release()

@@ -171,6 +171,11 @@ def _joined(result) -> torch.Tensor:
     return torch.cat([ga_t.flatten(), dbs])
 
 
+def _from_buffer(flat: torch.Tensor, n_db: int) -> torch.Tensor:
+    """`_lora_grads`' one rounded buffer (every dB, then gaᵀ) in `_grads_expected`'s order."""
+    return torch.cat([flat[n_db:], flat[:n_db]])
+
+
 @pytest.mark.parametrize("n", [50, 300])
 def test_lora_grads_matches_the_formula(n: int) -> None:
     """Members of a group: d not a tile multiple and wider than one program's columns (several programs add into
@@ -186,7 +191,9 @@ def test_lora_grads_matches_the_formula(n: int) -> None:
     args = ([gs[i] for i in live], [bs[i] for i in live], [xas[i] for i in live], [0, 21], [0.5, 2.0], sum(ranks))
     ga_t, dbs = kernels.lora_grads(*args)
     assert ga_t.shape == (sum(ranks), n) and dbs.shape == (600 * 16 + 33 * 8,) and dbs.dtype == torch.float32
-    assert dbs.untyped_storage().nbytes() == dbs.numel() * 4, "dB does not share gaᵀ's storage (it becomes .grad)"
+    # one buffer rounded in one pass: the dB's first, gaᵀ after them
+    assert ga_t.untyped_storage().data_ptr() == dbs.untyped_storage().data_ptr()
+    assert dbs.storage_offset() == 0 and ga_t.storage_offset() == dbs.numel() and ga_t.is_contiguous()
     torch.testing.assert_close(_joined((ga_t, dbs)).double(), _grads_expected(*args), rtol=1e-5, atol=1e-4)
     assert not ga_t[16:21].any(), "the rows of the member without a gradient are zero"
     half = kernels.lora_grads(*([t.half() for t in ts] for ts in args[:3]), *args[3:])  # fp32 sums, one rounding
@@ -210,7 +217,8 @@ def test_lora_grads_launches_three_members_at_a_time() -> None:
     launches = []
     got = kernels._lora_grads(*args, lambda grid, a: launches.append(grid) or kernels._launch_grads(grid, a))
     assert len(launches) == 2
-    torch.testing.assert_close(_joined(got).double(), _grads_expected(*args), rtol=1e-5, atol=1e-4)
+    n_db = sum(d * r for d, r in zip(dims, ranks))
+    torch.testing.assert_close(_from_buffer(got, n_db).double(), _grads_expected(*args), rtol=1e-5, atol=1e-4)
 
 
 def test_grads_launch_key_follows_what_triton_specializes() -> None:
@@ -222,7 +230,7 @@ def test_grads_launch_key_follows_what_triton_specializes() -> None:
         b, xa = torch.empty(d, 8), torch.empty(n, 8)
         out = torch.empty(8 * n + d * 8)
         return kernels._grads_key(kernels._grads_grid_args([g, g], [b, b], [xa, xa], [0, 8], [1.0, 2.0],
-                                                           [16 * n, 16 * n + d * 8], out)[1])
+                                                           [0, d * 8], 2 * d * 8, out)[1])
     assert key(4096) == key(8192)
     assert key(4097) != key(4096)
     assert key(4096, d=80) != key(4096)
@@ -248,8 +256,8 @@ def test_lora_grads_op_and_checks() -> None:
     gen = torch.Generator().manual_seed(1)
     g, b, xa = torch.randn(40, 30, generator=gen), torch.randn(30, 4, generator=gen), torch.randn(40, 4, generator=gen)
     expected = _grads_expected([g], [b], [xa], [0], [1.5], 4)
-    torch.testing.assert_close(_joined(torch.ops.unipeft.lora_grads([g], [b], [xa], [0], [1.5], 4)).double(),
-                               expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_from_buffer(torch.ops.unipeft.lora_grads([g], [b], [xa], [0], [1.5], 4), 30 * 4)
+                               .double(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="shapes/dtypes disagree"):
         kernels.lora_grads([g], [b.t().contiguous()], [xa], [0], [1.0], 4)
     with pytest.raises(ValueError, match="shapes/dtypes disagree"):

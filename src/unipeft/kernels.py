@@ -362,13 +362,16 @@ def lora_grads(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.T
                scales: list[float], total_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The skinny products of the LoRA backward for the members with a gradient (see the module docstring), in g's
     dtype: gaᵀ (total_rank × N; member i's s_i·(g_i·B_i)ᵀ in rows [rows[i], +r_i), zero rows for members not
-    listed), and the listed members' dB_i = s_i·g_iᵀ·xa_i (d_i × r_i) one after another in one flat tensor — apart
-    from gaᵀ, so that a dB kept as a parameter's .grad does not hold gaᵀ's memory.
+    listed), and the listed members' dB_i = s_i·g_iᵀ·xa_i (d_i × r_i) one after another in one flat tensor.
+    Both are views of one buffer, rounded in one pass (see `_lora_grads`).
     g_i: N × d_i, B_i: d_i × r_i, xa_i: N × r_i (any strides), all of one dtype. Under torch.compile this is the
-    custom op `unipeft::lora_grads`."""
+    custom op `unipeft::lora_grads` (which returns the buffer: a custom op's outputs may not alias each other)."""
     if torch.compiler.is_compiling():
-        return torch.ops.unipeft.lora_grads(gs, bs, xas, rows, scales, total_rank)
-    return _lora_grads(gs, bs, xas, rows, scales, total_rank, _launch_grads)
+        flat = torch.ops.unipeft.lora_grads(gs, bs, xas, rows, scales, total_rank)
+    else:
+        flat = _lora_grads(gs, bs, xas, rows, scales, total_rank, _launch_grads)
+    n_db = sum(g.shape[1] * b.shape[1] for g, b in zip(gs, bs))
+    return flat[n_db:].view(total_rank, gs[0].shape[0]), flat[:n_db]
 
 
 def _grad_stages(dtype: torch.dtype, br: int) -> int:
@@ -379,14 +382,16 @@ def _grad_stages(dtype: torch.dtype, br: int) -> int:
     return max(1, min(_GRAD_STAGES, 64 * 1024 // per_stage))
 
 
-def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> tuple[torch.Tensor, torch.Tensor]:
-    """One launch per three members into one zeroed fp32 buffer (gaᵀ, then each dB), then both parts rounded to g's
-    dtype — compiled, as one foreach copy, which the compiler fuses into one kernel."""
+def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> torch.Tensor:
+    """One launch per three members into one zeroed fp32 buffer — every dB, then gaᵀ — rounded to g's dtype in one
+    pass: one kernel, compiled or eager. (Rounding gaᵀ and the dB's into separate tensors took two: a foreach copy
+    of the two was not fused on torch 2.11, 128 kernels per step of the 953M model.) So a dB kept as a parameter's
+    .grad keeps gaᵀ's Σr × N elements alive with it until the gradients are freed: per layer about 1% of the
+    layer's activations at r = 16."""
     n = gs[0].shape[0]
-    n_ga = total_rank * n
     dbs_size = sum(g.shape[1] * b.shape[1] for g, b in zip(gs, bs))
-    out = torch.zeros(n_ga + dbs_size, device=gs[0].device, dtype=torch.float32)
-    db_offs, db_off = [], n_ga
+    out = torch.zeros(dbs_size + total_rank * n, device=gs[0].device, dtype=torch.float32)
+    db_offs, db_off = [], 0
     for g, b, xa, row in zip(gs, bs, xas, rows):
         d, r = b.shape
         if g.shape != (n, d) or xa.shape != (n, r) or not (g.dtype == b.dtype == xa.dtype) or row + r > total_rank:
@@ -396,23 +401,19 @@ def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> tuple[tor
         db_off += d * r
     for i in range(0, len(gs), _GROUP):
         part = slice(i, i + _GROUP)
-        launch(*_grads_grid_args(gs[part], bs[part], xas[part], rows[part], scales[part], db_offs[part], out))
-    dtype = gs[0].dtype
-    if not torch.compiler.is_compiling():  # (eager, a mixed-dtype foreach copy takes its slow path: 7.3 vs 2.8 µs)
-        dbs = out[n_ga:].to(dtype) if dtype != torch.float32 else out[n_ga:].clone()  # (own storage: see above)
-        return out[:n_ga].view(total_rank, n).to(dtype), dbs
-    ga_t = torch.empty((total_rank, n), device=out.device, dtype=dtype)
-    dbs = torch.empty(dbs_size, device=out.device, dtype=dtype)  # (its own storage: it becomes .grad, see above)
-    torch._foreach_copy_([ga_t, dbs], [out[:n_ga].view(total_rank, n), out[n_ga:]])  # one fused kernel, compiled
-    return ga_t, dbs
+        launch(*_grads_grid_args(gs[part], bs[part], xas[part], rows[part], scales[part], db_offs[part], dbs_size,
+                                 out))
+    return out.to(gs[0].dtype)
 
 
-def _grads_grid_args(gs, bs, xas, rows, scales, db_offs, out) -> tuple[tuple[int, int, int], tuple]:
-    """Grid and arguments for up to three members (the last five are the constexprs, in `_GRAD_NAMES` order). A
-    program spans ND·BD columns, the same for every member of the launch (from the narrowest). Built in one pass
-    over the members: this runs per launch, and eager steps on a fast GPU are close to host-bound."""
+def _grads_grid_args(gs, bs, xas, rows, scales, db_offs, ga_start: int, out) -> tuple[tuple[int, int, int], tuple]:
+    """Grid and arguments for up to three members (the last five are the constexprs, in `_GRAD_NAMES` order); gaᵀ
+    starts at element `ga_start` of `out`. A program spans ND·BD columns, the same for every member of the launch
+    (from the narrowest). Built in one pass over the members: this runs per launch, and eager steps on a fast GPU
+    are close to host-bound."""
     n = gs[0].shape[0]
-    per = [(g, b, xa, g.shape[1], b.shape[1], float(s), row * n, off, *g.stride(), *b.stride(), *xa.stride())
+    per = [(g, b, xa, g.shape[1], b.shape[1], float(s), ga_start + row * n, off, *g.stride(), *b.stride(),
+            *xa.stride())
            for g, b, xa, row, s, off in zip(gs, bs, xas, rows, scales, db_offs)]
     widths, ranks = [m[3] for m in per], [m[4] for m in per]
     per += [per[0]] * (_GROUP - len(per))  # (unused slots repeat member 0's; never read)
@@ -450,7 +451,7 @@ def _grads_key(args: tuple) -> tuple:
 
 
 def _lora_grads_op(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.Tensor], rows: list[int],
-                   scales: list[float], total_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   scales: list[float], total_rank: int) -> torch.Tensor:
     from torch.library import wrap_triton
 
     def launch(grid, args):

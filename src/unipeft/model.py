@@ -56,11 +56,14 @@ class AdaptedModel(nn.Module):
         return getattr(self.model, "config", None)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        return self._routed_call(self._forward, adapter_names, args, kwargs)
+        return self._routed_call(self._forward, adapter_names, args, kwargs, generating=False)
 
-    def _routed_call(self, call, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Any:
-        """call(args, kwargs) with this call's routing handed to the layers, marked over when the call returns."""
-        routing = routed.hand_over(self, adapter_names, args, kwargs, generating=call == self._generate)
+    def _routed_call(self, call, adapter_names: list[str] | None, args: tuple, kwargs: dict,
+                     generating: bool) -> Any:
+        """call(args, kwargs) with this call's routing handed to the layers, marked over when the call returns.
+        `generating` is passed, not found by comparing `call` with `self._generate`: dynamo (torch 2.11) cannot
+        compare two bound methods and broke the graph there, so a compiled model's outer frames ran eagerly."""
+        routing = routed.hand_over(self, adapter_names, args, kwargs, generating=generating)
         try:
             return call(args, kwargs)
         finally:
@@ -85,7 +88,7 @@ class AdaptedModel(nn.Module):
                                           or self.__dict__.get("_route_key") is None) \
                 and routed.static_cache(self.model, kwargs):
             self.prepare_routing()  # transformers compiles a static-cache generate's decoding steps: trace once
-        return self._routed_call(self._generate, adapter_names, args, kwargs)
+        return self._routed_call(self._generate, adapter_names, args, kwargs, generating=True)
 
     def prepare_routing(self, enable: bool = True) -> int:
         """Stack every adapter's LoRA weights once per projection for mixed-adapter calls (`adapter_names=`), slot i =

@@ -221,9 +221,9 @@ class _LoraGroup(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         gs = [None if gy is None else gy.reshape(-1, gy.shape[-1]) for gy in gys]
         live = [i for i in range(k) if gs[i] is not None]
-        gts = [None if g is None else g.t() for g in gs]  # g_iᵀ: read by gaᵀ and by dB_i (one transpose each)
         create_graph, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
         grads_b = [None] * k
+        gts = None  # g_iᵀ, read by gaᵀ and dB_i off the kernel path (made there: eager steps count host µs)
         # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (blocks of members without a gradient are zero).
         if xa is not None and live and not create_graph and kernels.grads_available([gs[i] for i in live], ranks):
             # one Triton launch for the group reads each g_i once for its gaᵀ block and its dB (kernels.lora_grads)
@@ -234,19 +234,22 @@ class _LoraGroup(torch.autograd.Function):
             for i, db in zip(live, dbs.split_with_sizes([bs[i].numel() for i in live])):
                 grads_b[i] = db.view(bs[i].shape) if needs[4 + 3 * i] else None
             xa = None  # (dB is done)
-        elif create_graph or compiling:
-            # double backward (create_graph=True): out= GEMMs are not differentiable; a compiler: no writes into
-            # slices (it would add copies) and no cached zero
-            ga_t = torch.cat([(bs[i].t() @ gts[i]) * scales[i] if i in live
-                              else x2.new_zeros(ranks[i], x2.shape[0]) for i in range(k)])
         else:
-            # row blocks are contiguous, so each GEMM writes its block in place; blocks are taken with one
-            # split_with_sizes call rather than a slice per member (host time)
-            ga_t = x2.new_empty(sum(ranks), x2.shape[0]) if len(live) == k else x2.new_zeros(sum(ranks), x2.shape[0])
-            blocks = ga_t.split_with_sizes(ranks)
-            zero = fused.zero_like(x2)
-            for i in live:
-                torch.addmm(zero, bs[i].t(), gts[i], beta=0, alpha=scales[i], out=blocks[i])
+            gts = [None if g is None else g.t() for g in gs]
+            if create_graph or compiling:
+                # double backward (create_graph=True): out= GEMMs are not differentiable; a compiler: no writes
+                # into slices (it would add copies) and no cached zero
+                ga_t = torch.cat([(bs[i].t() @ gts[i]) * scales[i] if i in live
+                                  else x2.new_zeros(ranks[i], x2.shape[0]) for i in range(k)])
+            else:
+                # row blocks are contiguous, so each GEMM writes its block in place; blocks are taken with one
+                # split_with_sizes call rather than a slice per member (host time)
+                ga_t = x2.new_empty(sum(ranks), x2.shape[0]) if len(live) == k \
+                    else x2.new_zeros(sum(ranks), x2.shape[0])
+                blocks = ga_t.split_with_sizes(ranks)
+                zero = fused.zero_like(x2)
+                for i in live:
+                    torch.addmm(zero, bs[i].t(), gts[i], beta=0, alpha=scales[i], out=blocks[i])
         dx = None
         if needs[0] and live:
             # dx = Σ g_i·W_i + gaᵀᵀ·A_cat: frozen GEMMs accumulating in their epilogue, then the low-rank part in
