@@ -386,8 +386,8 @@ def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> torch.Ten
     """One launch per three members into one zeroed fp32 buffer — every dB, then gaᵀ — rounded to g's dtype in one
     pass: one kernel, compiled or eager. (Rounding gaᵀ and the dB's into separate tensors took two: a foreach copy
     of the two was not fused on torch 2.11, 128 kernels per step of the 953M model.) So a dB kept as a parameter's
-    .grad keeps gaᵀ's Σr × N elements alive with it until the gradients are freed: per layer about 1% of the
-    layer's activations at r = 16."""
+    .grad keeps gaᵀ's Σr × N elements alive with it until the gradients are freed: on a Llama layer at r = 16, under
+    1% of the activations the layer saves for backward (29 MB for the 953M benchmark model at 8 × 1024 tokens)."""
     n = gs[0].shape[0]
     dbs_size = sum(g.shape[1] * b.shape[1] for g, b in zip(gs, bs))
     out = torch.zeros(dbs_size + total_rank * n, device=gs[0].device, dtype=torch.float32)
