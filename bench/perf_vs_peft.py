@@ -392,6 +392,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _gpu_state() -> dict:
+    """The GPU's clocks, power limit, temperature and performance state at the start, from nvidia-smi: hosts differ
+    by more than the margins at stake (the same code gave 1.070–1.124× on six hosts), so each file says what it ran
+    on. Empty when nvidia-smi is not there."""
+    import subprocess
+
+    fields = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu,pstate,driver_version"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return {}
+    return dict(zip(fields.split(","), (v.strip() for v in out.split(","))))
+
+
+def _cpu_model() -> str:
+    """The host CPU's model name (eager steps are host-bound on slower hosts)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def main() -> None:
     global _h
     ap = argparse.ArgumentParser()
@@ -413,7 +437,7 @@ def main() -> None:
     _h = harness
     meta = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
                 gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), H=_h.H, L=_h.L, I=_h.I, B=_h.B,
-                T=_h.T, compiled=args.compile)
+                T=_h.T, compiled=args.compile, gpu_state=_gpu_state(), host_cpu=_cpu_model())
     print(json.dumps(meta), flush=True)
     rows = run(args.compile, set(args.only.split(",")) if args.only else None, args.guards, args.rounds)
     if args.repeats:
