@@ -86,7 +86,7 @@ def grouped_grads() -> dict:
 
 
 def _flat(result) -> torch.Tensor:
-    ga_t, dbs = result  # (gaᵀ and the dB's are separate tensors: a dB becomes .grad)
+    ga_t, dbs = result  # (views of one rounded buffer: the dB's, then gaᵀ)
     return torch.cat([ga_t.flatten(), dbs]).double()
 
 

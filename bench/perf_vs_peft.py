@@ -394,8 +394,8 @@ def table(rows: list[dict]) -> str:
 
 def _gpu_state() -> dict:
     """The GPU's clocks, power limit, temperature and performance state at the start, from nvidia-smi: hosts differ
-    by more than the margins at stake (the same code gave 1.070–1.124× on six hosts), so each file says what it ran
-    on. Empty when nvidia-smi is not there."""
+    by more than the margins at stake (compiled training measured 1.070–1.124× on six hosts), so each file says
+    what it ran on. Empty when nvidia-smi is not there."""
     import subprocess
 
     fields = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu,pstate,driver_version"
