@@ -92,7 +92,8 @@ def _flat(result) -> torch.Tensor:
 
 def merged_weights_rows() -> list[dict]:
     """kernels.merged_weights (a sibling group's W' in one launch) against merged_weight per member: the same
-    numbers bit for bit (one kernel, the member picked per program), and the error against fp64."""
+    numbers bit for bit (one kernel, the member picked per program), the error against fp64, and the A's it
+    stacks against torch.cat."""
     rows = []
     torch.manual_seed(0)
     for dtype in (torch.bfloat16, torch.float32):
@@ -101,12 +102,13 @@ def merged_weights_rows() -> list[dict]:
             bs = [torch.randn(m, 16, device="cuda", dtype=dtype) * 0.01 for m in d_outs]
             as_ = [torch.randn(16, 2048, device="cuda", dtype=dtype) for _ in d_outs]
             scales = [2.0, 0.5, 1.0, 3.0][:len(d_outs)]
-            got = kernels.merged_weights(ws, bs, as_, scales)
+            got, a_cat = kernels.merged_weights(ws, bs, as_, scales)
             one = [kernels.merged_weight(w, b, a, s) for w, b, a, s in zip(ws, bs, as_, scales)]
             err = max(float((g.double() - (w.double() + s * b.double() @ a.double())).abs().max())
                       for g, w, b, a, s in zip(got, ws, bs, as_, scales))
             rows.append(dict(dtype=str(dtype), d_outs=list(d_outs),
-                             equal_to_per_member=all(torch.equal(g, o) for g, o in zip(got, one)), max_abs_err=err))
+                             equal_to_per_member=all(torch.equal(g, o) for g, o in zip(got, one)), max_abs_err=err,
+                             a_stack_equal_to_cat=torch.equal(a_cat, torch.cat(as_))))
     return rows
 
 
@@ -131,10 +133,21 @@ def lora_grads_rows() -> list[dict]:
             cublas = torch.cat([torch.cat([(2.0 * (g @ b)).t() for g, b in zip(gs, bs)]).flatten(),
                                 *((2.0 * (g.t() @ x)).flatten() for g, x in zip(gs, xas))]).double()
             scale = want.abs().max()
+            # the 16-bit result is rounded by the last program to add into each block (kernels._grads_kernel): into
+            # a NaN-filled buffer, over 20 calls, an element rounded before every add arrived, or never, would show
+            real_new = kernels._new_output
+            kernels._new_output = lambda size, dt, dev: torch.full((size,), float("nan"), dtype=dt, device=dev)
+            try:
+                runs = [_flat(kernels.lora_grads(gs, bs, xas, offs, [2.0] * len(dims), sum(ranks)))
+                        for _ in range(20)]
+            finally:
+                kernels._new_output = real_new
             rows.append(dict(dtype=str(dtype), dims=dims, ranks=ranks,
                              kernel_rel_err=float((got - want).abs().max() / scale),
                              cublas_rel_err=float((cublas - want).abs().max() / scale),
-                             cached_launch_rel_diff=float((again - got).abs().max() / scale)))
+                             cached_launch_rel_diff=float((again - got).abs().max() / scale),
+                             nan_filled_20_calls_unwritten=int(sum(int(r.isnan().sum()) for r in runs)),
+                             nan_filled_20_calls_max_rel_err=float(max((r - want).abs().max() for r in runs) / scale)))
     return rows
 
 

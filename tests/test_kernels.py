@@ -79,28 +79,36 @@ def test_compiled_op_is_registered_and_matches_the_formula() -> None:
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_merged_weights_builds_a_group_in_one_launch_per_three(k: int) -> None:
     """Sibling projections' W' (q/k/v, gate/up: one d_in and rank, d_out may differ — GQA's k/v are narrower) from
-    one launch per three members into one buffer, returned as its row blocks: each against the formula in fp64,
-    in fp32 and in fp16 (fp32 accumulation, one rounding); the eager call and the compiled graph's custom op agree."""
+    one launch per three members into one buffer, returned as its row blocks, and the members' A's stacked by the
+    same launches (= torch.cat, bit for bit; A given with column strides here): each W' against the formula in
+    fp64, in fp32 and in fp16 (fp32 accumulation, one rounding); the eager call and the compiled graph's custom op
+    agree."""
     g = torch.Generator().manual_seed(k)
     d_outs = [70, 33, 33, 48][:k]
     ws = [torch.randn(d, 40, generator=g) for d in d_outs]
     bs = [torch.randn(d, 6, generator=g) for d in d_outs]
-    as_ = [torch.randn(6, 40, generator=g) for _ in d_outs]
+    as_ = [torch.randn(40, 6, generator=g).t() for _ in d_outs]
     scales = [0.5, 2.0, -1.0, 0.25][:k]
     launches = []
-    outs = kernels._merged_weights(ws, bs, as_, scales, lambda grid, args: launches.append(args) or
-                                   kernels._launch_merge(grid, args))
+    outs, a_cat = kernels._merged_weights(ws, bs, as_, scales, lambda grid, args: launches.append(args) or
+                                          kernels._launch_merge(grid, args))
     assert len(launches) == (k + 2) // 3 and outs.shape == (sum(d_outs), 40)
+    assert torch.equal(a_cat, torch.cat(as_)) and a_cat.is_contiguous()
     inputs = {id(t) for t in ws + bs + as_}
-    written = [t for args in launches for t in args if isinstance(t, torch.Tensor) and id(t) not in inputs]
-    assert all(t is outs for t in written), "the kernel writes the one buffer (views of it: copies when compiled)"
-    got = kernels.merged_weights(ws, bs, as_, scales)
+    written = {id(t) for args in launches for t in args if isinstance(t, torch.Tensor) and id(t) not in inputs}
+    assert written == {id(outs), id(a_cat)}, "the kernel writes two buffers, not views (copies when compiled)"
+    got, got_a = kernels.merged_weights(ws, bs, as_, scales)
     assert [t.shape[0] for t in got] == d_outs and all(t._base is got[0]._base for t in got), "row blocks of one buffer"
+    assert torch.equal(got_a, a_cat)
     for w_, b_, a_, s_, t in zip(ws, bs, as_, scales, got):
         torch.testing.assert_close(t.double(), w_.double() + s_ * b_.double() @ a_.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(got), outs, rtol=0, atol=0)
-    torch.testing.assert_close(torch.ops.unipeft.merged_weights(ws, bs, as_, scales), outs, rtol=0, atol=0)
-    half = kernels.merged_weights([t.half() for t in ws], [t.half() for t in bs], [t.half() for t in as_], scales)
+    op_w, op_a = torch.ops.unipeft.merged_weights(ws, bs, as_, scales)
+    torch.testing.assert_close(op_w, outs, rtol=0, atol=0)
+    assert torch.equal(op_a, a_cat)
+    half, half_a = kernels.merged_weights([t.half() for t in ws], [t.half() for t in bs], [t.half() for t in as_],
+                                          scales)
+    assert torch.equal(half_a, torch.cat([t.half() for t in as_]))
     for w_, b_, a_, s_, t in zip(ws, bs, as_, scales, half):
         want = (w_.half().double() + s_ * b_.half().double() @ a_.half().double()).half()
         torch.testing.assert_close(t, want, rtol=1e-3, atol=1e-2)
@@ -221,6 +229,29 @@ def test_lora_grads_launches_three_members_at_a_time() -> None:
     torch.testing.assert_close(_from_buffer(got, n_db).double(), _grads_expected(*args), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("n", [37, 300])
+def test_lora_grads_rounds_inside_the_kernel(n: int, monkeypatch) -> None:
+    """16-bit gradients: each block of the result is rounded by the program that adds into it last, into an
+    uninitialized buffer (filled with NaN here, so an element no program wrote would show) — several row blocks,
+    several column programs per member, four members in two launches, every member listed."""
+    monkeypatch.setattr(kernels, "_new_output", lambda size, dtype, device: torch.full((size,), float("nan"),
+                                                                                       dtype=dtype, device=device))
+    gen = torch.Generator().manual_seed(n)
+    ranks, dims = [4, 8, 16, 4], [600, 70, 1100, 33]
+    xa = torch.randn(n, sum(ranks), generator=gen).half()
+    xas = list(xa.split(ranks, 1))
+    gs = [torch.randn(n, d, generator=gen).half() for d in dims]
+    bs = [(torch.randn(d, r, generator=gen) * 0.1).half() for d, r in zip(dims, ranks)]
+    args = (gs, bs, xas, [0, 4, 12, 28], [0.5, 2.0, 1.0, -0.75], sum(ranks))
+    launches = []
+    got = kernels._lora_grads(*args, lambda grid, a: launches.append(a[-1]) or kernels._launch_grads(grid, a))
+    assert launches == [True, True] and got.dtype == torch.float16 and not got.isnan().any()
+    n_db = sum(d * r for d, r in zip(dims, ranks))
+    torch.testing.assert_close(_from_buffer(got, n_db).double(), _grads_expected(*args), rtol=2e-3, atol=2e-2)
+    ga_t, dbs = kernels.lora_grads(*args)  # the public view of the same buffer
+    assert ga_t.dtype == dbs.dtype == torch.float16 and not ga_t.isnan().any()
+
+
 def test_grads_launch_key_follows_what_triton_specializes() -> None:
     """Compiled grads kernels are cached by a key built per launch: batches whose row counts and offsets Triton
     specializes alike share one entry (no growth per batch length), a row count that is not a multiple of 16, other
@@ -228,9 +259,11 @@ def test_grads_launch_key_follows_what_triton_specializes() -> None:
     def key(n: int, d: int = 64, transposed: bool = False):
         g = torch.empty(d, n).t() if transposed else torch.empty(n, d)
         b, xa = torch.empty(d, 8), torch.empty(n, 8)
-        out = torch.empty(8 * n + d * 8)
+        out = torch.empty(8 * n + d * 8 + 2 * (n // 128 + 1 + d // 64 + 1))
+        dst = torch.empty(8 * n + d * 8, dtype=torch.float16)
         return kernels._grads_key(kernels._grads_grid_args([g, g], [b, b], [xa, xa], [0, 8], [1.0, 2.0],
-                                                           [0, d * 8], 2 * d * 8, out)[1])
+                                                           [0, d * 8], 2 * d * 8, out, dst,
+                                                           [16 * n, 16 * n + 2 * d], n // 128 + 1, True)[1])
     assert key(4096) == key(8192)
     assert key(4097) != key(4096)
     assert key(4096, d=80) != key(4096)

@@ -64,13 +64,16 @@ tl = None  # triton.language, bound on first use: the interpreter patches it in 
 
 
 def _merge_kernel(w0, w1, w2, b0, b1, b2, a0, a1, a2, o_ptr, M0, M1, M2, s0, s1, s2, oo0, oo1, oo2, P1, P2, N, R,
-                  swm, swn, sbm, sbr, sar, san, som, son,
-                  BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, NR: tl.constexpr, IEEE: tl.constexpr):
+                  swm, swn, sbm, sbr, sar, san, som, son, as_ptr, ao0, ao1, ao2,
+                  BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, NR: tl.constexpr, IEEE: tl.constexpr,
+                  STACK_A: tl.constexpr):
     """One (BM × BN) tile of W'_i = W_i + s_i·B_i·A_i, for member i of up to three built in one launch (program rows
     [0, P1) are member 0's, [P1, P2) member 1's, the rest member 2's; operands by pointer, the strides shared;
     outputs into one tensor at element offsets oo_i — a compiler treats each tensor a kernel writes as mutated, and
     views of one buffer would come back as copies): B rows and A columns in rank chunks of BR, fp32 accumulation,
-    one rounding."""
+    one rounding. STACK_A: the programs of each member's first row block also copy the A tiles they load into
+    as_ptr at element offsets ao_i (R × N row-major each) — the group's stacked A, which its x·Aᵀ and backward
+    read, without a concatenation kernel of its own."""
     pid0 = tl.program_id(0)
     m1, m2 = pid0 >= P1, pid0 >= P2
     w_ptr = tl.where(m2, w2, tl.where(m1, w1, w0))
@@ -79,7 +82,8 @@ def _merge_kernel(w0, w1, w2, b0, b1, b2, a0, a1, a2, o_ptr, M0, M1, M2, s0, s1,
     out_ptr = o_ptr + tl.where(m2, oo2, tl.where(m1, oo1, oo0))
     M = tl.where(m2, M2, tl.where(m1, M1, M0))
     s = tl.where(m2, s2, tl.where(m1, s1, s0))
-    rm = (pid0 - tl.where(m2, P2, tl.where(m1, P1, 0))) * BM + tl.arange(0, BM)
+    row_block = pid0 - tl.where(m2, P2, tl.where(m1, P1, 0))
+    rm = row_block * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     mm, mn = rm < M, rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -87,6 +91,10 @@ def _merge_kernel(w0, w1, w2, b0, b1, b2, a0, a1, a2, o_ptr, M0, M1, M2, s0, s1,
         kr = i * BR + tl.arange(0, BR)
         bt = tl.load(b_ptr + rm[:, None] * sbm + kr[None, :] * sbr, mask=mm[:, None] & (kr[None, :] < R), other=0.0)
         at = tl.load(a_ptr + kr[:, None] * sar + rn[None, :] * san, mask=(kr[:, None] < R) & mn[None, :], other=0.0)
+        if STACK_A:
+            if row_block == 0:
+                ao = tl.where(m2, ao2, tl.where(m1, ao1, ao0))
+                tl.store(as_ptr + ao + kr[:, None] * N + rn[None, :], at, mask=(kr[:, None] < R) & mn[None, :])
         if IEEE:  # fp32 weights: no TF32 rounding of B·A
             acc += tl.dot(bt, at, input_precision="ieee")
         else:
@@ -128,17 +136,19 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
 
 
 def merged_weights(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[torch.Tensor],
-                   scales: list[float]) -> list[torch.Tensor]:
+                   scales: list[float]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """W_i + s_i·B_i·A_i for sibling projections (q/k/v, gate/up: one d_in, one rank, one dtype), built by one launch
-    per three members into one (Σ d_out × d_in) buffer; returned as its row blocks. One launch instead of one per
-    member: each build is a few µs of memory traffic, and a launch's ramp and tail are a visible share of that
-    (3 × 2048²: 18.4 → 14.3 µs on the H200, W read from DRAM). Under torch.compile this is the custom op
-    `unipeft::merged_weights`."""
+    per three members into one (Σ d_out × d_in) buffer, returned as its row blocks — and the members' A stacked
+    (Σr × d_in, = torch.cat(as_)), written by the same launch: the group reads it for x·[A_1; A_2; …]ᵀ and in
+    backward, and a concatenation of its own was one more kernel per group (32 per step of the 953M model). One
+    launch instead of one per member: each build is a few µs of memory traffic, and a launch's ramp and tail are a
+    visible share of that (3 × 2048²: 18.4 → 14.3 µs on the H200, W read from DRAM). Under torch.compile this is
+    the custom op `unipeft::merged_weights`."""
     if torch.compiler.is_compiling():
-        buf = torch.ops.unipeft.merged_weights(ws, bs, as_, scales)
+        buf, a_cat = torch.ops.unipeft.merged_weights(ws, bs, as_, scales)
     else:
-        buf = _merged_weights(ws, bs, as_, scales, _launch_merge)
-    return list(buf.split([w.shape[0] for w in ws]))
+        buf, a_cat = _merged_weights(ws, bs, as_, scales, _launch_merge)
+    return list(buf.split([w.shape[0] for w in ws])), a_cat
 
 
 def groupable(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[torch.Tensor]) -> bool:
@@ -149,18 +159,20 @@ def groupable(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[torch.Te
                for w, b, a in zip(ws, bs, as_))
 
 
-def _merged_weights(ws, bs, as_, scales, launch) -> torch.Tensor:
-    """The members' W' stacked by rows in one new buffer, one launch per three members."""
+def _merged_weights(ws, bs, as_, scales, launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' W' stacked by rows in one new buffer, and their A's in another, one launch per three members."""
     for w, b, a in zip(ws, bs, as_):
         _check(w, b, a)
     if not groupable(ws, bs, as_):
         raise ValueError("merged_weights: members differ in d_in, rank, dtype or strides; build them one by one")
     buf = torch.empty((sum(w.shape[0] for w in ws), ws[0].shape[1]), device=ws[0].device, dtype=ws[0].dtype)
+    a_cat = torch.empty((sum(a.shape[0] for a in as_), ws[0].shape[1]), device=ws[0].device, dtype=ws[0].dtype)
     starts = [sum(w.shape[0] for w in ws[:i]) * buf.stride(0) for i in range(len(ws))]
+    a_starts = [i * as_[0].numel() for i in range(len(ws))]
     for i in range(0, len(ws), _GROUP):
         part = slice(i, i + _GROUP)
-        launch(*_grid_args(ws[part], bs[part], as_[part], scales[part], buf, starts[part]))
-    return buf
+        launch(*_grid_args(ws[part], bs[part], as_[part], scales[part], buf, starts[part], a_cat, a_starts[part]))
+    return buf, a_cat
 
 
 def _check(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> None:
@@ -179,10 +191,10 @@ def _padded(values: list) -> list:
     return list(values) + [values[0]] * (_GROUP - len(values))
 
 
-def _grid_args(ws, bs, as_, scales, out, starts=(0,)) -> tuple[tuple[int, int, int], tuple]:
+def _grid_args(ws, bs, as_, scales, out, starts=(0,), a_out=None, a_starts=(0,)) -> tuple[tuple[int, int, int], tuple]:
     """The launch grid and the kernel's arguments for up to three members, written into `out` from element offsets
-    `starts` (the last five arguments are its constexprs, in `_NAMES` order). Program rows are split among the
-    members by their row-block counts (P1, P2)."""
+    `starts`, their A's copied into `a_out` (when given) from `a_starts` (the last six arguments are the kernel's
+    constexprs, in `_NAMES` order). Program rows are split among the members by their row-block counts (P1, P2)."""
     w, b, a = ws[0], bs[0], as_[0]
     n, r = w.shape[1], a.shape[0]
     bm, bn = 32, 128  # (bench/skinny_probe.py: W read from DRAM, 3–5% faster than 64 × 128 at the harness shapes)
@@ -192,8 +204,8 @@ def _grid_args(ws, bs, as_, scales, out, starts=(0,)) -> tuple[tuple[int, int, i
     p2 = blocks[0] + blocks[1] if len(ws) > 2 else 2**30
     args = (*_padded(ws), *_padded(bs), *_padded(as_), out, *_padded([x.shape[0] for x in ws]),
             *_padded([float(s) for s in scales]), *_padded(list(starts)), p1, p2, n, r, *w.stride(), *b.stride(),
-            *a.stride(), *out.stride(),
-            bm, bn, br, _cdiv(r, br), w.dtype == torch.float32)
+            *a.stride(), *out.stride(), out if a_out is None else a_out, *_padded(list(a_starts)),
+            bm, bn, br, _cdiv(r, br), w.dtype == torch.float32, a_out is not None)
     return (sum(blocks), _cdiv(n, bn), 1), args
 
 
@@ -227,7 +239,7 @@ def _merged_weight_op(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: floa
 
 
 def _merged_weights_op(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[torch.Tensor],
-                       scales: list[float]) -> torch.Tensor:
+                       scales: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.cuda.device(ws[0].device) if ws[0].is_cuda else contextlib.nullcontext():
         return _merged_weights(ws, bs, as_, scales, _launch_merge_traced)
 
@@ -235,7 +247,8 @@ def _merged_weights_op(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list
 def _launch_merge_traced(grid, args) -> None:
     from torch.library import wrap_triton
 
-    wrap_triton(_kernel())[grid](*args[:-5], **dict(zip(_NAMES, args[-5:])), num_warps=4)
+    k = len(_NAMES)
+    wrap_triton(_kernel())[grid](*args[:-k], **dict(zip(_NAMES, args[-k:])), num_warps=4)
 
 
 def _launch_merge(grid, args) -> None:
@@ -250,7 +263,7 @@ if _HAS_OP:  # registered at import: registering inside a compiled region would 
 
 _COMPILED: dict[tuple, object] = {}  # launch key -> Triton's compiled kernel (see _launch)
 _DIRECT = [True]  # whether compiled kernels are launched directly (False once their launcher API surprised us)
-_NAMES = ("BM", "BN", "BR", "NR", "IEEE")
+_NAMES = ("BM", "BN", "BR", "NR", "IEEE", "STACK_A")
 
 
 def _merge_key(args: tuple) -> tuple:
@@ -258,7 +271,8 @@ def _merge_key(args: tuple) -> tuple:
     the dtype and the device (current = the tensors', see merged_weight); outputs share W's dtype."""
     tensors = args[:10]
     return ("merge", tensors[0].device, tensors[0].dtype, *(t.data_ptr() % 16 == 0 for t in tensors), *args[10:13],
-            *(_int_spec(v) for v in args[16:19]), *args[19:])
+            *(_int_spec(v) for v in args[16:19]), *args[19:31], args[31].data_ptr() % 16 == 0,
+            *(_int_spec(v) for v in args[32:35]), *args[35:])
 
 
 def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple[str, ...],
@@ -291,13 +305,21 @@ def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple
 
 def _grads_kernel(g0, g1, g2, b0, b1, b2, x0, x1, x2, out_ptr, N, D0, D1, D2, R0, R1, R2, s0, s1, s2,
                   ga0, ga1, ga2, db0, db1, db2, sgn0, sgn1, sgn2, sgd0, sgd1, sgd2, sbd0, sbd1, sbd2,
-                  sbr0, sbr1, sbr2, sxn0, sxn1, sxn2, sxr0, sxr1, sxr2, C1, C2,
-                  BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ND: tl.constexpr, IEEE: tl.constexpr):
+                  sbr0, sbr1, sbr2, sxn0, sxn1, sxn2, sxr0, sxr1, sxr2, C1, C2, dst_ptr, cn0, cn1, cn2, NB,
+                  BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ND: tl.constexpr, IEEE: tl.constexpr,
+                  FINISH: tl.constexpr):
     """Rows [pid0·BN, +BN) × columns [c·ND·BD, +ND·BD) of member i's g_i (N × D_i), for up to three members in one
     launch (program columns [0, C1) are member 0's, [C1, C2) member 1's, the rest member 2's, c counted from
     there): adds this tile's part of s_i·g_i·B_i to ga (fp32 at out + ga_i, stored transposed: element (n, j) at
     j·N + n) and of s_i·g_iᵀ·xa_i to dB_i (fp32 at out + db_i, D_i × R_i row-major), both with atomics; each g tile
-    is loaded once for both products."""
+    is loaded once for both products.
+
+    FINISH: the program that adds last into a block rounds it into dst (g's dtype, at the same offsets), so no
+    rounding kernel follows. Arrivals are counted per block in fp32 counters at out + cn_i (exact far beyond these
+    counts): NB per member for its gaᵀ row blocks (each takes one add from each of the member's column programs),
+    then one per column program for its dB rows (one add from each of the NB row programs). Every thread's atomics
+    are ordered before the count by a barrier and the count's release; the last arriver's acquire orders its reads
+    (from L2, where the atomics were done) after every add."""
     pid1 = tl.program_id(1)
     m1, m2 = pid1 >= C1, pid1 >= C2
     g_ptr = tl.where(m2, g2, tl.where(m1, g1, g0))
@@ -335,9 +357,27 @@ def _grads_kernel(g0, g1, g2, b0, b1, b2, x0, x1, x2, out_ptr, N, D0, D1, D2, R0
                       sem="relaxed")
     tl.atomic_add(out_ptr + ga_off + rr[None, :] * N + rn[:, None], acc * s, mask=mn[:, None] & mr[None, :],
                   sem="relaxed")
+    if FINISH:
+        tl.debug_barrier()  # every thread's adds before this program's counts
+        cnt = tl.where(m2, cn2, tl.where(m1, cn1, cn0))
+        np1 = tl.num_programs(1)
+        first = tl.where(m2, C2, tl.where(m1, C1, 0))
+        mine = tl.where(m2, np1 - C2, tl.where(m1, tl.minimum(C2, np1) - C1, tl.minimum(C1, np1)))
+        if tl.atomic_add(out_ptr + cnt + NB + pid1 - first, 1.0, sem="acq_rel") == NB - 1:
+            for i in range(ND):  # the last row program to add into these dB rows rounds them
+                rd = d_start + i * BD + tl.arange(0, BD)
+                at = db_off + rd[:, None] * R + rr[None, :]
+                msk = (rd[:, None] < D) & mr[None, :]
+                v = tl.load(out_ptr + at, mask=msk, other=0.0, cache_modifier=".cg")
+                tl.store(dst_ptr + at, v.to(dst_ptr.dtype.element_ty), mask=msk)
+        if tl.atomic_add(out_ptr + cnt + tl.program_id(0), 1.0, sem="acq_rel") == mine - 1:
+            at = ga_off + rr[None, :] * N + rn[:, None]  # the last column program for these gaᵀ columns
+            msk = mn[:, None] & mr[None, :]
+            v = tl.load(out_ptr + at, mask=msk, other=0.0, cache_modifier=".cg")
+            tl.store(dst_ptr + at, v.to(dst_ptr.dtype.element_ty), mask=msk)
 
 
-_GRAD_NAMES = ("BN", "BD", "BR", "ND", "IEEE")
+_GRAD_NAMES = ("BN", "BD", "BR", "ND", "IEEE", "FINISH")
 _GRAD_BN, _GRAD_BD, _GRAD_COLS = 128, 64, 512  # rows per program, columns per step, columns per program (measured)
 _GRAD_WARPS, _GRAD_STAGES = 4, 3
 _GRAD_MAX_RANK = 64  # larger ranks: the cuBLAS GEMMs (the kernel keeps a rows × rank fp32 block in registers)
@@ -383,14 +423,16 @@ def _grad_stages(dtype: torch.dtype, br: int) -> int:
 
 
 def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> torch.Tensor:
-    """One launch per three members into one zeroed fp32 buffer — every dB, then gaᵀ — rounded to g's dtype in one
-    pass: one kernel, compiled or eager. (Rounding gaᵀ and the dB's into separate tensors took two: a foreach copy
-    of the two was not fused on torch 2.11, 128 kernels per step of the 953M model.) So a dB kept as a parameter's
-    .grad keeps gaᵀ's Σr × N elements alive with it until the gradients are freed: on a Llama layer at r = 16, under
-    1% of the activations the layer saves for backward (29 MB for the 953M benchmark model at 8 × 1024 tokens)."""
+    """One launch per three members adding into one zeroed fp32 buffer — every dB, then gaᵀ — and, for 16-bit g,
+    rounding it into a buffer of g's dtype inside the same launch (each block by the program that adds into it last:
+    see `_grads_kernel`), so a grads call is one kernel after the zeroing. (Rounding in a kernel of its own cost 64
+    kernels per step of the 953M model, and rounding gaᵀ and the dB's separately twice that: a foreach copy of the
+    two was not fused on torch 2.11.) The result is that one buffer, so a dB kept as a parameter's .grad keeps gaᵀ's
+    Σr × N elements alive with it until the gradients are freed: on a Llama layer at r = 16, under 1% of the
+    activations the layer saves for backward (29 MB for the 953M benchmark model at 8 × 1024 tokens)."""
     n = gs[0].shape[0]
     dbs_size = sum(g.shape[1] * b.shape[1] for g, b in zip(gs, bs))
-    out = torch.zeros(dbs_size + total_rank * n, device=gs[0].device, dtype=torch.float32)
+    size = dbs_size + total_rank * n
     db_offs, db_off = [], 0
     for g, b, xa, row in zip(gs, bs, xas, rows):
         d, r = b.shape
@@ -399,22 +441,46 @@ def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> torch.Ten
                              f"{b.dtype}, xa {tuple(xa.shape)} {xa.dtype}, rows {row}..{row + r} of {total_rank}")
         db_offs.append(db_off)
         db_off += d * r
+    dtype = gs[0].dtype
+    finish = dtype != torch.float32
+    # arrival counters (fp32, zeroed with the sums) after the sums: per member, its row blocks, then at most one
+    # per BD columns (its column programs)
+    nb = _cdiv(n, _GRAD_BN)
+    counters, end = [], size
+    for g in gs:
+        counters.append(end)
+        end += nb + _cdiv(g.shape[1], _GRAD_BD) if finish else 0
+    out = torch.zeros(end, device=gs[0].device, dtype=torch.float32)
+    if not finish:
+        dst = out  # fp32: the sums are the result
+    elif sum(b.shape[1] for b in bs) == total_rank:
+        dst = _new_output(size, dtype, gs[0].device)  # every element is written by a last arriver
+    else:
+        dst = torch.zeros(size, device=gs[0].device, dtype=dtype)  # the gaᵀ rows of members not listed stay zero
     for i in range(0, len(gs), _GROUP):
         part = slice(i, i + _GROUP)
         launch(*_grads_grid_args(gs[part], bs[part], xas[part], rows[part], scales[part], db_offs[part], dbs_size,
-                                 out))
-    return out.to(gs[0].dtype)
+                                 out, dst, counters[part], nb, finish))
+    return dst
 
 
-def _grads_grid_args(gs, bs, xas, rows, scales, db_offs, ga_start: int, out) -> tuple[tuple[int, int, int], tuple]:
-    """Grid and arguments for up to three members (the last five are the constexprs, in `_GRAD_NAMES` order); gaᵀ
-    starts at element `ga_start` of `out`. A program spans ND·BD columns, the same for every member of the launch
-    (from the narrowest). Built in one pass over the members: this runs per launch, and eager steps on a fast GPU
-    are close to host-bound."""
+def _new_output(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The uninitialized result buffer the grads kernel rounds into (a function of its own so that tests can fill
+    it with NaN: an element no program writes would then show)."""
+    return torch.empty(size, device=device, dtype=dtype)
+
+
+def _grads_grid_args(gs, bs, xas, rows, scales, db_offs, ga_start: int, out, dst=None, counters=(0,), nb: int = 0,
+                     finish: bool = False) -> tuple[tuple[int, int, int], tuple]:
+    """Grid and arguments for up to three members (the last six are the constexprs, in `_GRAD_NAMES` order); gaᵀ
+    starts at element `ga_start` of `out`; with `finish`, the kernel rounds into `dst`, counting arrivals at the
+    members' `counters` offsets in `out` (`nb` row blocks). A program spans ND·BD columns, the same for every
+    member of the launch (from the narrowest). Built in one pass over the members: this runs per launch, and eager
+    steps on a fast GPU are close to host-bound."""
     n = gs[0].shape[0]
     per = [(g, b, xa, g.shape[1], b.shape[1], float(s), ga_start + row * n, off, *g.stride(), *b.stride(),
-            *xa.stride())
-           for g, b, xa, row, s, off in zip(gs, bs, xas, rows, scales, db_offs)]
+            *xa.stride(), cnt)
+           for g, b, xa, row, s, off, cnt in zip(gs, bs, xas, rows, scales, db_offs, _padded(list(counters)))]
     widths, ranks = [m[3] for m in per], [m[4] for m in per]
     per += [per[0]] * (_GROUP - len(per))  # (unused slots repeat member 0's; never read)
     cols = list(zip(*per))  # column j: the j-th field of the three members
@@ -423,8 +489,8 @@ def _grads_grid_args(gs, bs, xas, rows, scales, db_offs, ga_start: int, out) -> 
     c1 = blocks[0] if len(widths) > 1 else 2**30
     c2 = blocks[0] + blocks[1] if len(widths) > 2 else 2**30
     args = (*cols[0], *cols[1], *cols[2], out, n, *cols[3], *cols[4], *cols[5], *cols[6], *cols[7], *cols[8],
-            *cols[9], *cols[10], *cols[11], *cols[12], *cols[13], c1, c2,
-            _GRAD_BN, _GRAD_BD, max(16, _next_power_of_2(max(ranks))), nd, gs[0].dtype == torch.float32)
+            *cols[9], *cols[10], *cols[11], *cols[12], *cols[13], c1, c2, out if dst is None else dst, *cols[14], nb,
+            _GRAD_BN, _GRAD_BD, max(16, _next_power_of_2(max(ranks))), nd, gs[0].dtype == torch.float32, finish)
     return (_cdiv(n, _GRAD_BN), sum(blocks), 1), args
 
 
@@ -437,7 +503,7 @@ def _launch_grads(grid: tuple[int, int, int], args: tuple) -> None:
     """Launch through the compiled-kernel cache (see `_grads_key`)."""
     g = args[0]
     _launch(_kernel(_grads_kernel), grid, args, _grads_key(args), _GRAD_NAMES, _GRAD_WARPS,
-            _grad_stages(g.dtype, args[-3]))
+            _grad_stages(g.dtype, args[-4]))
 
 
 def _grads_key(args: tuple) -> tuple:
@@ -447,17 +513,20 @@ def _grads_key(args: tuple) -> tuple:
     of specializing every int)."""
     g = args[0]
     return ("grads", g.device, g.dtype, *(t.data_ptr() % 16 == 0 for t in args[:10]), _int_spec(args[10]),
-            *args[11:17], *(_int_spec(v) for v in args[20:26]), *args[26:])
+            *args[11:17], *(_int_spec(v) for v in args[20:26]), *args[26:46], args[46].data_ptr() % 16 == 0,
+            args[46].dtype, *(_int_spec(v) for v in args[47:51]), *args[51:])
 
 
 def _lora_grads_op(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.Tensor], rows: list[int],
                    scales: list[float], total_rank: int) -> torch.Tensor:
     from torch.library import wrap_triton
 
+    k = len(_GRAD_NAMES)
+
     def launch(grid, args):
-        wrap_triton(_kernel(_grads_kernel))[grid](*args[:-5], **dict(zip(_GRAD_NAMES, args[-5:])),
+        wrap_triton(_kernel(_grads_kernel))[grid](*args[:-k], **dict(zip(_GRAD_NAMES, args[-k:])),
                                                   num_warps=_GRAD_WARPS, num_stages=_grad_stages(args[0].dtype,
-                                                                                                 args[-3]))
+                                                                                                 args[-4]))
     with torch.cuda.device(gs[0].device) if gs[0].is_cuda else contextlib.nullcontext():
         return _lora_grads(gs, bs, xas, rows, scales, total_rank, launch)
 

@@ -197,9 +197,8 @@ class _LoraGroup(torch.autograd.Function):
         ws, as_, bs = tensors[0:3 * k:3], tensors[1:3 * k:3], tensors[2:3 * k:3]
         biases = tensors[3 * k:]
         need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
-        a_cat = torch.cat(as_)  # Σr × d_in
-
-        w_primes = fused.merged_weights(ws, as_, bs, scales)  # every member's W', one launch on CUDA
+        # every member's W', and a_cat = [A_1; A_2; …] (Σr × d_in), from one launch on CUDA
+        w_primes, a_cat = fused.merged_weights(ws, as_, bs, scales)
         first = F.linear(x, w_primes[0], biases[0])
         # N × Σr, the one pass over x — right after the first GEMM read x, while part of it is still in L2
         xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None
