@@ -16,7 +16,8 @@ lora_grads:  the LoRA backward's two skinny products that read the output gradie
   pass over g at 40–65% of the memory bandwidth for these skinny shapes (r = 16), plus a split-K reduction and a
   scaling kernel each. Here one kernel (one launch for up to three members, each program picking its member by
   its column index: 43.2 → 36.8 µs for q/k/v) reads each (rows × columns) tile of g once and feeds both: its part of ga
-  and of dB is added into one fp32 buffer with atomics (zeroed first, rounded to g's dtype once at the end). Per
+  and of dB is added into one zeroed fp32 buffer with atomics, and the program that adds last into a block rounds it
+  to g's dtype (no rounding kernel of its own). Per
   member on the H200, g read from DRAM (bench/skinny_probe.py): 23.5 → 16.6 µs at d_out 2048, 53.7 → 37.6 µs at
   5632 (zeroing and rounding included). Triton kernels for the other skinny products (x·Aᵀ, gaᵀ·x) did not beat
   cuBLAS there, so they stay GEMMs. The fp32 atomics make the low bits depend on timing, so under
@@ -403,7 +404,7 @@ def lora_grads(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.T
     """The skinny products of the LoRA backward for the members with a gradient (see the module docstring), in g's
     dtype: gaᵀ (total_rank × N; member i's s_i·(g_i·B_i)ᵀ in rows [rows[i], +r_i), zero rows for members not
     listed), and the listed members' dB_i = s_i·g_iᵀ·xa_i (d_i × r_i) one after another in one flat tensor.
-    Both are views of one buffer, rounded in one pass (see `_lora_grads`).
+    Both are views of one buffer, rounded by the kernel itself (see `_lora_grads`).
     g_i: N × d_i, B_i: d_i × r_i, xa_i: N × r_i (any strides), all of one dtype. Under torch.compile this is the
     custom op `unipeft::lora_grads` (which returns the buffer: a custom op's outputs may not alias each other)."""
     if torch.compiler.is_compiling():
