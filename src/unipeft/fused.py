@@ -143,15 +143,14 @@ def _merged_weight(weight, source, a, b, s: float) -> torch.Tensor:
     return torch.addmm(weight, b, a, alpha=s)
 
 
-def merged_weights(ws, as_, bs, scales) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
-    """W_i' = W_i + s_i·B_i·A_i of sibling projections (siblings.py) for a training step, their A's stacked
-    ([A_1; A_2; …]), and [W'_last; A_1; A_2; …] (one GEMM for the last member's output and x·Aᵀ): one Triton launch
-    for all three where the kernel applies (kernels.merged_weights), else one build per member, a concatenation and
-    None. The group's W' are alive together during its forward, a transient that per-member builds kept to one W'
-    (the harness model's step peak did not change: 12.54 GiB)."""
+def merged_weights(ws, as_, bs, scales) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """W_i' = W_i + s_i·B_i·A_i of sibling projections (siblings.py) for a training step, and their A's stacked
+    ([A_1; A_2; …]): one Triton launch for both where the kernel applies (kernels.merged_weights), else one build
+    per member and a concatenation. The group's W' are alive together during its forward, a transient that
+    per-member builds kept to one W' (the harness model's step peak did not change: 12.54 GiB)."""
     if kernels.available(ws[0]) and kernels.groupable(ws, bs, as_):
         return kernels.merged_weights(list(ws), list(bs), list(as_), list(scales))
-    return [_merged_weight(w, None, a, b, s) for w, a, b, s in zip(ws, as_, bs, scales)], torch.cat(as_), None
+    return [_merged_weight(w, None, a, b, s) for w, a, b, s in zip(ws, as_, bs, scales)], torch.cat(as_)
 
 
 def _merged_weight_again(weight, source, a, b, s: float) -> torch.Tensor:

@@ -65,7 +65,7 @@ tl = None  # triton.language, bound on first use: the interpreter patches it in 
 
 
 def _merge_kernel(w0, w1, w2, b0, b1, b2, a0, a1, a2, o_ptr, M0, M1, M2, s0, s1, s2, oo0, oo1, oo2, P1, P2, N, R,
-                  swm, swn, sbm, sbr, sar, san, som, son, as_ptr, ao0, ao1, ao2, AIO,
+                  swm, swn, sbm, sbr, sar, san, som, son, as_ptr, ao0, ao1, ao2,
                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, NR: tl.constexpr, IEEE: tl.constexpr,
                   STACK_A: tl.constexpr):
     """One (BM × BN) tile of W'_i = W_i + s_i·B_i·A_i, for member i of up to three built in one launch (program rows
@@ -73,9 +73,8 @@ def _merge_kernel(w0, w1, w2, b0, b1, b2, a0, a1, a2, o_ptr, M0, M1, M2, s0, s1,
     outputs into one tensor at element offsets oo_i — a compiler treats each tensor a kernel writes as mutated, and
     views of one buffer would come back as copies): B rows and A columns in rank chunks of BR, fp32 accumulation,
     one rounding. STACK_A: the programs of each member's first row block also copy the A tiles they load into
-    as_ptr at element offsets ao_i (R × N row-major each) — the group's stacked A, which its backward reads,
-    without a concatenation kernel of its own — and again into the output at element offset AIO + ao_i (rows
-    after the last member's W', so that one GEMM gives that member's output and x·Aᵀ: see merged_weights)."""
+    as_ptr at element offsets ao_i (R × N row-major each) — the group's stacked A, which its x·Aᵀ and backward
+    read, without a concatenation kernel of its own."""
     pid0 = tl.program_id(0)
     m1, m2 = pid0 >= P1, pid0 >= P2
     w_ptr = tl.where(m2, w2, tl.where(m1, w1, w0))
@@ -95,9 +94,8 @@ def _merge_kernel(w0, w1, w2, b0, b1, b2, a0, a1, a2, o_ptr, M0, M1, M2, s0, s1,
         at = tl.load(a_ptr + kr[:, None] * sar + rn[None, :] * san, mask=(kr[:, None] < R) & mn[None, :], other=0.0)
         if STACK_A:
             if row_block == 0:
-                ao = tl.where(m2, ao2, tl.where(m1, ao1, ao0)) + kr[:, None] * N + rn[None, :]
-                tl.store(as_ptr + ao, at, mask=(kr[:, None] < R) & mn[None, :])
-                tl.store(o_ptr + AIO + ao, at, mask=(kr[:, None] < R) & mn[None, :])
+                ao = tl.where(m2, ao2, tl.where(m1, ao1, ao0))
+                tl.store(as_ptr + ao + kr[:, None] * N + rn[None, :], at, mask=(kr[:, None] < R) & mn[None, :])
         if IEEE:  # fp32 weights: no TF32 rounding of B·A
             acc += tl.dot(bt, at, input_precision="ieee")
         else:
@@ -139,14 +137,11 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
 
 
 def merged_weights(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[torch.Tensor],
-                   scales: list[float]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+                   scales: list[float]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """W_i + s_i·B_i·A_i for sibling projections (q/k/v, gate/up: one d_in, one rank, one dtype), built by one launch
-    per three members into one buffer of Σ d_out + Σr rows, returned as (each member's W', the members' A stacked,
-    `wide`). A_cat = [A_1; A_2; …] (Σr × d_in, = torch.cat(as_)) is written by the same launch into a tensor of its
-    own, which the group's backward keeps — a concatenation kernel was one more per group, 32 per step of the 953M
-    model — and again into the buffer's last Σr rows, so that `wide` = [W'_last; A_cat], one GEMM x·wideᵀ gives
-    the last member's output and x·A_catᵀ together: widening a 2048- or 5632-column output by 48 or 32 columns cost
-    no measurable time on the H200, where x·A_catᵀ alone cost 11–14 µs (bench/skinny_probe.py --only widths). One
+    per three members into one (Σ d_out × d_in) buffer, returned as its row blocks — and the members' A stacked
+    (Σr × d_in, = torch.cat(as_)), written by the same launch: the group reads it for x·[A_1; A_2; …]ᵀ and in
+    backward, and a concatenation of its own was one more kernel per group (32 per step of the 953M model). One
     launch instead of one per member: each build is a few µs of memory traffic, and a launch's ramp and tail are a
     visible share of that (3 × 2048²: 18.4 → 14.3 µs on the H200, W read from DRAM). Under torch.compile this is
     the custom op `unipeft::merged_weights`."""
@@ -154,8 +149,7 @@ def merged_weights(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[tor
         buf, a_cat = torch.ops.unipeft.merged_weights(ws, bs, as_, scales)
     else:
         buf, a_cat = _merged_weights(ws, bs, as_, scales, _launch_merge)
-    d_outs = [w.shape[0] for w in ws]
-    return list(buf.split(d_outs + [a_cat.shape[0]]))[:-1], a_cat, buf[sum(d_outs[:-1]):]
+    return list(buf.split([w.shape[0] for w in ws])), a_cat
 
 
 def groupable(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[torch.Tensor]) -> bool:
@@ -167,21 +161,18 @@ def groupable(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[torch.Te
 
 
 def _merged_weights(ws, bs, as_, scales, launch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The members' W' stacked by rows in one new buffer, then their A's, which also go into a tensor of their own;
-    one launch per three members."""
+    """The members' W' stacked by rows in one new buffer, and their A's in another, one launch per three members."""
     for w, b, a in zip(ws, bs, as_):
         _check(w, b, a)
     if not groupable(ws, bs, as_):
         raise ValueError("merged_weights: members differ in d_in, rank, dtype or strides; build them one by one")
-    rows = sum(w.shape[0] for w in ws)
-    buf = torch.empty((rows + sum(a.shape[0] for a in as_), ws[0].shape[1]), device=ws[0].device, dtype=ws[0].dtype)
+    buf = torch.empty((sum(w.shape[0] for w in ws), ws[0].shape[1]), device=ws[0].device, dtype=ws[0].dtype)
     a_cat = torch.empty((sum(a.shape[0] for a in as_), ws[0].shape[1]), device=ws[0].device, dtype=ws[0].dtype)
     starts = [sum(w.shape[0] for w in ws[:i]) * buf.stride(0) for i in range(len(ws))]
     a_starts = [i * as_[0].numel() for i in range(len(ws))]
     for i in range(0, len(ws), _GROUP):
         part = slice(i, i + _GROUP)
-        launch(*_grid_args(ws[part], bs[part], as_[part], scales[part], buf, starts[part], a_cat, a_starts[part],
-                           rows * buf.stride(0)))
+        launch(*_grid_args(ws[part], bs[part], as_[part], scales[part], buf, starts[part], a_cat, a_starts[part]))
     return buf, a_cat
 
 
@@ -201,12 +192,10 @@ def _padded(values: list) -> list:
     return list(values) + [values[0]] * (_GROUP - len(values))
 
 
-def _grid_args(ws, bs, as_, scales, out, starts=(0,), a_out=None, a_starts=(0,),
-               a_in_out: int = 0) -> tuple[tuple[int, int, int], tuple]:
+def _grid_args(ws, bs, as_, scales, out, starts=(0,), a_out=None, a_starts=(0,)) -> tuple[tuple[int, int, int], tuple]:
     """The launch grid and the kernel's arguments for up to three members, written into `out` from element offsets
-    `starts`, their A's copied into `a_out` (when given) from `a_starts` and into `out` from `a_in_out` + `a_starts`
-    (the last six arguments are the kernel's constexprs, in `_NAMES` order). Program rows are split among the
-    members by their row-block counts (P1, P2)."""
+    `starts`, their A's copied into `a_out` (when given) from `a_starts` (the last six arguments are the kernel's
+    constexprs, in `_NAMES` order). Program rows are split among the members by their row-block counts (P1, P2)."""
     w, b, a = ws[0], bs[0], as_[0]
     n, r = w.shape[1], a.shape[0]
     bm, bn = 32, 128  # (bench/skinny_probe.py: W read from DRAM, 3–5% faster than 64 × 128 at the harness shapes)
@@ -216,7 +205,7 @@ def _grid_args(ws, bs, as_, scales, out, starts=(0,), a_out=None, a_starts=(0,),
     p2 = blocks[0] + blocks[1] if len(ws) > 2 else 2**30
     args = (*_padded(ws), *_padded(bs), *_padded(as_), out, *_padded([x.shape[0] for x in ws]),
             *_padded([float(s) for s in scales]), *_padded(list(starts)), p1, p2, n, r, *w.stride(), *b.stride(),
-            *a.stride(), *out.stride(), out if a_out is None else a_out, *_padded(list(a_starts)), a_in_out,
+            *a.stride(), *out.stride(), out if a_out is None else a_out, *_padded(list(a_starts)),
             bm, bn, br, _cdiv(r, br), w.dtype == torch.float32, a_out is not None)
     return (sum(blocks), _cdiv(n, bn), 1), args
 
@@ -284,7 +273,7 @@ def _merge_key(args: tuple) -> tuple:
     tensors = args[:10]
     return ("merge", tensors[0].device, tensors[0].dtype, *(t.data_ptr() % 16 == 0 for t in tensors), *args[10:13],
             *(_int_spec(v) for v in args[16:19]), *args[19:31], args[31].data_ptr() % 16 == 0,
-            *(_int_spec(v) for v in args[32:36]), *args[36:])
+            *(_int_spec(v) for v in args[32:35]), *args[35:])
 
 
 def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple[str, ...],

@@ -3,8 +3,7 @@
 Each LoRA projection on the fused path reads its input x twice beyond the frozen GEMMs: once for xa = x·Aᵀ in
 forward, once for dA = s·(g·B)ᵀ·x in backward. q, k and v read the same x, so one group does it once for all:
 
-    forward    xa = x·[A_q; A_k; A_v]ᵀ                          (one pass over x instead of three; on CUDA as
-                                                                  extra output columns of the last member's GEMM)
+    forward    xa = x·[A_q; A_k; A_v]ᵀ                          (one pass over x instead of three)
                y_i = x·W_i'ᵀ + b_i,   W_i' = W_i + s_i·B_i·A_i    (as the single-projection merged form; every
                                                                   member's W' from one launch on CUDA)
     backward   ga = [s_q·g_q·B_q | s_k·g_k·B_k | …]                 (N × Σr)
@@ -25,9 +24,7 @@ it saves the same tensors. A member called with a different x than the one its o
 stay the same. Every member then runs alone, with the same results.
 
 On CUDA, gaᵀ and every dB_i come from one Triton launch for the whole group that reads each g_i once for both
-(kernels.lora_grads) instead of two GEMMs per member, and the members' W' from one launch (kernels.merged_weights),
-which also writes [A_q; A_k; A_v] after the last member's W': that member's GEMM then yields xa as extra columns,
-at no measurable cost at the harness widths, instead of a GEMM of its own.
+(kernels.lora_grads) instead of two GEMMs per member, and the members' W' from one launch (kernels.merged_weights).
 
 Only for training-shaped calls (gradients on, the merged form paying for every member, plain LoRA on hook-free
 nn.Linear bases in one dtype, no routing). Under torch.compile the same logic runs while the graph is traced, so
@@ -190,17 +187,6 @@ def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 _addmm_acc.register_fake(lambda acc, a, b: None)
 
 
-def _columns(out: torch.Tensor, d: int) -> torch.Tensor:
-    """out[..., :d] — in eager mode as a tensor of its own over the same memory, not a view: autograd forbids
-    in-place changes to a view that a custom Function returns, and a model may change a projection's output in
-    place. Nothing else writes those columns (xa, saved for backward, is the others), so the aliasing is safe. A
-    compiler sees a view (its graphs have no in-place changes to forbid, and it does not trace set_)."""
-    if torch.compiler.is_compiling():
-        return out[..., :d]
-    shape, stride = (*out.shape[:-1], d), out.stride()
-    return out.new_empty(0).set_(out.untyped_storage(), out.storage_offset(), shape, stride)
-
-
 class _LoraGroup(torch.autograd.Function):
     """Outputs y_i = x·W_iᵀ + b_i + s_i·(x·A_iᵀ)·B_iᵀ of k sibling projections (see the module docstring).
     Inputs: x, the scales, then W, A, B of each member, then each member's bias (or None)."""
@@ -211,24 +197,13 @@ class _LoraGroup(torch.autograd.Function):
         ws, as_, bs = tensors[0:3 * k:3], tensors[1:3 * k:3], tensors[2:3 * k:3]
         biases = tensors[3 * k:]
         need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
-        # every member's W', a_cat = [A_1; A_2; …] (Σr × d_in) and wide = [W'_last; a_cat], from one launch on CUDA
-        w_primes, a_cat, wide = fused.merged_weights(ws, as_, bs, scales)
-        if need_b and wide is not None and biases[-1] is None:
-            # xa = x·a_catᵀ (N × Σr, the one pass over x) as extra columns of the last member's GEMM, free at these
-            # widths (kernels.merged_weights). The last member (v, up, value) is the one whose output attention or
-            # the gated activation saves for backward anyway, so the view xa keeps alive nothing more.
-            ys = [F.linear(x, w, bias) for w, bias in zip(w_primes[:-1], biases[:-1])]
-            out = F.linear(x, wide)
-            d_last = w_primes[-1].shape[0]
-            xa = out.view(-1, out.shape[-1])[:, d_last:]
-            ys.append(_columns(out, d_last))
-        else:
-            first = F.linear(x, w_primes[0], biases[0])
-            # N × Σr, the one pass over x — right after the first GEMM read x, while part of it is still in L2
-            xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None
-            ys = [first, *(F.linear(x, w, bias) for w, bias in zip(w_primes[1:], biases[1:]))]
-        ys = tuple(ys)
-        del w_primes, wide
+        # every member's W', and a_cat = [A_1; A_2; …] (Σr × d_in), from one launch on CUDA
+        w_primes, a_cat = fused.merged_weights(ws, as_, bs, scales)
+        first = F.linear(x, w_primes[0], biases[0])
+        # N × Σr, the one pass over x — right after the first GEMM read x, while part of it is still in L2
+        xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None
+        ys = (first, *(F.linear(x, w, bias) for w, bias in zip(w_primes[1:], biases[1:])))
+        del w_primes
         ctx.save_for_backward(x, xa, a_cat, *ws, *as_, *bs)  # the A's too: double backward differentiates through them
         ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
         ctx.ranks = [a.shape[0] for a in as_]  # (backward splits Σr-sized tensors into the members' blocks with them)
