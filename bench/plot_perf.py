@@ -1,6 +1,7 @@
 """Plot the perf_vs_peft.py ratios against the performance targets: bench/results/*.json → docs/perf_vs_peft.png.
 Each bar is the latest file's ratio; where a file timed the contender and its reference in turn (LoRA training with
-`perf_vs_peft.py --repeats`, the `decode` case), the median of the per-round ratios.
+`perf_vs_peft.py --repeats`, the `decode` case), the median of the per-round ratios. Files whose meta says
+`"plot": false` are skipped: A/B runs of code before a change, or of a change that was reverted.
 
 Usage: python bench/plot_perf.py [--results bench/results] [--out docs/perf_vs_peft.png]
 """
@@ -41,7 +42,10 @@ def main() -> None:
     args = ap.parse_args()
     ratios: dict[tuple[str, str], float] = {}  # (case, reference) -> ratio, both from one file (one process)
     for f in sorted(Path(args.results).glob("perf_*.json"), key=lambda f: int(f.stem.split("_")[1])):
-        data = json.loads(f.read_text())["rows"]
+        record = json.loads(f.read_text())
+        if record.get("meta", {}).get("plot") is False:
+            continue  # an A/B run of code that is not the current code (its description says which)
+        data = record["rows"]
         rows = {r["case"]: r["step_ms"] for r in data if "step_ms" in r}
         rounds = {r["case"]: r["rounds_ms"] for r in data if "rounds_ms" in r}
         for _, case, ref, _ in PAIRS:
