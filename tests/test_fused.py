@@ -392,3 +392,68 @@ def test_lora_function_double_backward(merged: bool) -> None:
                   for shape in [(2, 3, 5), (4, 5), (2, 5), (4, 2)])
     assert torch.autograd.gradgradcheck(lambda x, a, b: fused._LoraLinear.apply(x, w.detach(), None, a, b, 0.7,
                                                                                 merged, None), (x, a, b))
+
+
+def _lora_nodes(loss: torch.Tensor) -> list:
+    """Every `_LoraLinear` backward node in loss's graph."""
+    seen, todo, found = set(), [loss.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_LoraLinearBackward":
+            found.append(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def _recompute_run(am, ids, monkeypatch, flag: str):
+    monkeypatch.setenv("UNIPEFT_RECOMPUTE", flag)
+    am.zero_grad(set_to_none=True)
+    loss = am(input_ids=ids, labels=ids).loss
+    kept = [node.saved_tensors[0] is not None for node in _lora_nodes(loss)]  # (x, or None when recomputed)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()}, kept
+
+
+def test_down_proj_input_recomputed_instead_of_kept(smollm2_path, monkeypatch) -> None:
+    """`UNIPEFT_RECOMPUTE=1` on the real SmolLM2-135M (fp32, four layers): down_proj's input act(gate)·up is not
+    kept for backward — its LoRA node saves no x — and is recomputed from the operands the product's own node keeps;
+    the loss and every LoRA gradient are bit for bit those of the default path, which keeps x. Under saved-tensor
+    hooks (checkpointing, offloading) x is kept as before."""
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    model.model.layers = model.model.layers[:4]
+    am = unipeft.attach(model, "lora", r=8, targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+    randomize(am, std=0.02)
+    ids = torch.randint(5, 4000, (2, 96), generator=torch.Generator().manual_seed(0))
+    loss0, grads0, kept0 = _recompute_run(am, ids, monkeypatch, "0")
+    loss1, grads1, kept1 = _recompute_run(am, ids, monkeypatch, "1")
+    assert kept0 and all(kept0), "by default every lone projection keeps its input"
+    assert len(kept1) == len(kept0) and kept1.count(False) == len(model.model.layers), "one per layer: down_proj"
+    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys()
+    for k in grads0:
+        assert torch.equal(grads0[k], grads1[k]), k
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        _, grads2, kept2 = _recompute_run(am, ids, monkeypatch, "1")
+    assert all(kept2), "saved-tensor hooks manage what is kept: x is kept"
+    for k in grads0:
+        assert torch.equal(grads0[k], grads2[k]), k
+
+
+def test_recomputed_input_supports_double_backward(monkeypatch) -> None:
+    """Gradients of gradients through `_LoraLinear` whose x is recomputed from a product's saved operands match
+    finite differences in fp64 (the recomputed x carries the operands' history)."""
+    monkeypatch.setenv("UNIPEFT_RECOMPUTE", "1")
+    g = torch.Generator().manual_seed(3)
+    p, q, w, a, b = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                     for shape in [(2, 3, 5), (2, 3, 5), (4, 5), (2, 5), (4, 2)])
+
+    def fn(p, q, a, b):
+        x = p * q
+        assert fused._product_node(x) is not None
+        return fused._LoraLinear.apply(x, w.detach(), None, a, b, 0.7, True, None)
+    assert torch.autograd.gradcheck(fn, (p, q, a, b))
+    assert torch.autograd.gradgradcheck(fn, (p, q, a, b))

@@ -1,4 +1,5 @@
-"""Switches read from the environment on hot paths (`UNIPEFT_FUSED`, `UNIPEFT_GROUPS`, `UNIPEFT_TRITON`).
+"""Switches read from the environment on hot paths (`UNIPEFT_FUSED`, `UNIPEFT_GROUPS`, `UNIPEFT_TRITON`,
+`UNIPEFT_RECOMPUTE`).
 
 They are read at every projection call, so that setting one (tests use monkeypatch.setenv) takes effect at the next
 call. `os.environ.get` costs about 1 µs there — it encodes the key and, when the variable is unset, raises and
@@ -18,7 +19,8 @@ _FAST = type(_DATA) is dict and hasattr(_ENVIRON, "encodekey") and hasattr(_ENVI
 _ZERO = _ENVIRON.encodevalue("0") if _FAST else "0"
 #: the switches' encoded keys, made here: encoding one inside a torch.compile region would break its graph
 _KEYS: dict[str, object] = {n: _ENVIRON.encodekey(n) for n in ("UNIPEFT_FUSED", "UNIPEFT_GROUPS", "UNIPEFT_TRITON",
-                                                              "TRITON_INTERPRET")} if _FAST else {}
+                                                              "UNIPEFT_RECOMPUTE", "TRITON_INTERPRET")} if _FAST else {}
+_ONE = _ENVIRON.encodevalue("1") if _FAST else "1"
 
 
 def off(name: str) -> bool:
@@ -29,6 +31,16 @@ def off(name: str) -> bool:
             key = _KEYS[name] = _ENVIRON.encodekey(name)
         return _DATA.get(key) == _ZERO
     return os.environ.get(name) == "0"
+
+
+def on(name: str) -> bool:
+    """Whether environment variable `name` is set to "1" (an opt-in switch's only "on" value)."""
+    if _FAST and os.environ is _ENVIRON:
+        key = _KEYS.get(name)
+        if key is None:
+            key = _KEYS[name] = _ENVIRON.encodekey(name)
+        return _DATA.get(key) == _ONE
+    return os.environ.get(name) == "1"
 
 
 def raw(name: str) -> object:

@@ -169,6 +169,8 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, s: float, merged: bool, source):
+        # x, saved for dA, or the product node that can give it again (see `_product_node`)
+        ctx.x_node = _product_node(x) if ctx.needs_input_grad[3] and not ctx.needs_input_grad[1] else None
         if merged:
             y = F.linear(x, _merged_weight(weight, source, a, b, s), bias)
             # merged, only dB needs xa; taken right after the GEMM that read x, while part of x is still in L2
@@ -178,13 +180,15 @@ class _LoraLinear(torch.autograd.Function):
             xa = F.linear(x, a)
             y = F.linear(x, weight, bias)
             y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b.t(), alpha=s)
-        ctx.save_for_backward(x, weight, a, b, xa)
-        ctx.s, ctx.merged, ctx.source = s, merged, source
+        ctx.save_for_backward(None if ctx.x_node is not None else x, weight, a, b, xa)
+        ctx.s, ctx.merged, ctx.source, ctx.x_shape = s, merged, source, x.shape
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, a, b, xa = ctx.saved_tensors
+        if ctx.x_node is not None:  # recomputed from the operands its product node saved (bit for bit the same)
+            x = ctx.x_node._saved_self * ctx.x_node._saved_other
         s = ctx.s
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = gy.reshape(-1, gy.shape[-1])
@@ -217,6 +221,37 @@ class _LoraLinear(torch.autograd.Function):
                 xa = F.linear(x, a)
             db = _scaled_mm(g.t(), xa.reshape(-1, xa.shape[-1]), s)
         return dx, dw, dbias, da, db, None, None, None
+
+
+def _product_node(x: torch.Tensor):
+    """x's autograd node when x = p·q (elementwise, same shape and dtype) and that node saved p and q — a gated MLP's
+    act(gate)·up, the input of down_proj — and `UNIPEFT_RECOMPUTE=1` asks for it; else None.
+
+    The fused LoRA backward needs its projection's input x for dA = s·(g·B)ᵀ·x, and keeps it from forward. A frozen
+    base does not (no weight gradient), so for down_proj x is memory only LoRA holds: N × d_ffn per layer, 1.47 GB
+    on the 953M benchmark model at 8 × 1024 tokens. The product's own backward keeps p and q until it runs, which is
+    after this projection's backward; so x can be recomputed there from them by one elementwise product (the same
+    op on the same operands: the same bits) instead of being kept. Eager only (a compiled graph decides what it
+    saves itself), not while saved-tensor hooks are active (checkpointing, offloading: they manage saved tensors
+    themselves), and opt-in until its time cost is measured on the GPU."""
+    if not envflags.on("UNIPEFT_RECOMPUTE") or torch.compiler.is_compiling() or _saved_tensor_hooks():
+        return None  # (before x.grad_fn: a tracer must not see it)
+    node = x.grad_fn
+    if node is None or type(node).__name__ != "MulBackward0":
+        return None
+    try:
+        p, q = node._saved_self, node._saved_other
+    except RuntimeError:  # (already released)
+        return None
+    if p is None or q is None or not (p.shape == q.shape == x.shape and p.dtype == q.dtype == x.dtype):
+        return None
+    return node
+
+
+def _saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks) are active."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return True if top is None else top(False) is not None
 
 
 def lora_weights(sa: SiteAdapter) -> tuple[torch.Tensor, torch.Tensor, float]:
