@@ -29,12 +29,14 @@ def _kernel_table(prof, steps: int, wall_ms: float, top: int) -> dict:
     rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
     busy = sum(e.self_device_time_total for e in rows) / 1e3 / steps
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"GPU busy {busy:.2f} ms per step of {wall_ms:.2f} ms wall ({busy / wall_ms:.0%}), peak {peak:.2f} GiB")
+    kernels = sum(e.count for e in rows) / steps
+    print(f"GPU busy {busy:.2f} ms per step of {wall_ms:.2f} ms wall ({busy / wall_ms:.0%}), peak {peak:.2f} GiB, "
+          f"{kernels:.0f} kernels per step")
     print("| kernel | ms/step | calls/step |")
     print("|---|---|---|")
     for e in rows[:top]:
         print(f"| {e.key[:90]} | {e.self_device_time_total / 1e3 / steps:.3f} | {e.count / steps:.0f} |")
-    return dict(busy_ms=round(busy, 3), wall_ms=round(wall_ms, 3), peak_gib=round(peak, 2))
+    return dict(busy_ms=round(busy, 3), wall_ms=round(wall_ms, 3), peak_gib=round(peak, 2), kernels=round(kernels))
 
 
 _TOP = 25
