@@ -31,7 +31,7 @@ def _kernel_table(prof, steps: int, wall_ms: float, top: int) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30
     kernels = sum(e.count for e in rows) / steps
     print(f"GPU busy {busy:.2f} ms per step of {wall_ms:.2f} ms wall ({busy / wall_ms:.0%}), peak {peak:.2f} GiB, "
-          f"{kernels:.0f} kernels per step")
+          f"{kernels:.0f} kernels and memsets per step")
     print("| kernel | ms/step | calls/step |")
     print("|---|---|---|")
     for e in rows[:top]:
