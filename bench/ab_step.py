@@ -1,0 +1,145 @@
+"""Two versions of unipeft timed against each other on one GPU, round by round: is a change faster?
+
+The step-time differences left to find are below 1%, while one version's in-turn ratio drifts by ±1.5% from round to
+round, and two versions timed one after the other (two `perf_vs_peft.py --repeats` runs) also differ by the drift
+between the runs. Here one worker process per source tree builds the frozen floor and the LoRA model once (compiled
+once with --compile) and keeps them; the parent then asks the workers for rounds in turn, A B B A A B …, each round
+timing that worker's floor and its LoRA step with the harness (`time_train`: median of 10 steps). Each version's
+ratio to its own floor is taken per round, and the difference B − A is taken per pair of adjacent rounds, so drift
+slower than a round cancels. Both workers hold their models on the GPU together; only one runs at a time.
+
+Usage (GPU machine; the old code as a copy of its src/ tree in an ignored folder):
+    python3 bench/ab_step.py --harness .gpu_carry/bench --a .gpu_carry/old_src/src --b src [--compile] \\
+        [--rounds 6] [--env-b UNIPEFT_RECOMPUTE=1] --out ab.json
+Each worker imports unipeft from its tree (PYTHONPATH) and the harness from --harness; --env-a / --env-b set
+environment variables in one worker only (the same tree twice with a switch flipped is an A/B as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SITES = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def worker(harness: str, compile_: bool) -> None:
+    """Build the floor and the LoRA model once, warm both up (compiling them), then time one round per request
+    line on stdin ("round <i>"), answering one JSON line each; the harness's own prints go to stderr."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout = sys.stderr
+    sys.path.insert(0, harness)
+    import peft_baseline as h
+    import torch
+
+    import unipeft
+
+    wrap = torch.compile if compile_ else (lambda m: m)
+    floor = h.make_model()
+    floor_params = h.frozen_floor(floor)
+    lora = unipeft.attach(h.make_model(), "lora", r=16, alpha=32, targets=SITES)
+    lora_params = [p for p in lora.parameters() if p.requires_grad]
+    models = (("floor", wrap(floor), floor_params), ("lora", wrap(lora), lora_params))
+    for case, model, params in models:  # warm-up (and compilation) outside the timed rounds
+        h.time_train(f"warm_{case}", model, params)
+    proto.write(json.dumps(dict(ready=True, unipeft=os.path.dirname(unipeft.__file__))) + "\n")
+    for line in sys.stdin:
+        if not line.startswith("round"):
+            break
+        row = {case: h.time_train(f"{case}_{line.split()[1]}", model, params)["step_ms"]
+               for case, model, params in models}
+        proto.write(json.dumps(row) + "\n")
+
+
+def _env(src: str, harness: str, extra: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, harness]))
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"ab_step: --env-a/--env-b take NAME=VALUE, got {item!r}")
+        env[key] = value
+    return env
+
+
+def _ask(proc: subprocess.Popen, line: str | None) -> dict:
+    if line is not None:
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+    answer = proc.stdout.readline()
+    if not answer:
+        raise SystemExit(f"ab_step: a worker stopped (exit {proc.wait()}); its output is above")
+    return json.loads(answer)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def compare(rounds: list[dict]) -> dict:
+    """Per-version ratios (LoRA / floor, each round) and the differences B − A between adjacent rounds of the
+    two versions (rounds alternate A B B A …: each pair of rounds next to each other gives one difference)."""
+    ratio = {v: [r["lora"] / r["floor"] for r in rounds if r["version"] == v] for v in "ab"}
+    diffs = []
+    for first, second in zip(rounds, rounds[1:]):
+        if first["version"] != second["version"]:
+            a, b = (first, second) if first["version"] == "a" else (second, first)
+            diffs.append(b["lora"] / b["floor"] - a["lora"] / a["floor"])
+    return dict(ratio_a=[round(x, 4) for x in ratio["a"]], ratio_b=[round(x, 4) for x in ratio["b"]],
+                median_a=round(_median(ratio["a"]), 4), median_b=round(_median(ratio["b"]), 4),
+                diffs_b_minus_a=[round(d, 4) for d in diffs], median_diff=round(_median(diffs), 4),
+                b_faster_in=sum(d < 0 for d in diffs), pairs=len(diffs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--harness", default=".gpu_carry/bench", help="folder holding peft_baseline.py")
+    ap.add_argument("--a", required=True, help="version A's source tree (the folder holding the unipeft package)")
+    ap.add_argument("--b", required=True, help="version B's source tree")
+    ap.add_argument("--env-a", action="append", default=[], help="NAME=VALUE for worker A only (repeatable)")
+    ap.add_argument("--env-b", action="append", default=[], help="NAME=VALUE for worker B only (repeatable)")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds per version (alternating A B B A …)")
+    ap.add_argument("--out", default="ab.json")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.harness, args.compile)
+        return
+    harness = os.path.abspath(args.harness)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--harness", harness, "--a", "-", "--b", "-"]
+    cmd += ["--compile"] if args.compile else []
+    procs = {v: subprocess.Popen(cmd, env=_env(os.path.abspath(src), harness, extra), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+             for v, src, extra in (("a", args.a, args.env_a), ("b", args.b, args.env_b))}
+    try:
+        ready = {v: _ask(p, None) for v, p in procs.items()}  # (built and warmed up in parallel)
+        rounds = []
+        order = [("a", "b"), ("b", "a")]
+        for i in range(args.rounds):
+            for v in order[i % 2]:
+                row = _ask(procs[v], f"round {i}")
+                rounds.append(dict(version=v, round=i, **row))
+                print(json.dumps(rounds[-1]), flush=True)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.stdin.close()
+                p.wait(timeout=60)
+    result = dict(meta=dict(date=time.strftime("%Y-%m-%d"), compiled=args.compile, a=args.a, b=args.b,
+                            env_a=args.env_a, env_b=args.env_b, workers=ready),
+                  rounds=rounds, summary=compare(rounds))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    s = result["summary"]
+    print(f"LoRA / floor, medians over {args.rounds} rounds: A {s['median_a']:.4f}  B {s['median_b']:.4f};  "
+          f"B − A per adjacent pair: median {s['median_diff']:+.4f}, B faster in {s['b_faster_in']} of {s['pairs']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""bench/ab_step.py: two versions timed round by round in two worker processes. The GPU is what it is for; here a
+stand-in harness (a tiny Llama on CPU) checks the protocol, the alternating order and the paired statistics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_FAKE_HARNESS = '''
+import json, os, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB, H = 128, 32
+
+
+def make_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg)
+
+
+def frozen_floor(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scale = torch.nn.Parameter(torch.ones(H))
+    model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: out * scale)
+    return [scale]
+
+
+def time_train(case, model, params):
+    x = torch.randint(0, VOCAB, (2, 16))
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    row = dict(case=case, step_ms=sorted(times)[1] * 1e3, fused=os.environ.get("UNIPEFT_FUSED"))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def release():
+    pass
+'''
+
+
+def _ab():
+    spec = importlib.util.spec_from_file_location("ab_step", ROOT / "bench" / "ab_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_step_alternates_two_workers_and_pairs_their_rounds(tmp_path) -> None:
+    """Both workers build once and answer every round; rounds alternate A B B A; each version's ratio is its own
+    LoRA over its own floor; --env-b reaches worker B only (its harness prints show UNIPEFT_FUSED=0)."""
+    harness = tmp_path / "harness"
+    harness.mkdir()
+    (harness / "peft_baseline.py").write_text(_FAKE_HARNESS)
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ab_step.py"), "--harness", str(harness),
+                           "--a", str(ROOT / "src"), "--b", str(ROOT / "src"), "--env-b", "UNIPEFT_FUSED=0",
+                           "--rounds", "3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["version"] for r in result["rounds"]] == ["a", "b", "b", "a", "a", "b"]
+    assert all(r["floor"] > 0 and r["lora"] > 0 for r in result["rounds"])
+    assert all(Path(w["unipeft"]) == ROOT / "src" / "unipeft" for w in result["meta"]["workers"].values())
+    summary = result["summary"]
+    assert summary["pairs"] == 3 and len(summary["ratio_a"]) == len(summary["ratio_b"]) == 3
+    fused = [json.loads(line)["fused"] for line in proc.stderr.splitlines() if line.startswith('{"case"')]
+    assert set(fused) == {None, "0"}, "worker A without the switch, worker B with it"
+    assert "B − A per adjacent pair" in proc.stdout
+
+
+def test_compare_pairs_adjacent_rounds_of_the_two_versions() -> None:
+    """The statistics against hand-computed values: ratios per round, B − A per adjacent pair, medians."""
+    rounds = [dict(version="a", floor=100.0, lora=110.0), dict(version="b", floor=100.0, lora=108.0),
+              dict(version="b", floor=200.0, lora=220.0), dict(version="a", floor=200.0, lora=224.0),
+              dict(version="a", floor=100.0, lora=111.0), dict(version="b", floor=100.0, lora=112.0)]
+    s = _ab().compare(rounds)
+    assert s["ratio_a"] == [1.1, 1.12, 1.11] and s["ratio_b"] == [1.08, 1.1, 1.12]
+    assert s["diffs_b_minus_a"] == pytest.approx([-0.02, -0.02, 0.01])
+    assert s["median_a"] == 1.11 and s["median_b"] == 1.1 and s["median_diff"] == pytest.approx(-0.02)
+    assert s["b_faster_in"] == 2 and s["pairs"] == 3
+
+
+def test_env_items_must_be_name_value() -> None:
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        _ab()._env("src", "h", ["UNIPEFT_FUSED"])
