@@ -29,7 +29,9 @@ SITES = ["q", "k", "v", "o", "gate", "up", "down"]
 
 def worker(harness: str, compile_: bool) -> None:
     """Build the floor and the LoRA model once, warm both up (compiling them), then time one round per request
-    line on stdin ("round <i>"), answering one JSON line each; the harness's own prints go to stderr."""
+    line on stdin ("round <i>"), answering one JSON line each (step ms and the harness's peak GiB per case: the
+    other model's weights are resident in both, so compare peaks between the versions, not with the floor); the
+    harness's own prints go to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     sys.stdout = sys.stderr
     sys.path.insert(0, harness)
@@ -50,8 +52,10 @@ def worker(harness: str, compile_: bool) -> None:
     for line in sys.stdin:
         if not line.startswith("round"):
             break
-        row = {case: h.time_train(f"{case}_{line.split()[1]}", model, params)["step_ms"]
-               for case, model, params in models}
+        row = {}
+        for case, model, params in models:
+            timed = h.time_train(f"{case}_{line.split()[1]}", model, params)
+            row[case], row[f"{case}_peak_gib"] = timed["step_ms"], timed.get("peak_gib")
         proto.write(json.dumps(row) + "\n")
 
 

@@ -46,7 +46,7 @@ def time_train(case, model, params):
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    row = dict(case=case, step_ms=sorted(times)[1] * 1e3, fused=os.environ.get("UNIPEFT_FUSED"))
+    row = dict(case=case, step_ms=sorted(times)[1] * 1e3, peak_gib=0.5, fused=os.environ.get("UNIPEFT_FUSED"))
     print(json.dumps(row), flush=True)
     return row
 
@@ -76,7 +76,7 @@ def test_ab_step_alternates_two_workers_and_pairs_their_rounds(tmp_path) -> None
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["version"] for r in result["rounds"]] == ["a", "b", "b", "a", "a", "b"]
-    assert all(r["floor"] > 0 and r["lora"] > 0 for r in result["rounds"])
+    assert all(r["floor"] > 0 and r["lora"] > 0 and r["lora_peak_gib"] == 0.5 for r in result["rounds"])
     assert all(Path(w["unipeft"]) == ROOT / "src" / "unipeft" for w in result["meta"]["workers"].values())
     summary = result["summary"]
     assert summary["pairs"] == 3 and len(summary["ratio_a"]) == len(summary["ratio_b"]) == 3
