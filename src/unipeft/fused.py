@@ -181,7 +181,7 @@ class _LoraLinear(torch.autograd.Function):
             y = F.linear(x, weight, bias)
             y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b.t(), alpha=s)
         ctx.save_for_backward(None if ctx.x_node is not None else x, weight, a, b, xa)
-        ctx.s, ctx.merged, ctx.source, ctx.x_shape = s, merged, source, x.shape
+        ctx.s, ctx.merged, ctx.source = s, merged, source
         return y
 
     @staticmethod
