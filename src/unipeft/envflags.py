@@ -16,31 +16,22 @@ import os
 _ENVIRON = os.environ
 _DATA = getattr(_ENVIRON, "_data", None)
 _FAST = type(_DATA) is dict and hasattr(_ENVIRON, "encodekey") and hasattr(_ENVIRON, "encodevalue")
-_ZERO = _ENVIRON.encodevalue("0") if _FAST else "0"
 #: the switches' encoded keys, made here: encoding one inside a torch.compile region would break its graph
 _KEYS: dict[str, object] = {n: _ENVIRON.encodekey(n) for n in ("UNIPEFT_FUSED", "UNIPEFT_GROUPS", "UNIPEFT_TRITON",
                                                               "UNIPEFT_RECOMPUTE", "TRITON_INTERPRET")} if _FAST else {}
-_ONE = _ENVIRON.encodevalue("1") if _FAST else "1"
+#: "0" and "1" as `raw` returns them: os.environ's own encoding on the fast path, plain strings otherwise
+_ZEROS = (_ENVIRON.encodevalue("0"), "0") if _FAST else ("0",)
+_ONES = (_ENVIRON.encodevalue("1"), "1") if _FAST else ("1",)
 
 
 def off(name: str) -> bool:
     """Whether environment variable `name` is set to "0" (the switches' only "off" value)."""
-    if _FAST and os.environ is _ENVIRON:
-        key = _KEYS.get(name)
-        if key is None:
-            key = _KEYS[name] = _ENVIRON.encodekey(name)
-        return _DATA.get(key) == _ZERO
-    return os.environ.get(name) == "0"
+    return raw(name) in _ZEROS
 
 
 def on(name: str) -> bool:
     """Whether environment variable `name` is set to "1" (an opt-in switch's only "on" value)."""
-    if _FAST and os.environ is _ENVIRON:
-        key = _KEYS.get(name)
-        if key is None:
-            key = _KEYS[name] = _ENVIRON.encodekey(name)
-        return _DATA.get(key) == _ONE
-    return os.environ.get(name) == "1"
+    return raw(name) in _ONES
 
 
 def raw(name: str) -> object:
