@@ -1,4 +1,5 @@
-"""The routed LoRA kernel (kernels.routed_lora) against the batched-GEMM path it replaces, per projection, on the GPU.
+"""The routed LoRA kernel (routed_kernels.routed_lora) against the batched-GEMM path it replaces, per projection,
+on the GPU.
 
 Usage: PYTHONPATH=src python3 bench/routed_probe.py --out routed.json [--sweep]
 
@@ -20,7 +21,7 @@ import time
 import torch
 from skinny_probe import _time  # (bench/ is on the path: scripts run from it)
 
-from unipeft import kernels
+from unipeft import routed_kernels
 
 SHAPES = {"q/k/v/o": (2048, 2048), "gate/up": (2048, 5632), "down": (5632, 2048)}
 
@@ -52,7 +53,7 @@ def _probe(label: str, d_in: int, d_out: int, b: int, n: int, r: int, sweep_: bo
     ref = y.float() + torch.einsum("btr,bnr->btn", torch.einsum("btk,brk->btr", x.float(),
                                                                  a_stack[slots].float()),
                                    b_stack[slots].float())
-    err = (kernels.routed_lora(y, x, a_stack, b_stack, slots).float() - ref).abs().max().item()
+    err = (routed_kernels.routed_lora(y, x, a_stack, b_stack, slots).float() - ref).abs().max().item()
     a_rows = a_stack.index_select(0, slots).transpose(1, 2)
     b_rows = b_stack.index_select(0, slots).transpose(1, 2)
 
@@ -60,7 +61,7 @@ def _probe(label: str, d_in: int, d_out: int, b: int, n: int, r: int, sweep_: bo
         return torch.nn.functional.linear(x, w).baddbmm_(torch.bmm(x, a_rows), b_rows)
 
     def kernel_path():
-        return kernels.routed_lora(torch.nn.functional.linear(x, w), x, a_stack, b_stack, slots)
+        return routed_kernels.routed_lora(torch.nn.functional.linear(x, w), x, a_stack, b_stack, slots)
 
     def base_only():
         return torch.nn.functional.linear(x, w)
@@ -69,15 +70,15 @@ def _probe(label: str, d_in: int, d_out: int, b: int, n: int, r: int, sweep_: bo
                base_gpu_us=round(_gpu_us(base_only), 2), bmm_gpu_us=round(_gpu_us(bmm_path), 2),
                kernel_gpu_us=round(_gpu_us(kernel_path), 2), base_host_us=round(_host_us(base_only), 2),
                bmm_host_us=round(_host_us(bmm_path), 2), kernel_host_us=round(_host_us(kernel_path), 2),
-               config=dict(BK=kernels.ROUTED_BK, BN=kernels.ROUTED_BN, warps=kernels.ROUTED_WARPS))
+               config=dict(BK=routed_kernels.ROUTED_BK, BN=routed_kernels.ROUTED_BN, warps=routed_kernels.ROUTED_WARPS))
     if sweep_:
-        keep = (kernels.ROUTED_BK, kernels.ROUTED_BN, kernels.ROUTED_WARPS)
+        keep = (routed_kernels.ROUTED_BK, routed_kernels.ROUTED_BN, routed_kernels.ROUTED_WARPS)
         sweep = {}
         for bk, bn, warps in itertools.product((128, 256, 512), (128, 256, 512, 1024), (2, 4, 8)):
-            kernels.ROUTED_BK, kernels.ROUTED_BN, kernels.ROUTED_WARPS = bk, bn, warps
-            sweep[f"BK{bk}_BN{bn}_w{warps}"] = round(_gpu_us(lambda: kernels.routed_lora(
+            routed_kernels.ROUTED_BK, routed_kernels.ROUTED_BN, routed_kernels.ROUTED_WARPS = bk, bn, warps
+            sweep[f"BK{bk}_BN{bn}_w{warps}"] = round(_gpu_us(lambda: routed_kernels.routed_lora(
                 y, x, a_stack, b_stack, slots)), 2)
-        kernels.ROUTED_BK, kernels.ROUTED_BN, kernels.ROUTED_WARPS = keep
+        routed_kernels.ROUTED_BK, routed_kernels.ROUTED_BN, routed_kernels.ROUTED_WARPS = keep
         best = sorted(sweep.items(), key=lambda kv: kv[1])
         row["sweep_best"] = best[:5]
         row["sweep"] = sweep

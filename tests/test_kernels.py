@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from unipeft import kernels
+from unipeft import kernels, routed_kernels
 
 pytest.importorskip("triton")
 
@@ -358,17 +358,17 @@ def test_routed_lora_matches_the_formula(t: int, chunks: int) -> None:
     """Rank below one rank block (6 < 16, masked); d_in over 2 or 3 ROUTED_BK chunks (a count that is not a power of
     two too), not a multiple of it; d_out wider than one ROUTED_BN block and not a multiple of it; rows on the zero
     slot get y back; y is not modified (out of place)."""
-    d_in, d_out = (chunks - 1) * kernels.ROUTED_BK + 30, kernels.ROUTED_BN + 44
-    assert d_in % kernels.ROUTED_BK and d_out % kernels.ROUTED_BN
+    d_in, d_out = (chunks - 1) * routed_kernels.ROUTED_BK + 30, routed_kernels.ROUTED_BN + 44
+    assert d_in % routed_kernels.ROUTED_BK and d_out % routed_kernels.ROUTED_BN
     y, x, a_stack, b_stack, slots = _routed_operands(6, t, d_in, d_out, 6, 4, seed=t)
     y_before = y.clone()
-    got = kernels.routed_lora(y, x, a_stack, b_stack, slots)
+    got = routed_kernels.routed_lora(y, x, a_stack, b_stack, slots)
     assert got.shape == y.shape and got.dtype == torch.float32 and torch.equal(y, y_before)
     torch.testing.assert_close(got.double(), _routed_expected(y, x, a_stack, b_stack, slots), rtol=1e-5, atol=1e-4)
     base_rows = slots == 3
     assert torch.equal(got[base_rows], y[base_rows]), "rows on the zero slot are y exactly"
     half = [v.half() for v in (y, x, a_stack, b_stack)]  # fp32 accumulation, one rounding to fp16
-    got16 = kernels.routed_lora(*half, slots)
+    got16 = routed_kernels.routed_lora(*half, slots)
     assert got16.dtype == torch.float16
     reference = _routed_expected(*(v.float() for v in half), slots).half()
     torch.testing.assert_close(got16, reference, rtol=2e-3, atol=2e-2)
@@ -383,7 +383,7 @@ def test_routed_lora_reads_strided_stacks_and_y() -> None:
     a_stack = torch.randn(n, d_in, r, generator=g).transpose(1, 2)  # (n, r, d_in), strides (r·d_in, 1, r)
     b_stack = torch.randn(n, r, d_out, generator=g).transpose(1, 2)  # (n, d_out, r), strides (r·d_out, 1, d_out)
     slots = torch.tensor([2, 0, 0])
-    got = kernels.routed_lora(y, x, a_stack, b_stack, slots)
+    got = routed_kernels.routed_lora(y, x, a_stack, b_stack, slots)
     torch.testing.assert_close(got.double(), _routed_expected(y, x, a_stack, b_stack, slots), rtol=1e-5, atol=1e-4)
 
 
@@ -405,9 +405,9 @@ def test_routed_op_is_registered_and_checks_operands() -> None:
            (y, x, a_stack.half(), b_stack, slots)]  # one dtype
     for args in bad:
         with pytest.raises(ValueError, match="shapes/dtypes disagree"):
-            kernels.routed_lora(*args)
+            routed_kernels.routed_lora(*args)
         with pytest.raises(ValueError, match="shapes/dtypes disagree"):
-            kernels._check_routed(*args)
+            routed_kernels._check_routed(*args)
 
 
 def test_routed_kernel_availability(monkeypatch) -> None:
@@ -415,21 +415,22 @@ def test_routed_kernel_availability(monkeypatch) -> None:
     stack, x's dtype (16/32-bit float) and ranks ≤ 64."""
     x = torch.zeros(2, 1, 8)
     with torch.no_grad():
-        assert not kernels.routed_available(x)  # CPU
+        assert not routed_kernels.routed_available(x)  # CPU
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-        assert kernels.routed_available(x) == kernels._HAS_TRITON
-        assert kernels.routed_available(torch.zeros(2, kernels.ROUTED_MAX_TOKENS, 8)) == kernels._HAS_TRITON
-        assert not kernels.routed_available(torch.zeros(2, kernels.ROUTED_MAX_TOKENS + 1, 8))
-        assert not kernels.routed_available(torch.zeros(2, 8))
-        assert kernels.routed_available(x, torch.zeros(3, 64, 8)) == kernels._HAS_TRITON
-        assert not kernels.routed_available(x, torch.zeros(3, 65, 8))
-        assert not kernels.routed_available(x, torch.zeros(3, 4, 8, dtype=torch.float16))
-        assert not kernels.routed_available(x.double(), torch.zeros(3, 4, 8, dtype=torch.float64))
+        assert routed_kernels.routed_available(x) == kernels._HAS_TRITON
+        most = routed_kernels.ROUTED_MAX_TOKENS
+        assert routed_kernels.routed_available(torch.zeros(2, most, 8)) == kernels._HAS_TRITON
+        assert not routed_kernels.routed_available(torch.zeros(2, most + 1, 8))
+        assert not routed_kernels.routed_available(torch.zeros(2, 8))
+        assert routed_kernels.routed_available(x, torch.zeros(3, 64, 8)) == kernels._HAS_TRITON
+        assert not routed_kernels.routed_available(x, torch.zeros(3, 65, 8))
+        assert not routed_kernels.routed_available(x, torch.zeros(3, 4, 8, dtype=torch.float16))
+        assert not routed_kernels.routed_available(x.double(), torch.zeros(3, 4, 8, dtype=torch.float64))
     with torch.enable_grad():
-        assert not kernels.routed_available(x)
+        assert not routed_kernels.routed_available(x)
     with torch.no_grad():
         monkeypatch.setenv("UNIPEFT_TRITON", "0")
-        assert not kernels.routed_available(x)
+        assert not routed_kernels.routed_available(x)
 
 
 def _as_compiled(fn):
@@ -477,12 +478,12 @@ def test_routed_generate_through_the_kernel(shared: bool, monkeypatch) -> None:
         assert [torch.equal(reference[i], base[i]) for i in range(len(names))] == [n == "__base__" for n in names]
         monkeypatch.setenv("UNIPEFT_FUSED", "1")
         monkeypatch.setattr(routed, "lora", _as_compiled(routed.lora))
-        monkeypatch.setattr(kernels, "routed_available", lambda x, a=None: (
-            not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] <= kernels.ROUTED_MAX_TOKENS
+        monkeypatch.setattr(routed_kernels, "routed_available", lambda x, a=None: (
+            not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] <= routed_kernels.ROUTED_MAX_TOKENS
             and (a is None or a.shape[1] <= 64)))
         launches = []
-        real = kernels.routed_lora
-        monkeypatch.setattr(kernels, "routed_lora", lambda *args: launches.append(args[1].shape) or real(*args))
+        real = routed_kernels.routed_lora
+        monkeypatch.setattr(routed_kernels, "routed_lora", lambda *args: launches.append(args[1].shape) or real(*args))
         shared_out = []
         real_shared = _as_compiled(routed.shared_lora)
         monkeypatch.setattr(routed, "shared_lora", lambda *args: shared_out.append(real_shared(*args)) or

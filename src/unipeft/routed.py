@@ -9,7 +9,7 @@ to find each row's weights, picked per call:
     slot for rows of the base, built at the call's first step and reused while the same routing decodes. Rows with
     many tokens (prefill, training) — and every eager call — gather per-row copies and run two batched GEMMs (bmm,
     then baddbmm accumulating into y); under torch.compile, rows of a few tokens (decoding) go through two Triton
-    kernels on the GPU (kernels.routed_lora) that read each row's A and B from the stacks by slot, no copies.
+    kernels on the GPU (routed_kernels.routed_lora) that read each row's A and B from the stacks by slot, no copies.
   shared stacks (`AdaptedModel.prepare_routing()`; a static-cache `generate` prepares them itself)
     every adapter of the model stacked once per projection, slot i = the i-th adapter, zeros where an adapter skips
     a projection. A call then hands the layers one slot tensor (B,) and nothing else that depends on the mix, so
@@ -33,7 +33,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import compose, fused, kernels
+from . import compose, fused, routed_kernels
 from .errors import UnipeftError
 from .functions import SiteAdapter
 
@@ -77,10 +77,10 @@ def lora(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]]) -> torch.
     site here)."""
     dtype, x_dtype = fused.compute_dtype(x), x.dtype
     y = fused.base_output(layer._modules["base_layer"], x)
-    if x_dtype == dtype == y.dtype and torch.compiler.is_compiling() and kernels.routed_available(x):
+    if x_dtype == dtype == y.dtype and torch.compiler.is_compiling() and routed_kernels.routed_available(x):
         a_stack, b_stack, rows = _operands(layer, items, x.shape[0], x.device, dtype, gathered=False)
-        if kernels.routed_available(x, a_stack):
-            return kernels.routed_lora(y, x, a_stack, b_stack, rows)
+        if routed_kernels.routed_available(x, a_stack):
+            return routed_kernels.routed_lora(y, x, a_stack, b_stack, rows)
     a_rows, b_rows, _ = _operands(layer, items, x.shape[0], x.device, dtype, gathered=True)
     xa = torch.bmm(x if x_dtype == dtype else x.to(dtype), a_rows)
     y_dtype = y.dtype
@@ -243,8 +243,8 @@ def shared_lora(layer, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | N
     y = fused.base_output(layer._modules["base_layer"], x)
     dtype = a_stack.dtype
     if compiling:
-        if y.dtype == x.dtype == dtype and kernels.routed_available(x, a_stack):
-            return kernels.routed_lora(y, x, a_stack, b_stack, rows[3])
+        if y.dtype == x.dtype == dtype and routed_kernels.routed_available(x, a_stack):
+            return routed_kernels.routed_lora(y, x, a_stack, b_stack, rows[3])
         a_rows = a_stack.index_select(0, rows[3]).transpose(1, 2)
         b_rows = b_stack.index_select(0, rows[3]).transpose(1, 2)
     else:
