@@ -408,8 +408,11 @@ def _lora_nodes(loss: torch.Tensor) -> list:
     return found
 
 
-def _recompute_run(am, ids, monkeypatch, flag: str):
-    monkeypatch.setenv("UNIPEFT_RECOMPUTE", flag)
+def _recompute_run(am, ids, monkeypatch, flag: str | None):
+    if flag is None:
+        monkeypatch.delenv("UNIPEFT_RECOMPUTE", raising=False)
+    else:
+        monkeypatch.setenv("UNIPEFT_RECOMPUTE", flag)
     am.zero_grad(set_to_none=True)
     loss = am(input_ids=ids, labels=ids).loss
     kept = [node.saved_tensors[0] is not None for node in _lora_nodes(loss)]  # (x, or None when recomputed)
@@ -418,10 +421,10 @@ def _recompute_run(am, ids, monkeypatch, flag: str):
 
 
 def test_down_proj_input_recomputed_instead_of_kept(smollm2_path, monkeypatch) -> None:
-    """`UNIPEFT_RECOMPUTE=1` on the real SmolLM2-135M (fp32, four layers): down_proj's input act(gate)·up is not
-    kept for backward — its LoRA node saves no x — and is recomputed from the operands the product's own node keeps;
-    the loss and every LoRA gradient are bit for bit those of the default path, which keeps x. Under saved-tensor
-    hooks (checkpointing, offloading) x is kept as before."""
+    """The default on the real SmolLM2-135M (fp32, four layers): down_proj's input act(gate)·up is not kept for
+    backward — its LoRA node saves no x — and is recomputed from the operands the product's own node keeps; the
+    loss and every LoRA gradient are bit for bit those of `UNIPEFT_RECOMPUTE=0`, which keeps x. Unset means on.
+    Under saved-tensor hooks (checkpointing, offloading) x is kept."""
     import transformers as T
 
     model = T.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
@@ -430,8 +433,8 @@ def test_down_proj_input_recomputed_instead_of_kept(smollm2_path, monkeypatch) -
     randomize(am, std=0.02)
     ids = torch.randint(5, 4000, (2, 96), generator=torch.Generator().manual_seed(0))
     loss0, grads0, kept0 = _recompute_run(am, ids, monkeypatch, "0")
-    loss1, grads1, kept1 = _recompute_run(am, ids, monkeypatch, "1")
-    assert kept0 and all(kept0), "by default every lone projection keeps its input"
+    loss1, grads1, kept1 = _recompute_run(am, ids, monkeypatch, None)
+    assert kept0 and all(kept0), "with UNIPEFT_RECOMPUTE=0 every lone projection keeps its input"
     assert len(kept1) == len(kept0) and kept1.count(False) == len(model.model.layers), "one per layer: down_proj"
     assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys()
     for k in grads0:

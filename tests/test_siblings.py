@@ -389,3 +389,46 @@ def test_group_function_supports_double_backward() -> None:
 
     for got, expected in zip(penalty(ys), penalty(want)):
         torch.testing.assert_close(got, expected)
+
+
+def _guard_sources(caplog, fn) -> str:
+    import logging
+
+    torch._dynamo.reset()
+    torch._logging.set_logs(guards=True)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            out = fn()
+    finally:
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    return out, "\n".join(r.getMessage() for r in caplog.records if "__guards" in r.getMessage()
+                          or "GuardManager" in r.getMessage())
+
+
+def test_compiled_calls_read_cached_plans(caplog) -> None:
+    """AdaptedModel caches every wrapper's plan for its current state (after each change and on train()/eval()),
+    so a compiled call reads the cached plan instead of deriving it from the adapter tree: no guard walks the
+    `adapters` ModuleDicts (the tree walk was ~10 of the ~50 guard nodes per adapted projection). The result and
+    the gradients are the eager ones; after eval(), and after another adapter is activated, the plans follow."""
+    torch.manual_seed(0)
+    am = unipeft.attach(tiny_model("llama"), "lora", r=4, targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+    randomize(am, std=0.05)
+    for w in am._wrappers.values():
+        key = w.__dict__["_unipeft_plan"][0]
+        assert key == (None, ("default",), (), True)
+    x = inputs()
+    want = output_of(am(**x))
+    compiled = torch.compile(am, backend="eager")
+    got, log = _guard_sources(caplog, lambda: output_of(compiled(**x)))
+    assert "_unipeft_plan" in log, "no guard log captured (or the plan was not read)"
+    assert "_modules['adapters']" not in log
+    torch.testing.assert_close(got, want)
+    am.eval()
+    assert all(w.__dict__["_unipeft_plan"][0][-1] is False for w in am._wrappers.values())
+    am.add("other", "lora", r=2, targets=["q", "v"])
+    am.activate("default", "other")
+    keys = {w.__dict__["_unipeft_plan"][0][1] for w in am._wrappers.values()}
+    assert keys == {("default", "other")}
+    q = next(w for p, w in am._wrappers.items() if p.endswith("q_proj"))
+    assert [n for n, _ in q.__dict__["_unipeft_plan"][1][0]] == ["default", "other"]

@@ -21,17 +21,11 @@ _KEYS: dict[str, object] = {n: _ENVIRON.encodekey(n) for n in ("UNIPEFT_FUSED", 
                                                               "UNIPEFT_RECOMPUTE", "TRITON_INTERPRET")} if _FAST else {}
 #: "0" and "1" as `raw` returns them: os.environ's own encoding on the fast path, plain strings otherwise
 _ZEROS = (_ENVIRON.encodevalue("0"), "0") if _FAST else ("0",)
-_ONES = (_ENVIRON.encodevalue("1"), "1") if _FAST else ("1",)
 
 
 def off(name: str) -> bool:
     """Whether environment variable `name` is set to "0" (the switches' only "off" value)."""
     return raw(name) in _ZEROS
-
-
-def on(name: str) -> bool:
-    """Whether environment variable `name` is set to "1" (an opt-in switch's only "on" value)."""
-    return raw(name) in _ONES
 
 
 def raw(name: str) -> object:
