@@ -1,0 +1,128 @@
+"""The grads kernel's bandwidth: does computing dB without transposing the g tile read g faster?
+
+kernels._grads_kernel reads each g tile once for two products: ga += g·B (g as the left operand, as loaded) and the
+dB part gᵀ·xa, which takes the (BN × BD) tile transposed. In the compiled step it reads g at 50–60% of DRAM
+bandwidth (45 µs for q/k/v's 96 MB on the H200), and without its stores it still took 10.9 µs where reading g
+once takes ~8.4 (skinny_3_diagnostics.json), so the loop itself is the bound. The variant here computes the same
+part as dBᵀ = xaᵀ·g — the small xa tile is loaded transposed once per program, g stays as loaded — and adds it
+into dB's unchanged row-major layout with transposed addresses. Everything else (grid, atomics, last-arriver
+rounding) is the product kernel's: the variant is made from its source by two replacements.
+
+Usage (GPU machine): PYTHONPATH=src python3 bench/grads_probe.py [--out grads.json]
+Prints µs per group shape (L2 flushed, host ahead of the GPU) for the product kernel and the variant, and the
+largest difference between their results. tests/test_bench_grads.py checks the variant in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+
+import torch
+
+from unipeft import kernels
+
+_OLD_XA = ("    xa = tl.load(xa_ptr + rn[:, None] * sxn + rr[None, :] * sxr, mask=mn[:, None] & mr[None, :], "
+           "other=0.0)\n")
+_NEW_XA = ("    xat = tl.load(xa_ptr + rr[:, None] * sxr + rn[None, :] * sxn, mask=mr[:, None] & mn[None, :], "
+           "other=0.0)\n")
+_OLD_PART = ("            part = tl.dot(tl.trans(g), xa, input_precision=\"ieee\")\n",
+             "            part = tl.dot(tl.trans(g), xa)\n")
+_NEW_PART = ("            part = tl.dot(xat, g, input_precision=\"ieee\")\n", "            part = tl.dot(xat, g)\n")
+_OLD_ADD = ("        tl.atomic_add(out_ptr + db_off + rd[:, None] * R + rr[None, :], part * s, "
+            "mask=md[:, None] & mr[None, :],\n")
+_NEW_ADD = ("        tl.atomic_add(out_ptr + db_off + rd[None, :] * R + rr[:, None], part * s, "
+            "mask=mr[:, None] & md[None, :],\n")
+
+
+@functools.cache
+def variant():
+    """The product kernel's source with dB as xaᵀ·g, jitted once. Written to a module file of its own: Triton reads
+    a kernel's source through `inspect`, which cannot see code made by exec."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    src = inspect.getsource(kernels._grads_kernel)
+    for old, new in ((_OLD_XA, _NEW_XA), *zip(_OLD_PART, _NEW_PART), (_OLD_ADD, _NEW_ADD)):
+        if src.count(old) != 1:
+            raise RuntimeError(f"the grads kernel changed; the probe's replacement no longer applies: {old.strip()}")
+        src = src.replace(old, new)
+    path = Path(tempfile.mkdtemp()) / "grads_variant.py"
+    path.write_text("import triton.language as tl\n\n\n" + src)
+    spec = importlib.util.spec_from_file_location("grads_variant", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return triton.jit(mod._grads_kernel)
+
+
+def run(gs, bs, xas, rows, scales, total_rank: int, use_variant: bool) -> torch.Tensor:
+    """kernels._lora_grads with the product kernel or the variant (same grid, arguments, buffer and rounding)."""
+    if not use_variant:
+        return kernels._lora_grads(gs, bs, xas, rows, scales, total_rank, kernels._launch_grads)
+    k = len(kernels._GRAD_NAMES)
+    fn = variant()
+
+    def launch(grid, args):
+        fn[grid](*args[:-k], **dict(zip(kernels._GRAD_NAMES, args[-k:])), num_warps=kernels._GRAD_WARPS,
+                 num_stages=kernels._grad_stages(args[0].dtype, args[-4]))
+    return kernels._lora_grads(gs, bs, xas, rows, scales, total_rank, launch)
+
+
+GROUPS = {"qkv": [2048, 2048, 2048], "gate_up": [5632, 5632], "o": [2048], "down": [2048]}
+
+
+def _time(fn, reps: int = 50) -> float:
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    times = []
+    for i in range(reps + 5):
+        flush.zero_()
+        torch.cuda._sleep(2_000_000)  # the host runs ahead: the events time the GPU
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(e0.elapsed_time(e1) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _group(name: str, widths: list[int], n: int = 8192, r: int = 16) -> dict:
+    gs = [torch.randn(n, d, device="cuda", dtype=torch.bfloat16) for d in widths]
+    bs = [torch.randn(d, r, device="cuda", dtype=torch.bfloat16) * 0.05 for d in widths]
+    xas = [torch.randn(n, r, device="cuda", dtype=torch.bfloat16) for _ in widths]
+    offs, scales, total = [i * r for i in range(len(widths))], [2.0] * len(widths), r * len(widths)
+
+    def call(use_variant: bool) -> torch.Tensor:
+        return run(gs, bs, xas, offs, scales, total, use_variant)
+    a, b = call(False).float(), call(True).float()
+    return dict(group=name, widths=widths, mb_of_g=round(sum(g.numel() for g in gs) * 2 / 2**20, 1),
+                product_us=round(_time(lambda: call(False)), 2), variant_us=round(_time(lambda: call(True)), 2),
+                max_rel_diff=float((a - b).abs().max() / a.abs().max()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name, widths in GROUPS.items():
+        rows.append(_group(name, widths))
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| group | MB of g | product µs | variant µs | max rel. diff |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['group']} | {row['mb_of_g']} | {row['product_us']} | {row['variant_us']} | "
+              f"{row['max_rel_diff']:.1e} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

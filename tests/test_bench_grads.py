@@ -1,0 +1,48 @@
+"""bench/grads_probe.py's variant of the grads kernel (dB as xaᵀ·g, g never transposed), made from the product
+kernel's source: in Triton's interpreter on CPU its gaᵀ and dB's equal the product kernel's and the explicit
+formulas, for a three-member group with ragged widths, in fp32 (sums are the result) and fp16 (rounded by the
+last-arriving programs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _probe():
+    sys.path.insert(0, str(ROOT / "src"))
+    spec = importlib.util.spec_from_file_location("grads_probe", ROOT / "bench" / "grads_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_variant_matches_the_product_kernel_and_the_formulas(dtype: torch.dtype) -> None:
+    probe = _probe()
+    g = torch.Generator().manual_seed(0)
+    n, r, widths = 150, 4, [70, 40, 90]
+    gs = [torch.randn(n, d, generator=g).to(dtype) for d in widths]
+    bs = [(torch.randn(d, r, generator=g) * 0.3).to(dtype) for d in widths]
+    xas = [torch.randn(n, r, generator=g).to(dtype) for _ in widths]
+    offs, scales, total = [0, r, 2 * r], [2.0, 0.5, 1.5], 3 * r
+    want = probe.run(gs, bs, xas, offs, scales, total, False)
+    got = probe.run(gs, bs, xas, offs, scales, total, True)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    n_db = sum(d * r for d in widths)
+    ga_t = got[n_db:].view(total, n).float()
+    at = 0
+    for i, (gi, bi, xi, s) in enumerate(zip(gs, bs, xas, scales)):
+        gi, bi, xi = gi.double(), bi.double(), xi.double()
+        db = got[at:at + bi.numel()].view(bi.shape).double()
+        at += bi.numel()
+        torch.testing.assert_close(db, s * gi.t() @ xi, **tol)
+        torch.testing.assert_close(ga_t[i * r:(i + 1) * r].double(), (s * gi @ bi).t(), **tol)
