@@ -89,8 +89,9 @@ CONFIGS = [dict(bk=64, bd=128, rows_per_program=1024), dict(bk=64, bd=128, rows_
 SHAPES = [(48, 2048), (32, 2048), (16, 2048), (16, 5632)]  # (Σr, d_in): q/k/v, gate/up, o, down
 
 
-def _time(fn, reps: int = 50) -> float:
-    """Median µs of fn over CUDA-graph-free replays, each after an L2 flush (operands from DRAM, as in the step)."""
+def time_from_dram(fn, reps: int = 50) -> float:
+    """Median GPU µs of fn, each call after an L2 flush (operands from DRAM, as in the step) and with the host ahead
+    of the GPU (a GPU sleep queued first), so launch latency is not in the events."""
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     times = []
     for i in range(reps + 5):
@@ -115,14 +116,14 @@ def _shape(r: int, d: int, n: int = 8192) -> list[dict]:
     def rel(got: torch.Tensor) -> float:
         return float((got.float() - ref).abs().max() / ref.abs().max())
 
-    rows = [dict(shape=[r, n, d], variant="cublas", us=round(_time(lambda: torch.mm(ga_t, x)), 2),
+    rows = [dict(shape=[r, n, d], variant="cublas", us=round(time_from_dram(lambda: torch.mm(ga_t, x)), 2),
                  rel_err=rel(torch.mm(ga_t, x)))]
     print(json.dumps(rows[-1]), flush=True)
     for cfg in CONFIGS:
         buf = torch.zeros(r * d + -(-d // cfg["bd"]), device="cuda", dtype=torch.float32)
         err = rel(da(ga_t, x, buf, **cfg))
-        kernel_us = _time(lambda cfg=cfg, buf=buf: da(ga_t, x, buf, **cfg))
-        zeroed_us = _time(lambda cfg=cfg, buf=buf: (buf.zero_(), da(ga_t, x, buf, **cfg)))
+        kernel_us = time_from_dram(lambda cfg=cfg, buf=buf: da(ga_t, x, buf, **cfg))
+        zeroed_us = time_from_dram(lambda cfg=cfg, buf=buf: (buf.zero_(), da(ga_t, x, buf, **cfg)))
         rows.append(dict(shape=[r, n, d], variant=" ".join(f"{k}{v}" for k, v in cfg.items()),
                          us=round(kernel_us, 2), us_with_zeroing=round(zeroed_us, 2), rel_err=err))
         print(json.dumps(rows[-1]), flush=True)

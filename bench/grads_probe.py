@@ -21,6 +21,7 @@ import inspect
 import json
 
 import torch
+from da_probe import time_from_dram  # (bench/ is on the path: scripts run from it)
 
 from unipeft import kernels
 
@@ -76,22 +77,6 @@ def run(gs, bs, xas, rows, scales, total_rank: int, use_variant: bool) -> torch.
 GROUPS = {"qkv": [2048, 2048, 2048], "gate_up": [5632, 5632], "o": [2048], "down": [2048]}
 
 
-def _time(fn, reps: int = 50) -> float:
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    times = []
-    for i in range(reps + 5):
-        flush.zero_()
-        torch.cuda._sleep(2_000_000)  # the host runs ahead: the events time the GPU
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(e0.elapsed_time(e1) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def _group(name: str, widths: list[int], n: int = 8192, r: int = 16) -> dict:
     gs = [torch.randn(n, d, device="cuda", dtype=torch.bfloat16) for d in widths]
     bs = [torch.randn(d, r, device="cuda", dtype=torch.bfloat16) * 0.05 for d in widths]
@@ -102,7 +87,8 @@ def _group(name: str, widths: list[int], n: int = 8192, r: int = 16) -> dict:
         return run(gs, bs, xas, offs, scales, total, use_variant)
     a, b = call(False).float(), call(True).float()
     return dict(group=name, widths=widths, mb_of_g=round(sum(g.numel() for g in gs) * 2 / 2**20, 1),
-                product_us=round(_time(lambda: call(False)), 2), variant_us=round(_time(lambda: call(True)), 2),
+                product_us=round(time_from_dram(lambda: call(False)), 2),
+                variant_us=round(time_from_dram(lambda: call(True)), 2),
                 max_rel_diff=float((a - b).abs().max() / a.abs().max()))
 
 

@@ -17,6 +17,21 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 T.logging.set_verbosity_error()
 
 FAMILIES = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str):
+    """bench/<name>.py imported as a module (the bench scripts are files, not a package); it imports unipeft from
+    src/ as the tests do, and other bench scripts from bench/ as it does when run."""
+    import importlib.util
+    import sys
+
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.append(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 VOCAB = 64
 
 

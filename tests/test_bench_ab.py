@@ -3,13 +3,13 @@ stand-in harness (a tiny Llama on CPU) checks the protocol, the alternating orde
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +56,6 @@ def release():
 '''
 
 
-def _ab():
-    spec = importlib.util.spec_from_file_location("ab_step", ROOT / "bench" / "ab_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_ab_step_alternates_two_workers_and_pairs_their_rounds(tmp_path) -> None:
@@ -90,7 +85,7 @@ def test_compare_pairs_adjacent_rounds_of_the_two_versions() -> None:
     rounds = [dict(version="a", floor=100.0, lora=110.0), dict(version="b", floor=100.0, lora=108.0),
               dict(version="b", floor=200.0, lora=220.0), dict(version="a", floor=200.0, lora=224.0),
               dict(version="a", floor=100.0, lora=111.0), dict(version="b", floor=100.0, lora=112.0)]
-    s = _ab().compare(rounds)
+    s = bench_module("ab_step").compare(rounds)
     assert s["ratio_a"] == [1.1, 1.12, 1.11] and s["ratio_b"] == [1.08, 1.1, 1.12]
     assert s["diffs_b_minus_a"] == pytest.approx([-0.02, -0.02, 0.01])
     assert s["median_a"] == 1.11 and s["median_b"] == 1.1 and s["median_diff"] == pytest.approx(-0.02)
@@ -99,4 +94,4 @@ def test_compare_pairs_adjacent_rounds_of_the_two_versions() -> None:
 
 def test_env_items_must_be_name_value() -> None:
     with pytest.raises(SystemExit, match="NAME=VALUE"):
-        _ab()._env("src", "h", ["UNIPEFT_FUSED"])
+        bench_module("ab_step")._env("src", "h", ["UNIPEFT_FUSED"])

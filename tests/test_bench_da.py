@@ -5,26 +5,16 @@ kernel leaves it zeroed)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import bench_module
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _probe():
-    spec = importlib.util.spec_from_file_location("da_probe", ROOT / "bench" / "da_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("r, n, d", [(5, 70, 40), (16, 64, 32), (20, 33, 17)])
 def test_da_matches_the_product_and_leaves_its_buffer_zeroed(r: int, n: int, d: int) -> None:
-    probe = _probe()
+    probe = bench_module("da_probe")
     g = torch.Generator().manual_seed(r + n + d)
     ga_t = torch.randn(r, n, generator=g)
     x_t = torch.randn(d, n, generator=g)

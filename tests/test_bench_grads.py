@@ -5,28 +5,16 @@ last-arriving programs)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import bench_module
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _probe():
-    sys.path.insert(0, str(ROOT / "src"))
-    spec = importlib.util.spec_from_file_location("grads_probe", ROOT / "bench" / "grads_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_variant_matches_the_product_kernel_and_the_formulas(dtype: torch.dtype) -> None:
-    probe = _probe()
+    probe = bench_module("grads_probe")
     g = torch.Generator().manual_seed(0)
     n, r, widths = 150, 4, [70, 40, 90]
     gs = [torch.randn(n, d, generator=g).to(dtype) for d in widths]

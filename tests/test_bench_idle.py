@@ -3,19 +3,8 @@ host caused (the next kernel's launch call began after the previous kernel ended
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _probe():
-    spec = importlib.util.spec_from_file_location("idle_probe", ROOT / "bench" / "idle_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import bench_module
 
 
 def _ev(cat, name, ts, dur, corr=None):
@@ -38,7 +27,7 @@ def test_gaps_split_into_host_late_and_device():
         # a memset overlapping nothing, launched early: 20 µs device gap
         _ev("cuda_runtime", "cudaMemsetAsync", 455, 3, corr=4), _ev("gpu_memset", "Memset", 620, 30, corr=4),
     ]
-    r = _probe().analyse(events)
+    r = bench_module("idle_probe").analyse(events)
     assert r["step_ms"] == pytest.approx(1.0)
     assert r["busy_ms"] == pytest.approx((100 + 85 + 140 + 30) / 1e3)
     assert r["lead_ms"] == pytest.approx(0.110)
@@ -56,14 +45,14 @@ def test_overlapping_device_events_count_once():
     events = [_ev("user_annotation", "step", 0, 100),
               _ev("cuda_runtime", "cudaLaunchKernel", 0, 1, corr=1), _ev("kernel", "a", 10, 50, corr=1),
               _ev("cuda_runtime", "cudaLaunchKernel", 1, 1, corr=2), _ev("kernel", "b", 30, 40, corr=2)]
-    r = _probe().analyse(events)
+    r = bench_module("idle_probe").analyse(events)
     assert r["busy_ms"] == pytest.approx(0.060)
     assert r["host_late_ms"] == 0 and r["device_gap_ms"] == 0
 
 
 def test_a_step_without_kernels_is_an_error():
     with pytest.raises(ValueError, match="no kernels"):
-        _probe().analyse([_ev("user_annotation", "step", 0, 10)])
+        bench_module("idle_probe").analyse([_ev("user_annotation", "step", 0, 10)])
 
 
 def test_kernel_table_and_lead_ops():
@@ -72,7 +61,7 @@ def test_kernel_table_and_lead_ops():
               _ev("cuda_runtime", "cudaLaunchKernel", 30, 1, corr=1), _ev("kernel", "a", 40, 10, corr=1),
               _ev("cuda_runtime", "cudaLaunchKernel", 31, 1, corr=2), _ev("kernel", "a", 60, 20, corr=2),
               _ev("cuda_runtime", "cudaLaunchKernel", 32, 1, corr=3), _ev("kernel", "b", 85, 5, corr=3)]
-    r = _probe().analyse(events)
+    r = bench_module("idle_probe").analyse(events)
     assert r["kernels"][0] == {"name": "a", "ms": 0.03, "calls": 2}
     assert r["kernels"][1] == {"name": "b", "ms": 0.005, "calls": 1}
     assert [o["op"] for o in r["lead_ops"]] == ["guards"]
