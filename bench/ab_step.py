@@ -12,7 +12,9 @@ Usage (GPU machine; the old code as a copy of its src/ tree in an ignored folder
     python3 bench/ab_step.py --harness .gpu_carry/bench --a .gpu_carry/old_src/src --b src [--compile] \\
         [--rounds 6] [--env-b UNIPEFT_RECOMPUTE=1] --out ab.json
 Each worker imports unipeft from its tree (PYTHONPATH) and the harness from --harness; --env-a / --env-b set
-environment variables in one worker only (the same tree twice with a switch flipped is an A/B as well).
+environment variables in one worker only (the same tree twice with a switch flipped is an A/B as well;
+`--env-b AB_SKIP_GUARDS=1` times B's LoRA model without guard evaluation, `--env-b AB_FLAT_PARAMS=1` with its
+LoRA weights in one flat parameter: bench/flat_probe.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def worker(harness: str, compile_: bool) -> None:
     floor = h.make_model()
     floor_params = h.frozen_floor(floor)
     lora = unipeft.attach(h.make_model(), "lora", r=16, alpha=32, targets=SITES)
+    if os.environ.get("AB_FLAT_PARAMS") == "1":  # one flat trainable tensor (bench/flat_probe.py)
+        import flat_probe
+        flat_probe.apply(lora)
     lora_params = [p for p in lora.parameters() if p.requires_grad]
     models = (("floor", wrap(floor), floor_params), ("lora", wrap(lora), lora_params))
     for case, model, params in models:  # warm-up (and compilation) outside the timed rounds
@@ -54,9 +59,22 @@ def worker(harness: str, compile_: bool) -> None:
             break
         row = {}
         for case, model, params in models:
-            timed = h.time_train(f"{case}_{line.split()[1]}", model, params)
+            with _stance(case):
+                timed = h.time_train(f"{case}_{line.split()[1]}", model, params)
             row[case], row[f"{case}_peak_gib"] = timed["step_ms"], timed.get("peak_gib")
         proto.write(json.dumps(row) + "\n")
+
+
+def _stance(case: str):
+    """`AB_SKIP_GUARDS=1` (set through --env-a/--env-b): that worker's compiled LoRA model runs its timed rounds
+    without evaluating dynamo's guards (torch.compiler.set_stance(skip_guard_eval_unsafe=True)) — what the LoRA
+    model's guard evaluation costs a synced step, against the same model with it."""
+    import contextlib
+
+    import torch
+    if case == "lora" and os.environ.get("AB_SKIP_GUARDS") == "1":
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+    return contextlib.nullcontext()
 
 
 def _env(src: str, harness: str, extra: list[str]) -> dict:

@@ -8,14 +8,18 @@ part as dBᵀ = xaᵀ·g — the small xa tile is loaded transposed once per pro
 into dB's unchanged row-major layout with transposed addresses. Everything else (grid, atomics, last-arriver
 rounding) is the product kernel's: the variant is made from its source by two replacements.
 
-Usage (GPU machine): PYTHONPATH=src python3 bench/grads_probe.py [--out grads.json]
-Prints µs per group shape (L2 flushed, host ahead of the GPU) for the product kernel and the variant, and the
-largest difference between their results. tests/test_bench_grads.py checks the variant in Triton's interpreter.
+Usage (GPU machine): PYTHONPATH=src python3 bench/grads_probe.py [--sweep] [--out grads.json]
+Prints µs per group shape (L2 flushed, host ahead of the GPU) for the product kernel and the variant, the time of
+one plain read of the group's g (a sum: the bandwidth floor) and the largest difference between their results.
+--sweep: both kernels again under every tile configuration in CONFIGS (rows per program, columns per step, columns
+per program, warps, pipeline stages), each checked against the product kernel's result.
+tests/test_bench_grads.py checks the variant, and a swept configuration, in Triton's interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import json
@@ -61,50 +65,91 @@ def variant():
     return triton.jit(mod._grads_kernel)
 
 
-def run(gs, bs, xas, rows, scales, total_rank: int, use_variant: bool) -> torch.Tensor:
-    """kernels._lora_grads with the product kernel or the variant (same grid, arguments, buffer and rounding)."""
-    if not use_variant:
+#: (rows per program BN, columns per step BD, columns per program, warps, stages); the first is the product's
+CONFIGS = [(128, 64, 512, 4, 3), (128, 64, 512, 8, 3), (128, 64, 256, 4, 3), (128, 64, 1024, 4, 3),
+           (128, 64, 2048, 4, 3), (128, 64, 512, 4, 2), (128, 64, 512, 4, 4), (128, 32, 512, 4, 4),
+           (128, 128, 512, 4, 3), (128, 128, 512, 8, 3), (128, 128, 1024, 8, 3), (64, 64, 512, 4, 3),
+           (64, 128, 512, 4, 3), (64, 64, 1024, 4, 4), (256, 64, 512, 8, 3), (256, 64, 1024, 8, 3),
+           (256, 32, 512, 8, 4), (256, 128, 512, 8, 2)]
+
+
+@contextlib.contextmanager
+def tiles(bn: int, bd: int, cols: int):
+    """The product module's tile constants set for one configuration (the grid, the counters' layout and the
+    constexprs are all derived from them at call time), restored afterwards."""
+    old = kernels._GRAD_BN, kernels._GRAD_BD, kernels._GRAD_COLS
+    kernels._GRAD_BN, kernels._GRAD_BD, kernels._GRAD_COLS = bn, bd, cols
+    try:
+        yield
+    finally:
+        kernels._GRAD_BN, kernels._GRAD_BD, kernels._GRAD_COLS = old
+
+
+def run(gs, bs, xas, rows, scales, total_rank: int, use_variant: bool, config: tuple | None = None) -> torch.Tensor:
+    """kernels._lora_grads with the product kernel or the variant (same grid, arguments, buffer and rounding);
+    `config` (an entry of CONFIGS) launches it with those tiles, warps and stages instead of the product's."""
+    if not use_variant and config is None:
         return kernels._lora_grads(gs, bs, xas, rows, scales, total_rank, kernels._launch_grads)
     k = len(kernels._GRAD_NAMES)
-    fn = variant()
+    fn = variant() if use_variant else kernels._kernel(kernels._grads_kernel)
+    bn, bd, cols, warps, stages = config or (kernels._GRAD_BN, kernels._GRAD_BD, kernels._GRAD_COLS, None, None)
 
     def launch(grid, args):
-        fn[grid](*args[:-k], **dict(zip(kernels._GRAD_NAMES, args[-k:])), num_warps=kernels._GRAD_WARPS,
-                 num_stages=kernels._grad_stages(args[0].dtype, args[-4]))
-    return kernels._lora_grads(gs, bs, xas, rows, scales, total_rank, launch)
+        fn[grid](*args[:-k], **dict(zip(kernels._GRAD_NAMES, args[-k:])), num_warps=warps or kernels._GRAD_WARPS,
+                 num_stages=stages or kernels._grad_stages(args[0].dtype, args[-4]))
+    with tiles(bn, bd, cols):
+        return kernels._lora_grads(gs, bs, xas, rows, scales, total_rank, launch)
 
 
 GROUPS = {"qkv": [2048, 2048, 2048], "gate_up": [5632, 5632], "o": [2048], "down": [2048]}
 
 
-def _group(name: str, widths: list[int], n: int = 8192, r: int = 16) -> dict:
+def _group(name: str, widths: list[int], sweep: bool, n: int = 8192, r: int = 16) -> dict:
     gs = [torch.randn(n, d, device="cuda", dtype=torch.bfloat16) for d in widths]
     bs = [torch.randn(d, r, device="cuda", dtype=torch.bfloat16) * 0.05 for d in widths]
     xas = [torch.randn(n, r, device="cuda", dtype=torch.bfloat16) for _ in widths]
     offs, scales, total = [i * r for i in range(len(widths))], [2.0] * len(widths), r * len(widths)
 
-    def call(use_variant: bool) -> torch.Tensor:
-        return run(gs, bs, xas, offs, scales, total, use_variant)
-    a, b = call(False).float(), call(True).float()
-    return dict(group=name, widths=widths, mb_of_g=round(sum(g.numel() for g in gs) * 2 / 2**20, 1),
-                product_us=round(time_from_dram(lambda: call(False)), 2),
-                variant_us=round(time_from_dram(lambda: call(True)), 2),
-                max_rel_diff=float((a - b).abs().max() / a.abs().max()))
+    def call(use_variant: bool, config: tuple | None = None) -> torch.Tensor:
+        return run(gs, bs, xas, offs, scales, total, use_variant, config)
+
+    a = call(False).float()
+
+    def rel(t: torch.Tensor) -> float:
+        return float((t.float() - a).abs().max() / a.abs().max())
+    row = dict(group=name, widths=widths, mb_of_g=round(sum(g.numel() for g in gs) * 2 / 2**20, 1),
+               read_us=round(time_from_dram(lambda: [g.sum() for g in gs]), 2),
+               product_us=round(time_from_dram(lambda: call(False)), 2),
+               variant_us=round(time_from_dram(lambda: call(True)), 2), max_rel_diff=rel(call(True)))
+    if sweep:
+        row["sweep"] = []
+        for cfg in CONFIGS:
+            for use_variant in (False, True):
+                def once(v: bool = use_variant, c: tuple = cfg) -> torch.Tensor:
+                    return call(v, c)
+                row["sweep"].append(dict(config=list(cfg), variant=use_variant, us=round(time_from_dram(once), 2),
+                                         max_rel_diff=rel(once())))
+                print(json.dumps(dict(group=name, **row["sweep"][-1])), flush=True)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
     for name, widths in GROUPS.items():
-        rows.append(_group(name, widths))
-        print(json.dumps(rows[-1]), flush=True)
-    print("\n| group | MB of g | product µs | variant µs | max rel. diff |\n|---|---|---|---|---|")
+        rows.append(_group(name, widths, args.sweep))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "sweep"}), flush=True)
+    print("\n| group | MB of g | read g µs | product µs | variant µs | best swept µs (config, variant) "
+          "| max rel. diff |\n|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['group']} | {row['mb_of_g']} | {row['product_us']} | {row['variant_us']} | "
-              f"{row['max_rel_diff']:.1e} |")
+        best = min(row.get("sweep", []), key=lambda e: e["us"], default=None)
+        swept = f"{best['us']} ({best['config']}, {best['variant']})" if best else "-"
+        print(f"| {row['group']} | {row['mb_of_g']} | {row['read_us']} | {row['product_us']} | {row['variant_us']} | "
+              f"{swept} | {row['max_rel_diff']:.1e} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)

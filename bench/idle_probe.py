@@ -245,7 +245,10 @@ def case(h, spec: str, compile_: bool, traces: str | None = None) -> dict:
             am = unipeft.attach(m, "lora", r=16, alpha=32, targets=SITES)
             params = [p for p in am.parameters() if p.requires_grad]
             model = wrap(am)
-        trace = os.path.join(traces, f"trace_{label}.json.gz") if traces else None
+        trace = None
+        if traces:
+            os.makedirs(traces, exist_ok=True)
+            trace = os.path.join(traces, f"trace_{label}.json.gz")
         row = dict(case=label, env=settings, **_measure(_train_step(h, model, params), trace=trace))
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         return row

@@ -406,29 +406,66 @@ def _guard_sources(caplog, fn) -> str:
                           or "GuardManager" in r.getMessage())
 
 
-def test_compiled_calls_read_cached_plans(caplog) -> None:
+def test_compiled_calls_read_cached_plans_and_operands(caplog) -> None:
     """AdaptedModel caches every wrapper's plan for its current state (after each change and on train()/eval()),
-    so a compiled call reads the cached plan instead of deriving it from the adapter tree: no guard walks the
-    `adapters` ModuleDicts (the tree walk was ~10 of the ~50 guard nodes per adapted projection). The result and
-    the gradients are the eager ones; after eval(), and after another adapter is activated, the plans follow."""
+    and for a projection whose plan is one plain LoRA on a linear base also the fused path's operands (mode, A, B,
+    s: `_warm_lean`). A compiled call reads those instead of the plan, so no guard walks the plan or the `adapters`
+    ModuleDicts (~24 of ~60 guard nodes per projection); the result is the eager one. The caches follow eval() and
+    a second active adapter (two LoRAs on q/v: no cached operands there, the plan is read), and a LoRA weight
+    replaced by a new Parameter is the one a compiled call uses."""
     torch.manual_seed(0)
     am = unipeft.attach(tiny_model("llama"), "lora", r=4, targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
     randomize(am, std=0.05)
     for w in am._wrappers.values():
         key = w.__dict__["_unipeft_plan"][0]
         assert key == (None, ("default",), (), True)
-    x = inputs()
+        mode, down, up, s = w.__dict__["_unipeft_lean"]
+        sa = w.__dict__["_unipeft_plan"][1][0][0][1]
+        assert mode is True and down is sa.fn.down and up is sa.fn.up and s == sa.s
+    x = inputs(batch=4, seq=48)  # (enough rows for the merged form: the sibling groups run too)
     want = output_of(am(**x))
     compiled = torch.compile(am, backend="eager")
     got, log = _guard_sources(caplog, lambda: output_of(compiled(**x)))
-    assert "_unipeft_plan" in log, "no guard log captured (or the plan was not read)"
-    assert "_modules['adapters']" not in log
+    assert "_unipeft_lean" in log, "no guard log captured (or the cached operands were not read)"
+    assert "_unipeft_plan" not in log and "_modules['adapters']" not in log
     torch.testing.assert_close(got, want)
     am.eval()
     assert all(w.__dict__["_unipeft_plan"][0][-1] is False for w in am._wrappers.values())
+    assert all(w.__dict__["_unipeft_lean"][0] is False for w in am._wrappers.values())
+    am.train()
     am.add("other", "lora", r=2, targets=["q", "v"])
     am.activate("default", "other")
+    randomize(am, "other", std=0.05)
     keys = {w.__dict__["_unipeft_plan"][0][1] for w in am._wrappers.values()}
     assert keys == {("default", "other")}
     q = next(w for p, w in am._wrappers.items() if p.endswith("q_proj"))
     assert [n for n, _ in q.__dict__["_unipeft_plan"][1][0]] == ["default", "other"]
+    assert {p.rsplit(".", 1)[-1] for p, w in am._wrappers.items() if "_unipeft_lean" not in w.__dict__} \
+        == {"q_proj", "v_proj"}
+    want = output_of(am(**x))
+    torch._dynamo.reset()
+    torch.testing.assert_close(output_of(torch.compile(am, backend="eager")(**x)), want)
+    o = next(w for p, w in am._wrappers.items() if p.endswith("o_proj"))  # a cached entry holds modules, so a
+    down = o.__dict__["_unipeft_lean"][1]                                  # replaced weight is the one read
+    down.weight = torch.nn.Parameter(down.weight.detach() * 3)
+    want = output_of(am(**x))
+    torch.testing.assert_close(output_of(torch.compile(am, backend="eager")(**x)), want)
+
+
+def test_cached_operands_of_another_mode_are_not_used() -> None:
+    """With LoRA dropout the fused path applies only in eval (dropout is the identity there), so the cached operands
+    are made in eval. Switched to training behind AdaptedModel's back (the inner model's train()), a compiled call
+    must not use them: dropout then changes the output, which it would not if the eval-made entry were used."""
+    torch.manual_seed(0)
+    am = unipeft.attach(tiny_model("llama"), "lora", r=4, dropout=0.5, targets=["q", "o", "down"]).eval()
+    randomize(am, std=0.5)
+    assert all(w.__dict__["_unipeft_lean"][0] is False for w in am._wrappers.values())
+    x = inputs(batch=4, seq=48)
+    compiled = torch.compile(am, backend="eager")
+    with torch.no_grad():
+        in_eval = output_of(compiled(**x))
+        torch.testing.assert_close(in_eval, output_of(am(**x)))
+        am.model.train()  # (bypasses AdaptedModel.train: the cached entries still say eval)
+        assert all(w.training and w.__dict__["_unipeft_lean"][0] is False for w in am._wrappers.values())
+        in_train = output_of(compiled(**x))
+    assert (in_train - in_eval).abs().max() > 1e-3, "dropout did not apply: the eval-made operands were used"

@@ -93,6 +93,26 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
     return lora_linear(x, base, sa, kind)
 
 
+def lean_forward(layer, x: torch.Tensor, lean: tuple) -> torch.Tensor | None:
+    """`forward`'s LINEAR branch from a projection's cached (mode, A, B, s) — a compiled call's path
+    (AdapterLayer._warm_lean) — or None when the reference path must run."""
+    if x.dim() < 2:
+        return None
+    base = layer._modules["base_layer"]
+    if not _unhooked(base):
+        return None
+    y = siblings.grouped_output(layer, x)
+    if y is not None:
+        return y
+    return lora_linear(x, base, None, LINEAR, lean_weights(lean))
+
+
+def lean_weights(lean: tuple) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, s) from a projection's cached (mode, A's module, B's module, s) (AdapterLayer._warm_lean)."""
+    _, down, up, s = lean
+    return down._parameters["weight"], up._parameters["weight"], s
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     kind = "cuda" if x.is_cuda else x.device.type  # (x.device builds an object per call: a decode step's hot path)
     if torch.is_autocast_enabled(kind):
@@ -262,10 +282,11 @@ def lora_weights(sa: SiteAdapter) -> tuple[torch.Tensor, torch.Tensor, float]:
     return fn._modules["down"]._parameters["weight"], fn._modules["up"]._parameters["weight"], float(sa.s)
 
 
-def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter, kind: str = LINEAR) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, base: nn.Module, sa: SiteAdapter | None, kind: str = LINEAR,
+                weights: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """The fused LoRA projection (see `_LoraLinear`) in the compute dtype: autocast's when on, a quantized base's
-    compute dtype, else x's."""
-    a, b, s = lora_weights(sa)
+    compute dtype, else x's. `weights`: (A, B, s) already read (then `sa` may be None; not for a 4-bit base)."""
+    a, b, s = weights if weights is not None else lora_weights(sa)
     grad = torch.is_grad_enabled()
     d_out, d_in = b.shape[0], a.shape[1]
     merged = _merged_pays(x.numel() // d_in, d_in, d_out, grad)

@@ -518,6 +518,7 @@ class AdaptedModel(nn.Module):
         adapter change."""
         for w in self._wrappers.values():
             w._plan()
+            w._warm_lean()
 
     def train(self, mode: bool = True) -> AdaptedModel:
         super().train(mode)

@@ -43,6 +43,8 @@ from torch.nn import functional as F
 
 from . import envflags, fused, kernels  # (fused imports this module too: used at call time only, never at import)
 
+LEAN = "_unipeft_lean"  #: a member's cached fused-path operands for compiled calls (layer.LEAN; layer imports fused)
+
 #: leaf-name sets of projections that read the same input (Llama/Mistral/Qwen, BERT, T5-style, gated T5)
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
     frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}),
@@ -151,13 +153,20 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | N
         return None  # (any cast runs alone: the group has no casts)
     rows, d_in, dtype = x.numel() // x.shape[-1], x.shape[-1], x.dtype
     scales, tensors, biases = [], [], []
+    compiling = torch.compiler.is_compiling()
     for m in group.members:
-        items, _, kind, _ = m._plan()
+        lean = m.__dict__.get(LEAN) if compiling else None  # (a compiled call: the cached operands, fewer guards)
         base = m._modules["base_layer"]
-        if kind != fused.LINEAR or len(items) != 1 or m.routing is not None or len(m._modules["copies"]) \
-                or not fused._unhooked(base):
-            return None
-        a, b, s = fused.lora_weights(items[0][1])
+        if lean is not None and m.route is None and lean[0] == m.training and m.routing is None:
+            if not fused._unhooked(base):
+                return None
+            a, b, s = fused.lean_weights(lean)
+        else:
+            items, _, kind, _ = m._plan()
+            if kind != fused.LINEAR or len(items) != 1 or m.routing is not None or len(m._modules["copies"]) \
+                    or not fused._unhooked(base):
+                return None
+            a, b, s = fused.lora_weights(items[0][1])
         w, bias = base._parameters["weight"], base._parameters.get("bias")
         if not (dtype == w.dtype == a.dtype == b.dtype) or w.shape[1] != d_in or w.requires_grad \
                 or (bias is not None and (bias.requires_grad or bias.dtype != w.dtype)):
