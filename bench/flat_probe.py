@@ -46,7 +46,7 @@ def apply(am) -> nn.Parameter:
     model_mod.AdaptedModel._forward = _forward
     layer_mod.AdapterLayer._warm_lean = _no_lean  # (compiled calls read A and B from the flat pieces, not a cache)
     for w in am._wrappers.values():
-        w.__dict__.pop(layer_mod.LEAN, None)
+        w.__dict__.pop(fused.LEAN, None)
     return flat
 
 

@@ -65,20 +65,19 @@ def _gemm(a_desc, w_desc, c_desc, xa_ptr, b_ptr, s, M: tl.constexpr, N: tl.const
         for i in range(0, ITERS):  # ITERS = ⌈tiles / NUM_SMS⌉, from the host
             t = tl.program_id(0) + i * NUM_SMS
             if t < tiles:
-                g = t // per_group
-                first = g * GROUP_M
-                size = tl.minimum(num_m - first, GROUP_M)
-                pm = first + (t % per_group) % size
-                pn = (t % per_group) // size
+                pm, pn = _tile_of(t, num_m, per_group, GROUP_M)
                 _tile_gemm(a_desc, w_desc, c_desc, xa_ptr, b_ptr, s, pm * BM, pn * BN, K, BM, BN, BK, R, LORA)
     else:
-        t = tl.program_id(0)
-        g = t // per_group
-        first = g * GROUP_M
-        size = tl.minimum(num_m - first, GROUP_M)
-        pm = first + (t % per_group) % size
-        pn = (t % per_group) // size
+        pm, pn = _tile_of(tl.program_id(0), num_m, per_group, GROUP_M)
         _tile_gemm(a_desc, w_desc, c_desc, xa_ptr, b_ptr, s, pm * BM, pn * BN, K, BM, BN, BK, R, LORA)
+
+
+@triton.jit
+def _tile_of(t, num_m, per_group, GROUP_M: tl.constexpr):
+    """(row block, column block) of tile t in grouped order: GROUP_M row blocks per group, column by column."""
+    first = (t // per_group) * GROUP_M
+    size = tl.minimum(num_m - first, GROUP_M)
+    return first + (t % per_group) % size, (t % per_group) // size
 
 
 #: (BM, BN, BK, stages, warps, GROUP_M, persistent)

@@ -93,6 +93,20 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
     return lora_linear(x, base, sa, kind)
 
 
+LEAN = "_unipeft_lean"  #: __dict__ key of a projection's cached operands for compiled calls (AdapterLayer._warm_lean)
+
+
+def cached_operands(layer) -> tuple | None:
+    """The projection's cached (mode, A's module, B's module, s) when a compiled call may use them: made in the
+    module's current mode, nothing routed. (`route` before `routing`: a routed call with shared stacks must not read
+    `routing`, one object on every layer — dynamo would check in Python at every call that each layer's is the
+    same; tests/test_routed.py.)"""
+    lean = layer.__dict__.get(LEAN)
+    if lean is not None and layer.route is None and lean[0] == layer.training and layer.routing is None:
+        return lean
+    return None
+
+
 def lean_forward(layer, x: torch.Tensor, lean: tuple) -> torch.Tensor | None:
     """`forward`'s LINEAR branch from a projection's cached (mode, A, B, s) — a compiled call's path
     (AdapterLayer._warm_lean) — or None when the reference path must run."""

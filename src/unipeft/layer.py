@@ -28,7 +28,6 @@ from .functions import SiteAdapter
 from .recipe import ALL_SITES
 
 BASE = "__base__"  #: the adapter name that means "no adapter" in per-sample routing
-LEAN = "_unipeft_lean"  #: __dict__ key of the compiled calls' cached fused-path operands (AdapterLayer._warm_lean)
 
 
 @dataclass
@@ -102,7 +101,7 @@ class AdapterLayer(nn.Module):
         state["route"] = None
         state.pop(routed.SHARED, None)
         state.pop(routed.ROWS, None)
-        state.pop(LEAN, None)
+        state.pop(fused.LEAN, None)
         return state
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------------
@@ -153,7 +152,7 @@ class AdapterLayer(nn.Module):
         self.__dict__.pop("_unipeft_rows", None)
         self.__dict__.pop(routed.SHARED, None)
         self.__dict__.pop(routed.ROWS, None)
-        self.__dict__.pop(LEAN, None)
+        self.__dict__.pop(fused.LEAN, None)
 
     def _warm_lean(self) -> None:
         """Cache (train mode, A's module, B's module, s) when this projection's plan is one plain LoRA on a hook-free
@@ -169,14 +168,14 @@ class AdapterLayer(nn.Module):
         (bench/results/ab_7_compiled_lean_modules.json); skipping guard evaluation altogether gave 1.1125 → 1.0974×
         (ab_4). A stale entry cannot be used: the traced call compares the cached mode with `training` and checks
         that nothing is routed (guarded like any read)."""
-        self.__dict__.pop(LEAN, None)
+        self.__dict__.pop(fused.LEAN, None)
         if self.routing is not None or self.route is not None or len(self._modules["copies"]):
             return
         items, _, fast, _ = self._plan()
         if fast == fused.LINEAR and len(items) == 1 and fused._unhooked(self._modules["base_layer"]):
             sa = items[0][1]
             fn = sa._modules["fn"]
-            self.__dict__[LEAN] = (self.training, fn._modules["down"], fn._modules["up"], float(sa.s))
+            self.__dict__[fused.LEAN] = (self.training, fn._modules["down"], fn._modules["up"], float(sa.s))
 
     def _plan(self) -> tuple[list[tuple[str, SiteAdapter]], set[str], str, list]:
         """(items in effect, their roles, the fused path's kind — "" when it does not apply, never under blocks —,
@@ -199,11 +198,8 @@ class AdapterLayer(nn.Module):
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():  # the cached operands instead of the plan: fewer guards (_warm_lean)
-            lean = self.__dict__.get(LEAN)
-            # (route before routing: a routed call with shared stacks must not read `routing`, one object on every
-            # layer — dynamo would check in Python that each layer's is the same: test_compiled_layers_guard_no_…)
-            if lean is not None and self.route is None and lean[0] == self.training and self.routing is None \
-                    and fused.enabled():
+            lean = fused.cached_operands(self)
+            if lean is not None and fused.enabled():
                 out = fused.lean_forward(self, args[0] if args else next(iter(kwargs.values())), lean)
                 if out is not None:
                     return out

@@ -43,8 +43,6 @@ from torch.nn import functional as F
 
 from . import envflags, fused, kernels  # (fused imports this module too: used at call time only, never at import)
 
-LEAN = "_unipeft_lean"  #: a member's cached fused-path operands for compiled calls (layer.LEAN; layer imports fused)
-
 #: leaf-name sets of projections that read the same input (Llama/Mistral/Qwen, BERT, T5-style, gated T5)
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
     frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}),
@@ -155,9 +153,9 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | N
     scales, tensors, biases = [], [], []
     compiling = torch.compiler.is_compiling()
     for m in group.members:
-        lean = m.__dict__.get(LEAN) if compiling else None  # (a compiled call: the cached operands, fewer guards)
+        lean = fused.cached_operands(m) if compiling else None  # (a compiled call: fewer guards)
         base = m._modules["base_layer"]
-        if lean is not None and m.route is None and lean[0] == m.training and m.routing is None:
+        if lean is not None:
             if not fused._unhooked(base):
                 return None
             a, b, s = fused.lean_weights(lean)
