@@ -130,6 +130,13 @@ def _shape(r: int, d: int, n: int = 8192) -> list[dict]:
     return rows
 
 
+def save_rows(path: str | None, rows: list, **extra) -> None:
+    """The probes' result file (when `--out` is given): the GPU, torch's version, `extra`, the rows."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, **extra, rows=rows), f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -140,9 +147,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row['shape']} | {row['variant']} | {row['us']} | {row.get('us_with_zeroing', '')} | "
               f"{row['rel_err']:.1e} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    save_rows(args.out, rows)
 
 
 if __name__ == "__main__":

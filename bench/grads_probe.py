@@ -25,7 +25,7 @@ import inspect
 import json
 
 import torch
-from da_probe import time_from_dram  # (bench/ is on the path: scripts run from it)
+from da_probe import save_rows, time_from_dram  # (bench/ is on the path: scripts run from it)
 
 from unipeft import kernels
 
@@ -150,9 +150,7 @@ def main() -> None:
         swept = f"{best['us']} ({best['config']}, {best['variant']})" if best else "-"
         print(f"| {row['group']} | {row['mb_of_g']} | {row['read_us']} | {row['product_us']} | {row['variant_us']} | "
               f"{swept} | {row['max_rel_diff']:.1e} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    save_rows(args.out, rows)
 
 
 if __name__ == "__main__":

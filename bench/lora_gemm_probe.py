@@ -23,7 +23,7 @@ import json
 import torch
 import triton
 import triton.language as tl
-from da_probe import time_from_dram  # (bench/ is on the path: scripts run from it)
+from da_probe import save_rows, time_from_dram  # (bench/ is on the path: scripts run from it)
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 
@@ -163,10 +163,7 @@ def main() -> None:
         best = min(ok, key=lambda c: c["lora_us"], default=None)
         lora = f"{best['lora_us']} ({best['config']}, rel {best['lora_rel']:.1e})" if best else "-"
         print(f"| {row['shape']} | {row['cublas_us']} | {row['current_us']} | {plain} | {lora} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           rows=rows), f, indent=1)
+    save_rows(args.out, rows, triton=triton.__version__)
 
 
 if __name__ == "__main__":
