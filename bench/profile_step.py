@@ -7,8 +7,8 @@ Cases: floor (frozen floor train step), lora (unipeft LoRA r=16 train step), qlo
 mixed4 (no-grad forward, 4 adapters routed per row), decode32 (generate 8 tokens, 32 adapters, 32 × 256).
 `--liger` patches the base with Liger-Kernel first (class-level, as the anchor does); `--accelerate` applies
 unipeft.accelerate to each model instead; `--graphs` replays the layers from CUDA graphs (graph_layers);
-`--compile` wraps each model in torch.compile. A case may carry environment settings for its run:
-`lora_notriton:UNIPEFT_TRITON=0`.
+`--compile` wraps each model in torch.compile; `--layers N` builds the harness model with N decoder layers (a
+quicker look at per-layer kernels). A case may carry environment settings for its run: `lora_notriton:UNIPEFT_TRITON=0`.
 """
 
 from __future__ import annotations
@@ -160,9 +160,14 @@ def main() -> None:
     ap.add_argument("--graphs", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--cpu", action="store_true", help="also profile host operators (self CPU time)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers of the harness model (default: the harness's 16); fewer compile faster")
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
     import peft_baseline as h
+
+    if args.layers is not None:
+        h.L = args.layers
 
     if args.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama

@@ -1,0 +1,81 @@
+"""Why does the compiled LoRA backward copy k_proj's gradient in a kernel of its own, where the floor does not?
+
+In the compiled step, each projection's output gradient reaches the fused LoRA backward as a (B, T, H·D) view of a
+tensor laid out (B, H, T, D) (attention's and RoPE's backward), so `gy.reshape(-1, d)` is a copy. In the frozen
+floor that copy is fused into the kernel that computes the gradient (RoPE's backward for q and k). In the LoRA step
+it is fused for q but not for k: a kernel of its own, ~15.5 µs per layer, 0.25 ms per step of the 953M benchmark
+model (`triton_poi_fused__unsafe_view_clone_transpose_view_*` in profile_compiled_10_full.txt). This probe compiles
+a LoRA train step of the harness model (2 layers, 8 × 1024 tokens) under several Inductor settings and lists the
+kernels that do nothing but such a copy in each backward, to find the heuristic that decides it.
+
+Usage (GPU machine, harness carried as in perf_vs_peft.py):
+    PYTHONPATH=src python3 bench/fusion_probe.py --harness .gpu_carry/bench [--out fusion.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+SITES = ["q", "k", "v", "o", "gate", "up", "down"]
+
+#: Inductor settings tried, each against the default (only those the installed torch has are applied)
+VARIANTS = (("default", {}), ("opcount_1000", {"realize_opcount_threshold": 1000}),
+            ("reads_100", {"realize_reads_threshold": 100}), ("acc_reads_100", {"realize_acc_reads_threshold": 100}),
+            ("aggressive_fusion", {"aggressive_fusion": True}),
+            ("no_loop_ordering", {"loop_ordering_after_fusion": False}))
+
+
+def standalone_copies(code: str) -> list[str]:
+    """Names of the generated kernels launched in `code` that only transpose-copy a tensor: Inductor names a
+    pointwise kernel after the ops it fuses, so one whose name holds clone and transpose but no arithmetic (RoPE's
+    cos/sin, an add) did nothing else."""
+    names = set(re.findall(r"\b(triton_poi_fused_\w+?)\.run\(", code))
+    arithmetic = ("cos", "sin", "add", "mul", "silu", "sub", "div")
+    return sorted(n for n in names if "clone" in n and "transpose" in n
+                  and not any(op in n.split("fused_", 1)[1] for op in arithmetic))
+
+
+def _step(model, x) -> None:
+    model(input_ids=x, labels=x).loss.backward()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--harness", default=".gpu_carry/bench")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, args.harness)
+    import peft_baseline as h
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    import unipeft
+
+    h.L = 2
+    x = torch.randint(0, h.VOCAB, (h.B, h.T), device="cuda")
+    rows = []
+    for name, settings in VARIANTS:
+        settings = {k: v for k, v in settings.items() if hasattr(inductor_config, k)}
+        torch._dynamo.reset()
+        am = unipeft.attach(h.make_model(), "lora", r=16, alpha=32, targets=SITES)
+        with inductor_config.patch(settings):
+            codes = run_and_get_code(_step, torch.compile(am), x)[1]
+        rows.append(dict(variant=name, settings=settings, standalone_copies=standalone_copies(codes[-1])))
+        print(json.dumps(rows[-1]), flush=True)
+        del am
+        torch.cuda.empty_cache()
+    print("| variant | copy-only kernels in backward |\n|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {', '.join(r['standalone_copies']) or 'none'} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=dict(torch=torch.__version__, gpu=torch.cuda.get_device_name()), rows=rows), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
