@@ -6,7 +6,8 @@ floor that copy is fused into the kernel that computes the gradient (RoPE's back
 it is fused for q but not for k: a kernel of its own, ~15.5 µs per layer, 0.25 ms per step of the 953M benchmark
 model (`triton_poi_fused__unsafe_view_clone_transpose_view_*` in profile_compiled_10_full.txt). This probe compiles
 a LoRA train step of the harness model (2 layers, 8 × 1024 tokens) under several Inductor settings and lists the
-kernels that do nothing but such a copy in each backward, to find the heuristic that decides it.
+kernels that do nothing but such a copy in each backward, to find the heuristic that decides it — and, in its last
+variant, whether giving the grads kernel views of its own (`distinct_kernel_views`) lets the copy fuse.
 
 Usage (GPU machine, harness carried as in perf_vs_peft.py):
     PYTHONPATH=src python3 bench/fusion_probe.py --harness .gpu_carry/bench [--out fusion.json]
@@ -15,17 +16,39 @@ Usage (GPU machine, harness carried as in perf_vs_peft.py):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 
 SITES = ["q", "k", "v", "o", "gate", "up", "down"]
 
-#: Inductor settings tried, each against the default (only those the installed torch has are applied)
+#: Inductor settings tried, each against the default (only those the installed torch has are applied); the last
+#: variant changes the traced graph instead (see `distinct_kernel_views`)
 VARIANTS = (("default", {}), ("opcount_1000", {"realize_opcount_threshold": 1000}),
             ("reads_100", {"realize_reads_threshold": 100}), ("acc_reads_100", {"realize_acc_reads_threshold": 100}),
             ("aggressive_fusion", {"aggressive_fusion": True}),
-            ("no_loop_ordering", {"loop_ordering_after_fusion": False}))
+            ("no_loop_ordering", {"loop_ordering_after_fusion": False}),
+            ("distinct_kernel_views", {}))
+
+
+def distinct_views(tensors: list) -> list:
+    """Each tensor as a new view of itself (`as_strided` with its own shape and strides: a separate node in a traced
+    graph, same memory). The `distinct_kernel_views` variant passes the grads kernel these instead of the
+    gradients the dx GEMMs read, so that no view node of a gradient has two consumers — as in the floor, whose
+    only consumer of k's gradient is its dx GEMM (a lead on why the floor's copy is fused and LoRA's is not)."""
+    return [None if t is None else t.as_strided(t.shape, t.stride()) for t in tensors]
+
+
+@contextlib.contextmanager
+def patched_grads(kernels):
+    """Within it, `kernels.lora_grads` receives `distinct_views` of its gradients (the product's code unchanged)."""
+    real = kernels.lora_grads
+    kernels.lora_grads = lambda gs, *rest: real(distinct_views(gs), *rest)
+    try:
+        yield
+    finally:
+        kernels.lora_grads = real
 
 
 def standalone_copies(code: str) -> list[str]:
@@ -54,6 +77,7 @@ def main() -> None:
     from torch._inductor.utils import run_and_get_code
 
     import unipeft
+    from unipeft import kernels
 
     h.L = 2
     x = torch.randint(0, h.VOCAB, (h.B, h.T), device="cuda")
@@ -62,7 +86,8 @@ def main() -> None:
         settings = {k: v for k, v in settings.items() if hasattr(inductor_config, k)}
         torch._dynamo.reset()
         am = unipeft.attach(h.make_model(), "lora", r=16, alpha=32, targets=SITES)
-        with inductor_config.patch(settings):
+        graph_change = patched_grads(kernels) if name == "distinct_kernel_views" else contextlib.nullcontext()
+        with inductor_config.patch(settings), graph_change:
             codes = run_and_get_code(_step, torch.compile(am), x)[1]
         rows.append(dict(variant=name, settings=settings, standalone_copies=standalone_copies(codes[-1])))
         print(json.dumps(rows[-1]), flush=True)

@@ -19,3 +19,35 @@ def test_only_copy_kernels_are_listed() -> None:
     ])
     assert probe.standalone_copies(code) == ["triton_poi_fused__unsafe_view_clone_transpose_view_9",
                                              "triton_poi_fused_clone_transpose_view_3"]
+
+
+def test_distinct_views_share_memory_but_are_new_tensors() -> None:
+    """The `distinct_kernel_views` variant's views: same values, shape, strides and memory as the gradients they
+    stand for, but other tensor objects (other nodes in a traced graph); None stays None."""
+    import torch
+
+    probe = bench_module("fusion_probe")
+    g = torch.arange(24.0).reshape(4, 6)[:, 1:5]  # a strided view
+    views = probe.distinct_views([g, None])
+    assert views[1] is None and views[0] is not g
+    assert views[0].shape == g.shape and views[0].stride() == g.stride()
+    assert views[0].data_ptr() == g.data_ptr() and torch.equal(views[0], g)
+
+
+def test_patched_grads_routes_the_gradients_through_distinct_views() -> None:
+    """Inside `patched_grads`, a call of kernels.lora_grads reaches the real function with new views of the same
+    gradients (the other arguments unchanged); afterwards the real function is back."""
+    import types
+
+    import torch
+
+    probe = bench_module("fusion_probe")
+    seen = []
+    real = lambda gs, *rest: seen.append((gs, rest))  # noqa: E731
+    fake = types.SimpleNamespace(lora_grads=real)
+    g = torch.randn(3, 4)
+    with probe.patched_grads(fake):
+        fake.lora_grads([g], "b", 7)
+    assert fake.lora_grads is real
+    (gs, rest), = seen
+    assert rest == ("b", 7) and gs[0] is not g and gs[0].data_ptr() == g.data_ptr() and torch.equal(gs[0], g)
