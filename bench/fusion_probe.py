@@ -24,7 +24,7 @@ import sys
 SITES = ["q", "k", "v", "o", "gate", "up", "down"]
 
 #: Inductor settings tried, each against the default (only those the installed torch has are applied); the last
-#: variant changes the traced graph instead (see `distinct_kernel_views`)
+#: variant changes the traced graph instead (`patched_grads`)
 VARIANTS = (("default", {}), ("opcount_1000", {"realize_opcount_threshold": 1000}),
             ("reads_100", {"realize_reads_threshold": 100}), ("acc_reads_100", {"realize_acc_reads_threshold": 100}),
             ("aggressive_fusion", {"aggressive_fusion": True}),

@@ -1,8 +1,11 @@
-"""bench/fusion_probe.py's filter: which generated kernels launched in a compiled graph's code only transpose-copy a
-tensor (named after clone and transpose and nothing else), from launch lines as Inductor writes them."""
+"""bench/fusion_probe.py's pieces: the filter for generated kernels that only transpose-copy a tensor (named after
+clone and transpose and nothing else, from launch lines as Inductor writes them), and its graph variant's views."""
 
 from __future__ import annotations
 
+import types
+
+import torch
 from conftest import bench_module
 
 
@@ -24,8 +27,6 @@ def test_only_copy_kernels_are_listed() -> None:
 def test_distinct_views_share_memory_but_are_new_tensors() -> None:
     """The `distinct_kernel_views` variant's views: same values, shape, strides and memory as the gradients they
     stand for, but other tensor objects (other nodes in a traced graph); None stays None."""
-    import torch
-
     probe = bench_module("fusion_probe")
     g = torch.arange(24.0).reshape(4, 6)[:, 1:5]  # a strided view
     views = probe.distinct_views([g, None])
@@ -37,10 +38,6 @@ def test_distinct_views_share_memory_but_are_new_tensors() -> None:
 def test_patched_grads_routes_the_gradients_through_distinct_views() -> None:
     """Inside `patched_grads`, a call of kernels.lora_grads reaches the real function with new views of the same
     gradients (the other arguments unchanged); afterwards the real function is back."""
-    import types
-
-    import torch
-
     probe = bench_module("fusion_probe")
     seen = []
     real = lambda gs, *rest: seen.append((gs, rest))  # noqa: E731
