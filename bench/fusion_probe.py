@@ -9,6 +9,14 @@ a LoRA train step of the harness model (2 layers, 8 × 1024 tokens) under severa
 kernels that do nothing but such a copy in each backward, to find the heuristic that decides it — and, in its last
 variant, whether giving the grads kernel views of its own (`distinct_kernel_views`) lets the copy fuse.
 
+What it found (`fusion_1.json`, `fusion_2.json`, `fusion_3_dx_first.json`): only `realize_opcount_threshold=1000`
+removes the copy; distinct views do not, nor does taking the dx GEMMs before the grads kernel (a temporary switch
+in siblings.py, since removed). The scheduler's log (`fusion_log_k_copy.txt`, from `bench/codegen_dump.py` under
+TORCH_LOGS=+fusion) shows why: k's RoPE backward is a buffer of its own in both steps (its expression passes the
+opcount threshold), and the scheduler fuses its transposing copy into it by reordering loops — which works in the
+floor, where the copy is a 4-D (B, T, H, D) loop, and not in LoRA's step, where the copy is an N × d loop ("no
+shared data"): a 2-D loop over H·D columns cannot be reordered to the producer's (B, H, T, D) order.
+
 Usage (GPU machine, harness carried as in perf_vs_peft.py):
     PYTHONPATH=src python3 bench/fusion_probe.py --harness .gpu_carry/bench [--out fusion.json]
 """
@@ -69,6 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--harness", default=".gpu_carry/bench")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
     import peft_baseline as h
@@ -83,6 +92,8 @@ def main() -> None:
     x = torch.randint(0, h.VOCAB, (h.B, h.T), device="cuda")
     rows = []
     for name, settings in VARIANTS:
+        if args.only and name not in args.only.split(","):
+            continue
         settings = {k: v for k, v in settings.items() if hasattr(inductor_config, k)}
         torch._dynamo.reset()
         am = unipeft.attach(h.make_model(), "lora", r=16, alpha=32, targets=SITES)
