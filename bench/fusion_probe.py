@@ -10,12 +10,15 @@ kernels that do nothing but such a copy in each backward, to find the heuristic 
 variant, whether giving the grads kernel views of its own (`distinct_kernel_views`) lets the copy fuse.
 
 What it found (`fusion_1.json`, `fusion_2.json`, `fusion_3_dx_first.json`): only `realize_opcount_threshold=1000`
-removes the copy; distinct views do not, nor does taking the dx GEMMs before the grads kernel (a temporary switch
-in siblings.py, since removed). The scheduler's log (`fusion_log_k_copy.txt`, from `bench/codegen_dump.py` under
-TORCH_LOGS=+fusion) shows why: k's RoPE backward is a buffer of its own in both steps (its expression passes the
-opcount threshold), and the scheduler fuses its transposing copy into it by reordering loops — which works in the
-floor, where the copy is a 4-D (B, T, H, D) loop, and not in LoRA's step, where the copy is an N × d loop ("no
-shared data"): a 2-D loop over H·D columns cannot be reordered to the producer's (B, H, T, D) order.
+removes the copy; distinct views do not, nor does taking the dx GEMMs before the grads kernel alone. The
+scheduler's log (`fusion_log_k_copy.txt`, from `bench/codegen_dump.py` under TORCH_LOGS=+fusion) shows why: k's
+RoPE backward is a buffer of its own in both steps (its expression passes the opcount threshold), and the scheduler
+fuses the transposing copy into it by reordering loops — which works in the floor, where the copy is a 4-D
+(B, T, H, D) loop, and not in LoRA's step, where it was an N × d loop ("no shared data"). The N × d loop came from
+Inductor's rule for a tensor read by aten.mm and something else: it fixes the view's strides, copying it as the
+view's shape. The fix (siblings._flexible_mm): the traced group backward takes its dx GEMMs first, as custom ops
+tagged flexible_layout, so the copy is realized in its own shape and fused; `fusion_4_flexible_mm.json`: no
+copy-only kernel left.
 
 Usage (GPU machine, harness carried as in perf_vs_peft.py):
     PYTHONPATH=src python3 bench/fusion_probe.py --harness .gpu_carry/bench [--out fusion.json]

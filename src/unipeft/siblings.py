@@ -186,12 +186,34 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     return acc
 
 
-@torch.library.custom_op("unipeft::addmm_acc", mutates_args=("acc",))  # (registered at import: outside any graph)
-def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+@torch.library.custom_op("unipeft::addmm_acc", mutates_args=("acc",), tags=(torch.Tag.flexible_layout,))
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:  # (registered at import: no graph)
     acc.addmm_(a, b)
 
 
 _addmm_acc.register_fake(lambda acc, a, b: None)
+
+
+def _flexible_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b as the compiled graph's op `unipeft::mm` — the traced group backward's first dx GEMM. Why not aten.mm:
+    a member's output gradient is a view (N × d) of the attention backward's (B, T, H, D) copy, read by its dx
+    GEMM and by the grads kernel. For a tensor with two readers one of which is aten.mm, Inductor fixes the
+    view's strides first, which makes the copy an N × d loop of its own; where the gradient's producer (k's RoPE
+    backward with the KV cache's gradient added) is a buffer already, that loop cannot be fused into it (its
+    loops cannot be reordered to the producer's (B, H, T, D) order), and it runs as a transposing copy kernel per
+    layer that the frozen floor does not pay (15.5 µs a layer on the H200; `bench/fusion_probe.py`). Custom ops
+    tagged flexible_layout take their inputs as they are: the first one realizes the copy in its own (B, T, H, D)
+    shape, which Inductor fuses into the producer as it does in the floor, and every later reader (the other
+    GEMMs, the grads kernel) gets a view of it."""
+    return torch.ops.unipeft.mm(a, b)
+
+
+@torch.library.custom_op("unipeft::mm", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a, b)
+
+
+_mm.register_fake(lambda a, b: a.new_empty(a.shape[0], b.shape[1]))
 
 
 class _LoraGroup(torch.autograd.Function):
@@ -230,6 +252,15 @@ class _LoraGroup(torch.autograd.Function):
         create_graph, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
         grads_b = [None] * k
         gts = None  # g_iᵀ, read by gaᵀ and dB_i off the kernel path (made there: eager steps count host µs)
+        dx = None
+        traced = compiling and not create_graph
+        acc = _accumulate if traced else torch.Tensor.addmm_
+        if needs[0] and live and traced:
+            # traced: the frozen GEMMs of dx first — before the grads kernel, whose inputs Inductor fixes to their
+            # traced strides (an N × d copy where a gradient is not yet a buffer) — each a layout-flexible custom
+            # op, so the first reader realizes the gradient in its own shape (see _flexible_mm)
+            for i in live:
+                dx = _flexible_mm(gs[i], ws[i]) if dx is None else acc(dx, gs[i], ws[i])
         # gaᵀ = [s_i·(g_i·B_i)]ᵀ stacked: Σr × N (blocks of members without a gradient are zero).
         if xa is not None and live and not create_graph and kernels.grads_available([gs[i] for i in live], ranks):
             # one Triton launch for the group reads each g_i once for its gaᵀ block and its dB (kernels.lora_grads)
@@ -256,13 +287,12 @@ class _LoraGroup(torch.autograd.Function):
                 zero = fused.zero_like(x2)
                 for i in live:
                     torch.addmm(zero, bs[i].t(), gts[i], beta=0, alpha=scales[i], out=blocks[i])
-        dx = None
         if needs[0] and live:
             # dx = Σ g_i·W_i + gaᵀᵀ·A_cat: frozen GEMMs accumulating in their epilogue, then the low-rank part in
             # one more accumulating GEMM — fewer bytes than rebuilding each W_i' (and one launch instead of k)
-            acc = _accumulate if compiling and not create_graph else torch.Tensor.addmm_
-            for i in live:
-                dx = torch.mm(gs[i], ws[i]) if dx is None else acc(dx, gs[i], ws[i])
+            if dx is None:
+                for i in live:
+                    dx = torch.mm(gs[i], ws[i]) if dx is None else acc(dx, gs[i], ws[i])
             dx = acc(dx, ga_t.t(), torch.cat(as_) if create_graph else a_cat).view(x.shape)
         grads_a = [None] * k
         if any(needs[3 + 3 * i] for i in live):
