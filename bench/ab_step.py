@@ -29,13 +29,38 @@ import time
 SITES = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
+class _WholeLines:
+    """A text stream that writes each complete line to fd in one os.write: the two workers share the parent's
+    stderr, and print() writes a line's text and its newline in two calls, so two workers' lines could interleave
+    into one ('{...}{...}'); a write of under 4 KiB to a pipe is atomic."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pending = fd, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            done, _, self.pending = self.pending.rpartition("\n")
+            for line in done.split("\n"):
+                os.write(self.fd, (line + "\n").encode())
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            os.write(self.fd, self.pending.encode())
+            self.pending = ""
+
+    def isatty(self) -> bool:
+        return False
+
+
 def worker(harness: str, compile_: bool) -> None:
     """Build the floor and the LoRA model once, warm both up (compiling them), then time one round per request
     line on stdin ("round <i>"), answering one JSON line each (step ms and the harness's peak GiB per case: the
     other model's weights are resident in both, so compare peaks between the versions, not with the floor); the
     harness's own prints go to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
-    sys.stdout = sys.stderr
+    sys.stdout = sys.stderr = _WholeLines(2)
     sys.path.insert(0, harness)
     import peft_baseline as h
     import torch

@@ -4,6 +4,7 @@ stand-in harness (a tiny Llama on CPU) checks the protocol, the alternating orde
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,17 @@ def test_compare_pairs_adjacent_rounds_of_the_two_versions() -> None:
 def test_env_items_must_be_name_value() -> None:
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         bench_module("ab_step")._env("src", "h", ["UNIPEFT_FUSED"])
+
+
+def test_worker_output_is_written_a_whole_line_at_a_time(monkeypatch) -> None:
+    """The workers share the parent's stderr: each complete line goes out in one os.write (text and newline
+    together, as print() does not), so two workers' lines cannot interleave into one; a partial line waits."""
+    ab = bench_module("ab_step")
+    writes: list[bytes] = []
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append((fd, data)) or len(data))
+    out = ab._WholeLines(2)
+    print('{"case": "warm_floor"}', file=out)  # print: the text, then "\n", in two calls
+    out.write("two\nlines\npart")
+    assert writes == [(2, b'{"case": "warm_floor"}\n'), (2, b"two\n"), (2, b"lines\n")]
+    out.flush()
+    assert writes[-1] == (2, b"part") and out.pending == ""
