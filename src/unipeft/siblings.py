@@ -8,8 +8,11 @@ forward, once for dA = s·(g·B)ᵀ·x in backward. q, k and v read the same x, 
                                                                   member's W' from one launch on CUDA)
     backward   ga = [s_q·g_q·B_q | s_k·g_k·B_k | …]                 (N × Σr)
                dx = Σ_i g_i·W_i + ga·[A_q; A_k; …]                (accumulated in the GEMM epilogues: autograd would
-                                                                  otherwise add three N × d_in tensors, and no W_i'
-                                                                  is rebuilt — fewer bytes and launches)
+                                                                  otherwise add three N × d_in tensors; no W_i' is
+                                                                  rebuilt: for gate/up fewer bytes, for q/k/v about
+                                                                  as many at 8 × 1024 tokens, and the same time in
+                                                                  bench/dx_order_probe.py, as is the low-rank GEMM
+                                                                  taken first)
                dA = gaᵀ·x                                         (one pass over x), split per member
                dB_i = s_i·g_iᵀ·xa_i
 
@@ -289,7 +292,7 @@ class _LoraGroup(torch.autograd.Function):
                     torch.addmm(zero, bs[i].t(), gts[i], beta=0, alpha=scales[i], out=blocks[i])
         if needs[0] and live:
             # dx = Σ g_i·W_i + gaᵀᵀ·A_cat: frozen GEMMs accumulating in their epilogue, then the low-rank part in
-            # one more accumulating GEMM — fewer bytes than rebuilding each W_i' (and one launch instead of k)
+            # one more accumulating GEMM (rebuilding the W_i' instead: as fast for q/k/v, more bytes for gate/up)
             if dx is None:
                 for i in live:
                     dx = torch.mm(gs[i], ws[i]) if dx is None else acc(dx, gs[i], ws[i])
