@@ -24,30 +24,9 @@ import argparse
 import json
 
 import torch
+from merge_launch_probe import graph_time  # (bench/ is on the path when a bench script runs)
 
 H, FFN, R, L, N = 2048, 5632, 16, 16, 8192  # hidden, intermediate, rank, layers, tokens (the harness model)
-
-
-def _graph_time(fn, reps: int = 20) -> float:
-    """µs per replay of fn captured in a CUDA graph (median of reps)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up (Triton compiles, cuBLAS picks) outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times[3:])[reps // 2]
 
 
 def _layers(members: int, d_out: int, dev: str, dt: torch.dtype, s: float, n: int = N, h: int = H, r: int = R,
@@ -134,7 +113,7 @@ def main() -> None:
             errors[name] = float((layers[0]["dx"].double() - want).abs().max() / want.abs().max())
         for sweep in range(2):  # every variant twice, in turn: drift slower than a sweep shows as a difference
             for name, fn in fns.items():
-                us = _graph_time(fn, args.reps) / L
+                us = graph_time(fn, args.reps) / L
                 rows.append(dict(group=group, variant=name, sweep=sweep, us_per_layer=round(us, 2),
                                  ms_per_step=round(us * L / 1e3, 3)))
                 print(json.dumps(rows[-1]), flush=True)

@@ -20,7 +20,7 @@ import torch
 H, FFN, R, L = 2048, 5632, 16, 16  # hidden, intermediate, rank, layers (the harness model)
 
 
-def _graph_time(fn, reps: int = 20) -> float:
+def graph_time(fn, reps: int = 20) -> float:
     """µs per replay of fn captured in a CUDA graph (median of reps)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -105,7 +105,7 @@ def main() -> None:
                              ("merge kernel, 2 launches/layer", merge_two_per_layer, per_layer_bytes),
                              ("plain copies, forward's partition (4/layer)", copy_groups, per_layer_bytes),
                              ("plain copy, 1/layer", copy_layer, per_layer_bytes)):
-        us = _graph_time(fn) / L
+        us = graph_time(fn) / L
         rows.append(dict(variant=name, us_per_layer=round(us, 2), ms_per_step_16_layers=round(us * L / 1e3, 3),
                          tb_s=round(nbytes / us / 1e6, 2)))
         print(json.dumps(rows[-1]), flush=True)
