@@ -24,7 +24,7 @@ import argparse
 import json
 
 import torch
-from merge_launch_probe import graph_time  # (bench/ is on the path when a bench script runs)
+from merge_launch_probe import graph_time, write_rows  # (bench/ is on the path when a bench script runs)
 
 H, FFN, R, L, N = 2048, 5632, 16, 16, 8192  # hidden, intermediate, rank, layers, tokens (the harness model)
 
@@ -127,9 +127,7 @@ def main() -> None:
         else:
             print(f"| {r['group']} | {r['variant']} | | {r['errors']} | |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=dict(torch=torch.__version__, gpu=torch.cuda.get_device_name()), rows=rows), f,
-                      indent=1)
+        write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

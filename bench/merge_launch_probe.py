@@ -42,6 +42,12 @@ def graph_time(fn, reps: int = 20) -> float:
     return sorted(times[3:])[reps // 2]
 
 
+def write_rows(path: str, rows: list[dict]) -> None:
+    """The probe's rows as JSON, with the torch version and GPU name."""
+    with open(path, "w") as f:
+        json.dump(dict(meta=dict(torch=torch.__version__, gpu=torch.cuda.get_device_name()), rows=rows), f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -113,9 +119,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['variant']} | {r['us_per_layer']} | {r['ms_per_step_16_layers']} | {r['tb_s']} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=dict(torch=torch.__version__, gpu=torch.cuda.get_device_name()), rows=rows), f,
-                      indent=1)
+        write_rows(args.out, rows)
 
 
 if __name__ == "__main__":
