@@ -1,0 +1,33 @@
+"""bench/host_probe.py on CPU: each phase's profile holds that phase's Python — backward's functions are profiled
+in the thread that runs backward and not counted in forward's, the optimizer's in its own."""
+
+from __future__ import annotations
+
+import torch
+from conftest import bench_module
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import unipeft
+
+
+def test_phases_profile_their_own_functions():
+    probe = bench_module("host_probe")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=50)
+    am = unipeft.attach(LlamaForCausalLM(cfg), "lora", r=4, alpha=8, targets=probe.SITES)
+    params = [p for p in am.parameters() if p.requires_grad]
+    x = torch.randint(0, 50, (2, 8))
+    r = probe.probe(am, params, x, steps=2, top=400, sync=lambda: None)
+    for phase in ("fwd", "bwd", "opt"):
+        assert r[f"host_{phase}_ms"] > 0
+    names = {phase: {f["fn"] for f in r[f"{phase}_cum"]} for phase in ("fwd", "bwd", "opt")}
+    lora_backward = {n for n in names["bwd"] if n.startswith("fused.py:") and n.endswith(":backward")}
+    assert lora_backward, "the LoRA autograd backward runs in the backward phase"
+    assert not lora_backward & names["fwd"] and not lora_backward & names["opt"]
+    assert any(n.startswith("fused.py:") and n.endswith(":forward") for n in names["fwd"])
+    assert not any(n.startswith("fused.py:") and n.endswith(":forward") for n in names["bwd"])
+    assert any("adam" in n for n in names["opt"]) and not any("adam" in n for n in names["fwd"] | names["bwd"])
+    # after the probe no hook is left on the parameters: a plain backward still fills every gradient
+    am(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in params)
