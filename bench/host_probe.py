@@ -13,8 +13,9 @@ Per case: host ms per phase (median of --steps steps issued back to back), the s
 functions of each phase by own time and by cumulative time (per step; cProfile slows Python roughly twofold, so
 compare functions with each other, not with the unprofiled host times). Issued back to back, a phase's host time
 also holds any wait for the GPU (an implicit synchronization, a full launch queue): it is the CPU's own cost only
-where the GPU's work is shorter — a small batch that keeps the code path (e.g. B=1 T=2560 for the benchmark model:
-the merged LoRA path needs ≥ ~2,400 rows). Runs on the CPU as well (tests/test_bench_host.py, tiny shapes).
+where the GPU's work is shorter — a small batch that keeps the code path (e.g. B=1 T=3072 for the benchmark model:
+every projection takes the merged LoRA path from 3,004 rows on). Runs on the CPU as well (tests/test_bench_host.py,
+tiny shapes).
 """
 
 from __future__ import annotations
