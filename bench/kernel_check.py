@@ -35,17 +35,38 @@ def merged_weight_rows() -> list[dict]:
 
 
 def launch_host_us() -> dict:
-    """Host time per call (µs) of merged_weight through Triton's own launch path vs the cached compiled kernel, and
-    of torch.addmm, on a 2048² bf16 weight (the GPU is faster than these calls, so the loop time is host time)."""
+    """Host time per call (µs) of merged_weight on its first launch per key (Triton's own path, `JITFunction.run`, then
+    the launcher's one-time check), through the
+    cached compiled kernel's runner (`compiled[grid](*args)`: the launch before kernels._launcher), through the
+    direct C launch (kernels._launcher, the product's path), and of torch.addmm, on a 2048² bf16 weight (the GPU is
+    faster than these calls, so the loop time is host time). `direct_used`: whether this Triton's layout passed the
+    launcher's check (else the cached rows are the same path)."""
     import time
 
     w = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(2048, 16, device="cuda", dtype=torch.bfloat16)
     a = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+    product = kernels._launcher
+
+    def runner_only(compiled, grid, args, stream_of):
+        return lambda grid, args: compiled[grid](*args)
+
+    def cached(launcher):
+        def setup():
+            kernels._COMPILED.clear()
+            kernels._launcher = launcher
+            kernels.merged_weight(w, b, a, 2.0)  # compiles (first call per key) and caches the launcher
+            kernels._launcher = product
+        return setup
+
     out = {}
-    for name, fn in (("triton_jit_path", lambda: (kernels._COMPILED.clear(), kernels.merged_weight(w, b, a, 2.0))),
-                     ("triton_cached", lambda: kernels.merged_weight(w, b, a, 2.0)),
-                     ("torch_addmm", lambda: torch.addmm(w, b, a, alpha=2.0))):
+    for name, setup, fn in (
+            ("triton_jit_path", None, lambda: (kernels._COMPILED.clear(), kernels.merged_weight(w, b, a, 2.0))),
+            ("triton_cached_runner", cached(runner_only), lambda: kernels.merged_weight(w, b, a, 2.0)),
+            ("triton_cached_direct", cached(product), lambda: kernels.merged_weight(w, b, a, 2.0)),
+            ("torch_addmm", None, lambda: torch.addmm(w, b, a, alpha=2.0))):
+        if setup is not None:
+            setup()
         for _ in range(20):
             fn()
         torch.cuda.synchronize()
@@ -54,6 +75,7 @@ def launch_host_us() -> dict:
             fn()
         out[name] = round((time.perf_counter() - t0) / 300 * 1e6, 1)
         torch.cuda.synchronize()
+    out["direct_used"] = any(getattr(f, "__name__", "") == "direct" for f in kernels._COMPILED.values())
     return out
 
 

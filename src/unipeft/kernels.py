@@ -257,7 +257,7 @@ if _HAS_OP:  # registered at import: registering inside a compiled region would 
     torch.library.triton_op("unipeft::merged_weights", _merged_weights_op, mutates_args=())
 
 
-_COMPILED: dict[tuple, object] = {}  # launch key -> Triton's compiled kernel (see _launch)
+_COMPILED: dict[tuple, object] = {}  # launch key -> launch(grid, args) for Triton's compiled kernel (see _launch)
 _DIRECT = [True]  # whether compiled kernels are launched directly (False once their launcher API surprised us)
 _NAMES = ("BM", "BN", "BR", "NR", "IEEE", "STACK_A")
 
@@ -284,10 +284,10 @@ def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         with torch.cuda.device(t.device):
             return _launch(kernel, grid, args, key, names, num_warps, num_stages)
-    compiled = _COMPILED.get(key)
-    if compiled is not None:
+    launch = _COMPILED.get(key)
+    if launch is not None:
         try:
-            compiled[grid](*args)
+            launch(grid, args)
             return
         except (TypeError, IndexError, AttributeError):  # a launcher API we do not know: Triton's own path from now
             _COMPILED.clear()
@@ -296,7 +296,68 @@ def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple
     options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
     compiled = kernel[grid](*args[:-k], **dict(zip(names, args[-k:])), **options)
     if _DIRECT[0] and os.environ.get("TRITON_INTERPRET") != "1" and hasattr(compiled, "__getitem__"):
-        _COMPILED[key] = compiled
+        _COMPILED[key] = _launcher(compiled, grid, args, torch._C._cuda_getCurrentRawStream)
+
+
+def _launcher(compiled, grid: tuple[int, ...], args: tuple, stream_of) -> object:
+    """launch(grid, args) for a compiled kernel: its C launch function called directly when that provably passes what
+    Triton's own path would, else `compiled[grid](*args)`.
+
+    Triton's path per launch — `CompiledKernel.__getitem__` builds a runner closure, which looks up the device and
+    stream, builds launch metadata for profiler hooks (Triton 3.6: at every launch, its hook chains being objects even
+    when empty), reads the hook settings, and calls the launcher object, which checks for scratch memory; the C code
+    then calls both empty hook chains — is ~15–20 µs of Python on the GPU machine's CPU, and an eager LoRA step
+    launches these kernels 160 times (`bench/host_probe.py`: on a slow host the eager step waits on the CPU).
+    Without scratch memory and with no hook registered, all of that reduces to one call of the C function with no
+    metadata and no hooks (which it skips). Whether this Triton version's two layers pass (grid, stream, function,
+    cooperative, pdl, no scratch, packed metadata, metadata, the two hook settings, *args) is checked once per kernel,
+    by running Triton's own runner and launcher code with a recorder in place of the C call (`grid`, `args`: the
+    first launch's). `stream_of(device index)` gives the current raw stream (injectable for tests). While a hook is
+    registered (a profiler such as proton), launches take Triton's path."""
+    plain = lambda grid, args: compiled[grid](*args)  # noqa: E731
+    try:
+        from triton import knobs
+
+        hooks = knobs.runtime
+        run = compiled.run
+        c_launch, coop, pdl = run.launch, run.launch_cooperative_grid, run.launch_pdl
+        if run.global_scratch_size or run.profile_scratch_size:
+            return plain
+        function, packed = compiled.function, compiled.packed_metadata
+        seen: list[tuple] = []
+        sentinel = object()
+        proxy = type(run).__new__(type(run))
+        proxy.__dict__.update(run.__dict__)
+        proxy.launch = lambda *a: seen.append(a)
+        compiled._run = lambda *a: type(run).__call__(proxy, *a)  # Triton's runner, then its launcher, recorded
+        try:
+            compiled[grid](*args, stream=sentinel)
+        finally:
+            compiled._run = run
+        if len(seen) != 1:
+            return plain
+        got = seen[0]
+        head = (*grid, sentinel, function, coop, pdl, None, None, packed)
+        if (len(got) != len(head) + 3 + len(args) or any(a is not b for a, b in zip(got, head))
+                or got[len(head) + 1] is not hooks.launch_enter_hook or got[len(head) + 2] is not hooks.launch_exit_hook
+                or any(a is not b for a, b in zip(got[len(head) + 3:], args))):
+            return plain
+    except Exception:  # noqa: BLE001 — any surprise in Triton's internals: its own path
+        return plain
+
+    def direct(grid, args) -> None:
+        if not (_idle(hooks.launch_enter_hook) and _idle(hooks.launch_exit_hook)):
+            compiled[grid](*args)
+            return
+        c_launch(grid[0], grid[1], grid[2], stream_of(args[0].get_device()), function, coop, pdl, None, None, packed,
+                 None, None, None, *args)
+
+    return direct
+
+
+def _idle(hook) -> bool:
+    """Whether a Triton launch-hook setting calls nothing: None (Triton < 3.5) or an empty hook chain."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
 
 
 def _grads_kernel(g0, g1, g2, b0, b1, b2, x0, x1, x2, out_ptr, N, D0, D1, D2, R0, R1, R2, s0, s1, s2,
