@@ -441,3 +441,47 @@ def test_a_4bit_base_replays_like_eager() -> None:
     batches = [inputs(batch=2, seq=9, seed=s) for s in range(2)]
     _assert_same(_steps(graphed, batches), _steps(eager, batches))
     assert _stack(graphed).replayed == 2
+
+
+def test_recording_aliases_swap_trainable_parameters_for_leaves_over_the_same_memory() -> None:
+    """While CUDA graphs are recorded, the layers' trainable parameters are aliases (new leaves, same storage; one per
+    shared parameter), so the recording keeps no autograd node of the parameters themselves; afterwards — also after
+    an error — every module holds its own parameters again. (On the GPU: bench/graph_check.py, and no
+    AccumulateGrad stream warning in the graphed step.)"""
+    am = _adapted("lora", layers=2)
+    layers = list(am.model.model.layers)
+    fns = [m for n, m in layers[1].named_modules() if n.endswith(".fn")]
+    tied = next(m for n, m in layers[0].named_modules() if n.endswith(".fn.down"))
+    fns[-1]._modules["extra"] = tied  # one Parameter, two homes (in two layers)
+    before = {(id(m), n): p for layer in layers for m in layer.modules() for n, p in m._parameters.items()}
+    trainable = {id(p) for p in before.values() if p is not None and p.requires_grad}
+    frozen = {id(p) for p in before.values() if p is not None and not p.requires_grad}
+    x = torch.randn(2, 5, am.model.config.hidden_size)
+    with graphs._recording_aliases(layers, True) as originals:
+        inside = {(id(m), n): p for layer in layers for m in layer.modules() for n, p in m._parameters.items()}
+        for key, p in inside.items():
+            orig = before[key]
+            if orig is None or not orig.requires_grad:
+                assert p is orig  # frozen weights are not touched
+                continue
+            assert p is not orig and originals[id(p)] is orig
+            assert p.data_ptr() == orig.data_ptr() and p.requires_grad and p.grad_fn is None
+        assert len(originals) == len(trainable)  # the tied Parameter has one alias
+        assert {id(p) for p in originals.values()} == trainable and not frozen & set(originals)
+        pos = torch.arange(5).unsqueeze(0)
+        out = layers[0](x, position_embeddings=am.model.model.rotary_emb(x, pos))
+        h = out[0] if isinstance(out, tuple) else out
+        wrt = [p for p in layers[0].parameters() if p.requires_grad]
+        grads = torch.autograd.grad(h.sum(), wrt, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    after = {(id(m), n): p for layer in layers for m in layer.modules() for n, p in m._parameters.items()}
+    assert all(after[k] is before[k] for k in before)
+    assert all(p.grad is None for p in am.parameters())  # the aliases' gradients never reached the parameters
+    with pytest.raises(RuntimeError, match="boom"):
+        with graphs._recording_aliases(layers, True):
+            raise RuntimeError("boom")
+    assert all(p is before[(id(m), n)] for layer in layers for m in layer.modules() for n, p in m._parameters.items())
+    with graphs._recording_aliases(layers, False) as originals:
+        assert originals == {}
+        assert all(p is before[(id(m), n)] for layer in layers for m in layer.modules()
+                   for n, p in m._parameters.items())

@@ -121,6 +121,41 @@ def _no_autocast_cache():
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
+@contextlib.contextmanager
+def _recording_aliases(layers: list[nn.Module], on: bool):
+    """While the layers are recorded, each trainable parameter is replaced in its module by an alias: a new leaf
+    Parameter over the same storage. Yields {id(alias): parameter} (empty when off).
+
+    Why: the recorded forward's autograd graph stays alive with the recording, and with it the AccumulateGrad node of
+    every leaf it used, created on the capture's side stream. Were those the real parameters', every training step's
+    replay — which hands their gradients over on the current stream — would meet a node of another stream: autograd
+    then synchronizes the two streams per parameter and warns (torch >= 2.10: "The AccumulateGrad node's stream does
+    not match ..."). With aliases, the recording keeps only the aliases' nodes; the parameters' own are made at the
+    first replay, on the stream that trains. The graphs read the same memory, so in-place optimizer updates reach
+    them as before. A parameter shared by several modules, or a module reached twice, gets one alias. Off for
+    emulated (CPU) recording, whose replay re-runs the layer with the modules' own parameters."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    aliases: dict[int, nn.Parameter] = {}
+    originals: dict[int, nn.Parameter] = {}
+    try:
+        if on:
+            for layer in layers:
+                for module in layer.modules():
+                    for name, p in list(module._parameters.items()):
+                        if p is None or not p.requires_grad or id(p) in originals:  # (a module reached twice)
+                            continue
+                        alias = aliases.get(id(p))
+                        if alias is None:
+                            alias = aliases[id(p)] = nn.Parameter(p.detach(), requires_grad=True)
+                            originals[id(alias)] = p
+                        module._parameters[name] = alias
+                        swapped.append((module, name, p))
+        yield originals
+    finally:
+        for module, name, p in reversed(swapped):
+            module._parameters[name] = p
+
+
 def _hooked(modules: list[nn.Module]) -> bool:
     return any(arch.has_hooks(m) for m in modules)
 
@@ -428,8 +463,10 @@ class _Stack:
             return False
         self.captures += 1
         try:
-            with _no_autocast_cache():
+            with _no_autocast_cache(), _recording_aliases(self.layers, not self.emulate) as originals:
                 self._capture(leaves, rebuild)
+            for entry in self.entries:  # replays hand gradients to the parameters themselves
+                entry.params = [originals.get(id(p), p) for p in entry.params]
         except Exception as e:  # (an op a graph cannot hold, e.g. a host sync): this signature runs eagerly
             self.reset()
             self.refused.add(key)
