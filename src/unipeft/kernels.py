@@ -35,6 +35,7 @@ explicit formulas.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import os
 
@@ -329,11 +330,9 @@ def _launcher(compiled, grid: tuple[int, ...], args: tuple, stream_of) -> object
         proxy = type(run).__new__(type(run))
         proxy.__dict__.update(run.__dict__)
         proxy.launch = lambda *a: seen.append(a)
-        compiled._run = lambda *a: type(run).__call__(proxy, *a)  # Triton's runner, then its launcher, recorded
-        try:
-            compiled[grid](*args, stream=sentinel)
-        finally:
-            compiled._run = run
+        probe = copy.copy(compiled)  # (the shared kernel object is left alone: another thread may launch it)
+        probe._run = lambda *a: type(run).__call__(proxy, *a)  # Triton's runner, then its launcher, recorded
+        probe[grid](*args, stream=sentinel)
         if len(seen) != 1:
             return plain
         got = seen[0]
