@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k.endswith("_ms")} | {"case": case}), flush=True)
         del model, params
-        h.release() if cuda else None
+        if cuda:
+            h.release()
     for row in rows:
         for phase in ("fwd", "bwd", "opt"):
             print(f"\n## {row['case']} {phase}: host {row[f'host_{phase}_ms']} ms/step, top by own time")

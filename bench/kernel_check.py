@@ -55,8 +55,10 @@ def launch_host_us() -> dict:
         def setup():
             kernels._COMPILED.clear()
             kernels._launcher = launcher
-            kernels.merged_weight(w, b, a, 2.0)  # compiles (first call per key) and caches the launcher
-            kernels._launcher = product
+            try:
+                kernels.merged_weight(w, b, a, 2.0)  # compiles (first call per key) and caches the launcher
+            finally:
+                kernels._launcher = product
         return setup
 
     out = {}

@@ -337,9 +337,10 @@ def _launcher(compiled, grid: tuple[int, ...], args: tuple, stream_of) -> object
             return plain
         got = seen[0]
         head = (*grid, sentinel, function, coop, pdl, None, None, packed)
-        if (len(got) != len(head) + 3 + len(args) or any(a is not b for a, b in zip(got, head))
-                or got[len(head) + 1] is not hooks.launch_enter_hook or got[len(head) + 2] is not hooks.launch_exit_hook
-                or any(a is not b for a, b in zip(got[len(head) + 3:], args))):
+        k = len(head)  # then: launch metadata, the two hook settings, the kernel's arguments
+        if (len(got) != k + 3 + len(args) or any(a is not b for a, b in zip(got, head))
+                or got[k + 1] is not hooks.launch_enter_hook or got[k + 2] is not hooks.launch_exit_hook
+                or any(a is not b for a, b in zip(got[k + 3:], args))):
             return plain
     except Exception:  # noqa: BLE001 — any surprise in Triton's internals: its own path
         return plain
