@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from unipeft import kernels
+from unipeft import kernels, launching
 
 
 def merged_weight_rows() -> list[dict]:
@@ -37,47 +37,58 @@ def merged_weight_rows() -> list[dict]:
 def launch_host_us() -> dict:
     """Host time per call (µs) of merged_weight on its first launch per key (Triton's own path, `JITFunction.run`, then
     the launcher's one-time check), through the
-    cached compiled kernel's runner (`compiled[grid](*args)`: the launch before kernels._launcher), through the
-    direct C launch (kernels._launcher, the product's path), and of torch.addmm, on a 2048² bf16 weight (the GPU is
-    faster than these calls, so the loop time is host time). `direct_used`: whether this Triton's layout passed the
-    launcher's check (else the cached rows are the same path)."""
+    cached compiled kernel's runner (`compiled[grid](*args)`: the launch before launching._launcher), through the
+    direct C launch without a launch plan (launching._launcher), from the call's launch plan (launching._Plan, the
+    product's path), and of torch.addmm, on a 2048² bf16 weight (the GPU is faster than these calls, so the loop
+    time is host time). `direct_used`: whether this Triton's layout passed the launcher's check (else the cached
+    rows are the same path)."""
     import time
 
     w = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(2048, 16, device="cuda", dtype=torch.bfloat16)
     a = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
-    product = kernels._launcher
+    product, record = launching._launcher, launching._plan
 
     def runner_only(compiled, grid, args, stream_of):
         return lambda grid, args: compiled[grid](*args)
 
     def cached(launcher):
         def setup():
-            kernels._COMPILED.clear()
-            kernels._launcher = launcher
+            launching._COMPILED.clear()
+            launching._PLANS.clear()
+            launching._launcher = launcher
             try:
                 kernels.merged_weight(w, b, a, 2.0)  # compiles (first call per key) and caches the launcher
             finally:
-                kernels._launcher = product
+                launching._launcher = product
         return setup
 
     out = {}
     for name, setup, fn in (
-            ("triton_jit_path", None, lambda: (kernels._COMPILED.clear(), kernels.merged_weight(w, b, a, 2.0))),
+            ("triton_jit_path", launching._PLANS.clear,
+             lambda: (launching._COMPILED.clear(), kernels.merged_weight(w, b, a, 2.0))),
             ("triton_cached_runner", cached(runner_only), lambda: kernels.merged_weight(w, b, a, 2.0)),
             ("triton_cached_direct", cached(product), lambda: kernels.merged_weight(w, b, a, 2.0)),
+            ("triton_planned", cached(product), lambda: kernels.merged_weight(w, b, a, 2.0)),
             ("torch_addmm", None, lambda: torch.addmm(w, b, a, alpha=2.0))):
+        launching._plan = lambda *a, **kw: None  # (no plans, but for the product's row)
         if setup is not None:
             setup()
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(300):
-            fn()
-        out[name] = round((time.perf_counter() - t0) / 300 * 1e6, 1)
-        torch.cuda.synchronize()
-    out["direct_used"] = any(getattr(f, "__name__", "") == "direct" for f in kernels._COMPILED.values())
+        if name == "triton_planned":
+            launching._plan = record
+        try:
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(300):
+                fn()
+            out[name] = round((time.perf_counter() - t0) / 300 * 1e6, 1)
+            torch.cuda.synchronize()
+        finally:
+            launching._plan = record
+    out["planned_used"] = bool(launching._PLANS)
+    out["direct_used"] = any(getattr(f, "__name__", "") == "direct" for f in launching._COMPILED.values())
     return out
 
 

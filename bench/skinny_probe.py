@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-from unipeft import kernels
+from unipeft import kernels, launching
 
 N = 8192
 L2_BYTES = 50 * 2**20
@@ -121,11 +121,11 @@ def grads(d: int, r: int = 16) -> None:
     for cfg in ((128, 64, 512, 4, 3), (128, 64, 1024, 4, 3), (64, 64, 512, 4, 3), (128, 128, 512, 8, 3),
                 (256, 64, 512, 8, 3), (128, 64, 256, 4, 3), (128, 32, 512, 4, 4), (64, 128, 1024, 4, 3)):
         kernels._GRAD_BN, kernels._GRAD_BD, kernels._GRAD_COLS, kernels._GRAD_WARPS, kernels._GRAD_STAGES = cfg
-        kernels._COMPILED.clear()
+        launching._COMPILED.clear()
         us = _time([lambda g=g: kernels.lora_grads([g], [b], [xa], [0], [2.0], r) for g in gs])
         _row("grads", (N, d, r), "kernel bn{} bd{} cols{} w{} s{}".format(*cfg), us, gs[0].numel() * 2)
     kernels._GRAD_BN, kernels._GRAD_BD, kernels._GRAD_COLS, kernels._GRAD_WARPS, kernels._GRAD_STAGES = saved
-    kernels._COMPILED.clear()
+    launching._COMPILED.clear()
 
 
 def rows(d: int, r: int) -> None:

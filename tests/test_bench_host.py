@@ -31,3 +31,15 @@ def test_phases_profile_their_own_functions():
     # after the probe no hook is left on the parameters: a plain backward still fills every gradient
     am(input_ids=x, labels=x).loss.backward()
     assert all(p.grad is not None for p in params)
+
+
+def test_host_micro_times_every_piece_that_runs_here():
+    """bench/host_micro.py on CPU: the LoRA pieces and their aten ops are timed (the Triton pieces need CUDA and are
+    left out), and the single-thread switch is undone afterwards."""
+    micro = bench_module("host_micro")
+    rows = micro.main(["--rows", "8", "--d", "16", "--d-kv", "8", "--rank", "4", "--iters", "2", "--single-thread"])
+    got = {r["piece"]: r["host_us"] for r in rows}
+    assert {"floor_qkv", "group_qkv", "single_o", "floor_o", "plain_fn_o", "mm", "zeros"} <= set(got)
+    assert not {"merged_weights", "merged_weight", "lora_grads"} & set(got)
+    assert all(v > 0 for v in got.values())
+    assert torch.autograd.is_multithreading_enabled()

@@ -296,8 +296,8 @@ def test_lora_function_through_the_grads_kernel(merged: bool, compiling: bool, m
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     monkeypatch.setattr(kernels, "grads_available", lambda g, ranks: True)
     calls = []
-    real = kernels._lora_grads
-    monkeypatch.setattr(kernels, "_lora_grads", lambda *a: calls.append(len(a[0])) or real(*a))
+    real = kernels.lora_grads
+    monkeypatch.setattr(kernels, "lora_grads", lambda gs, *a: calls.append(len(gs)) or real(gs, *a))
     g = torch.Generator().manual_seed(0)
     x, w, bias, a, b = (torch.randn(*shape, generator=g, requires_grad=True)
                         for shape in [(3, 50, 24), (70, 24), (70,), (6, 24), (70, 6)])
@@ -323,8 +323,8 @@ def test_group_backward_through_the_grads_kernel(monkeypatch) -> None:
     ref_out, ref_grads = _run(am, monkeypatch, "0", seq=48)
     monkeypatch.setattr(kernels, "grads_available", lambda g, ranks: True)
     calls = []
-    real = kernels._lora_grads
-    monkeypatch.setattr(kernels, "_lora_grads", lambda *a: calls.append(len(a[0])) or real(*a))
+    real = kernels.lora_grads
+    monkeypatch.setattr(kernels, "lora_grads", lambda gs, *a: calls.append(len(gs)) or real(gs, *a))
     out, grads = _run(am, monkeypatch, "1", seq=48)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     for k in ref_grads:
@@ -343,8 +343,8 @@ def test_group_forward_builds_its_weights_in_one_launch(monkeypatch) -> None:
     ref_out, ref_grads = _run(am, monkeypatch, "0", seq=48)
     monkeypatch.setattr(kernels, "available", lambda t: True)
     groups, lone = [], []
-    real_group, real_lone = kernels._merged_weights, kernels.merged_weight
-    monkeypatch.setattr(kernels, "_merged_weights", lambda ws, *a: groups.append(len(ws)) or real_group(ws, *a))
+    real_group, real_lone = kernels.merged_weights, kernels.merged_weight
+    monkeypatch.setattr(kernels, "merged_weights", lambda ws, *a: groups.append(len(ws)) or real_group(ws, *a))
     monkeypatch.setattr(kernels, "merged_weight", lambda *a, **kw: lone.append(1) or real_lone(*a, **kw))
     out, grads = _run(am, monkeypatch, "1", seq=48)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
@@ -369,8 +369,8 @@ def test_grads_kernel_on_real_smollm2(smollm2_path, monkeypatch) -> None:
     randomize(am, std=0.02)
     ids = torch.randint(5, 4000, (2, 320), generator=torch.Generator().manual_seed(0))
     calls = []
-    real = kernels._lora_grads
-    monkeypatch.setattr(kernels, "_lora_grads", lambda *a: calls.append(len(a[0])) or real(*a))
+    real = kernels.lora_grads
+    monkeypatch.setattr(kernels, "lora_grads", lambda gs, *a: calls.append(len(gs)) or real(gs, *a))
     results = []
     for on in (False, True):
         monkeypatch.setattr(kernels, "grads_available", lambda g, ranks, on=on: on)

@@ -1,4 +1,4 @@
-"""kernels._launcher: a compiled Triton kernel's C launch function called directly passes what Triton's own runner
+"""launching._launcher: a compiled Triton kernel's C launch function called directly passes what Triton's own runner
 and launcher pass (checked against the installed Triton's code, with a recorder in place of the C call) — minus the
 launch metadata and hook chains, which are None while no hook is registered — and anything that would make them
 differ (another argument layout, scratch memory, a registered launch hook) keeps Triton's own path. CPU only: the
@@ -17,7 +17,7 @@ from triton import knobs  # noqa: E402
 from triton.backends.nvidia.driver import CudaLauncher  # noqa: E402
 from triton.compiler.compiler import CompiledKernel  # noqa: E402
 
-from unipeft import kernels  # noqa: E402
+from unipeft import launching  # noqa: E402
 
 STREAM = 77
 HEAD = 10  # grid (3), stream, function, cooperative, pdl, two scratch buffers, packed metadata
@@ -44,7 +44,7 @@ def _same(a, b) -> bool:
 def test_direct_launch_passes_what_tritons_path_passes():
     grid, args = (4, 2, 1), _args()
     seen: list = []
-    launch = kernels._launcher(_compiled(seen), grid, args, stream_of=lambda device: STREAM)
+    launch = launching._launcher(_compiled(seen), grid, args, stream_of=lambda device: STREAM)
     assert launch.__name__ == "direct"
     for g, a in ((grid, args), ((7, 1, 1), (torch.zeros(5), torch.ones(1), 9, 0.5, 16, False))):
         launch(g, a)
@@ -54,7 +54,7 @@ def test_direct_launch_passes_what_tritons_path_passes():
         want = want.pop()
         assert _same(got[:HEAD], want[:HEAD]) and _same(got[HEAD + 3:], want[HEAD + 3:])
         assert got[HEAD:HEAD + 3] == (None, None, None)  # no metadata, no hooks: nothing is registered
-        assert want[HEAD + 1] is knobs.runtime.launch_enter_hook and kernels._idle(want[HEAD + 1])
+        assert want[HEAD + 1] is knobs.runtime.launch_enter_hook and launching._idle(want[HEAD + 1])
 
 
 class _ReorderedLauncher(CudaLauncher):
@@ -68,22 +68,22 @@ class _ReorderedLauncher(CudaLauncher):
 def test_unknown_layouts_and_scratch_keep_tritons_path():
     grid, args = (2, 1, 1), _args()
     for ck in (_compiled([], _ReorderedLauncher), _compiled([], scratch=128)):
-        assert kernels._launcher(ck, grid, args, stream_of=lambda d: STREAM).__name__ == "<lambda>"
+        assert launching._launcher(ck, grid, args, stream_of=lambda d: STREAM).__name__ == "<lambda>"
     broken = _compiled([])
     del broken.__dict__["_run"].__dict__["launch_pdl"]
-    assert kernels._launcher(broken, grid, args, stream_of=lambda d: STREAM).__name__ == "<lambda>"
+    assert launching._launcher(broken, grid, args, stream_of=lambda d: STREAM).__name__ == "<lambda>"
 
 
 def test_a_registered_hook_sends_launches_through_triton(monkeypatch):
     grid, args = (2, 1, 1), _args()
     seen: list = []
-    launch = kernels._launcher(_compiled(seen), grid, args, stream_of=lambda d: STREAM)
+    launch = launching._launcher(_compiled(seen), grid, args, stream_of=lambda d: STREAM)
     fake_driver = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: STREAM)
     monkeypatch.setattr(triton_compiler, "driver", types.SimpleNamespace(active=fake_driver))
     hook = lambda meta: None  # noqa: E731
     knobs.runtime.launch_enter_hook.add(hook)
     try:
-        assert not kernels._idle(knobs.runtime.launch_enter_hook)
+        assert not launching._idle(knobs.runtime.launch_enter_hook)
         launch(grid, args)
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)

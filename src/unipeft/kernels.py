@@ -25,8 +25,9 @@ lora_grads:  the LoRA backward's two skinny products that read the output gradie
 
 (The kernels of routed mixed-batch decoding are in routed_kernels.py; they share this module's launch machinery.)
 
-Used on CUDA tensors when Triton is installed and `UNIPEFT_TRITON` is not "0". In eager mode launches go through
-a cache of compiled kernels (`_launch`); under torch.compile each kernel is a custom op (`unipeft::merged_weight(s)`,
+Used on CUDA tensors when Triton is installed and `UNIPEFT_TRITON` is not "0". In eager mode they are launched by
+launching.py (compiled kernels cached, called through their C function, from per-signature launch plans); under
+torch.compile each kernel is a custom op (`unipeft::merged_weight(s)`,
 `unipeft::lora_grads`, `unipeft::routed_lora`: torch.library.triton_op), which the compiler launches from its
 generated code — no graph break. Tests run the kernels under `TRITON_INTERPRET=1` on CPU (fp32, fp16) against the
 explicit formulas.
@@ -35,13 +36,12 @@ explicit formulas.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
-import os
 
 import torch
 
-from . import envflags
+from . import envflags, launching
+from .launching import _launch, _signature
 
 _BUILT: dict[tuple, object] = {}  # (function, TRITON_INTERPRET setting) -> the jitted kernel (read when jitted)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -121,10 +121,22 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """W + s·B·A (W: d_out × d_in, B: d_out × r, A: r × d_in, one dtype) by the Triton kernel, into `out`
     (a new contiguous tensor when None; may be `w`)."""
-    _check(w, b, a)
     if out is None:
-        out = torch.empty_like(w, memory_format=torch.contiguous_format)  # (no torch.device built per call)
-    elif out.shape != w.shape or out.dtype != w.dtype or out.device != w.device:
+        tensors = [w, b, a]
+        key = ("merge1", float(s), *_signature(tensors))
+        plan = launching._PLANS.get(key)
+        if plan is not None and plan.ready():
+            out = torch.empty_like(w, memory_format=torch.contiguous_format)  # (no torch.device built per call)
+            if plan(tensors + [out]):
+                return out
+        _check(w, b, a)
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
+        grid, args = _grid_args([w], [b], [a], [s], out)
+        _launch_merge(grid, args)
+        launching._plan(key, _merge_key(args), _kernel(), grid, args, tensors + [out], _NAMES)
+        return out
+    _check(w, b, a)
+    if out.shape != w.shape or out.dtype != w.dtype or out.device != w.device:
         raise ValueError(f"merged_weight: out must match W ({tuple(w.shape)} {w.dtype} {w.device}); got "
                          f"{tuple(out.shape)} {out.dtype} {out.device}")
     grid, args = _grid_args([w], [b], [a], [s], out)
@@ -144,8 +156,30 @@ def merged_weights(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[tor
     if torch.compiler.is_compiling():
         buf, a_cat = torch.ops.unipeft.merged_weights(ws, bs, as_, scales)
     else:
-        buf, a_cat = _merged_weights(ws, bs, as_, scales, _launch_merge)
+        buf, a_cat = _planned_merges(ws, bs, as_, scales)
     return list(buf.split([w.shape[0] for w in ws])), a_cat
+
+
+def _planned_merges(ws, bs, as_, scales) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_merged_weights` in eager mode, through the call signature's launch plan once there is one (see `_Plan`)."""
+    tensors = [*ws, *bs, *as_]
+    key = ("merges", *scales, *_signature(tensors))
+    plan = launching._PLANS.get(key)
+    w = ws[0]
+    if plan is not None and plan.ready():
+        rows, n = plan.extra
+        buf = torch.empty((rows, n), device=w.device, dtype=w.dtype)
+        a_cat = torch.empty((len(as_) * as_[0].shape[0], n), device=w.device, dtype=w.dtype)
+        if plan(tensors + [buf, a_cat]):
+            return buf, a_cat
+    seen = []
+    buf, a_cat = _merged_weights(ws, bs, as_, scales, lambda grid, args: (_launch_merge(grid, args),
+                                                                          seen.append((grid, args))))
+    if len(seen) == 1:
+        grid, args = seen[0]
+        launching._plan(key, _merge_key(args), _kernel(), grid, args, tensors + [buf, a_cat], _NAMES,
+                        extra=tuple(buf.shape))
+    return buf, a_cat
 
 
 def groupable(ws: list[torch.Tensor], bs: list[torch.Tensor], as_: list[torch.Tensor]) -> bool:
@@ -258,8 +292,6 @@ if _HAS_OP:  # registered at import: registering inside a compiled region would 
     torch.library.triton_op("unipeft::merged_weights", _merged_weights_op, mutates_args=())
 
 
-_COMPILED: dict[tuple, object] = {}  # launch key -> launch(grid, args) for Triton's compiled kernel (see _launch)
-_DIRECT = [True]  # whether compiled kernels are launched directly (False once their launcher API surprised us)
 _NAMES = ("BM", "BN", "BR", "NR", "IEEE", "STACK_A")
 
 
@@ -270,94 +302,6 @@ def _merge_key(args: tuple) -> tuple:
     return ("merge", tensors[0].device, tensors[0].dtype, *(t.data_ptr() % 16 == 0 for t in tensors), *args[10:13],
             *(_int_spec(v) for v in args[16:19]), *args[19:31], args[31].data_ptr() % 16 == 0,
             *(_int_spec(v) for v in args[32:35]), *args[35:])
-
-
-def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple[str, ...],
-            num_warps: int = 4, num_stages: int | None = None) -> None:
-    """Launch with the compiled kernel looked up by `key` (everything Triton specializes the kernel's arguments on,
-    built by the caller) instead of through `JITFunction.run`, whose argument binding and cache-key hashing cost
-    tens of µs of host time per call (a LoRA step launches these kernels a few hundred times, and eager steps on a
-    fast GPU are close to host-bound). `args` ends with the constexprs, named by `names`. The first launch per key
-    goes through Triton's own path and compiles; if the compiled kernel's launcher API differs (another Triton
-    version), every launch takes Triton's own path. Triton launches on the current device and its stream, so a
-    tensor on another GPU (a model split across GPUs) makes its device current for the launch."""
-    t = args[0]
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        with torch.cuda.device(t.device):
-            return _launch(kernel, grid, args, key, names, num_warps, num_stages)
-    launch = _COMPILED.get(key)
-    if launch is not None:
-        try:
-            launch(grid, args)
-            return
-        except (TypeError, IndexError, AttributeError):  # a launcher API we do not know: Triton's own path from now
-            _COMPILED.clear()
-            _DIRECT[0] = False
-    k = len(names)
-    options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
-    compiled = kernel[grid](*args[:-k], **dict(zip(names, args[-k:])), **options)
-    if _DIRECT[0] and os.environ.get("TRITON_INTERPRET") != "1" and hasattr(compiled, "__getitem__"):
-        _COMPILED[key] = _launcher(compiled, grid, args, torch._C._cuda_getCurrentRawStream)
-
-
-def _launcher(compiled, grid: tuple[int, ...], args: tuple, stream_of) -> object:
-    """launch(grid, args) for a compiled kernel: its C launch function called directly when that provably passes what
-    Triton's own path would, else `compiled[grid](*args)`.
-
-    Triton's path per launch — `CompiledKernel.__getitem__` builds a runner closure, which looks up the device and
-    stream, builds launch metadata for profiler hooks (Triton 3.6: at every launch, its hook chains being objects even
-    when empty), reads the hook settings, and calls the launcher object, which checks for scratch memory; the C code
-    then calls both empty hook chains — is ~15–20 µs of Python on the GPU machine's CPU, and an eager LoRA step
-    launches these kernels 160 times (`bench/host_probe.py`: on a slow host the eager step waits on the CPU).
-    Without scratch memory and with no hook registered, all of that reduces to one call of the C function with no
-    metadata and no hooks (which it skips). Whether this Triton version's two layers pass (grid, stream, function,
-    cooperative, pdl, no scratch, packed metadata, metadata, the two hook settings, *args) is checked once per kernel,
-    by running Triton's own runner and launcher code with a recorder in place of the C call (`grid`, `args`: the
-    first launch's). `stream_of(device index)` gives the current raw stream (injectable for tests). While a hook is
-    registered (a profiler such as proton), launches take Triton's path."""
-    plain = lambda grid, args: compiled[grid](*args)  # noqa: E731
-    try:
-        from triton import knobs
-
-        hooks = knobs.runtime
-        run = compiled.run
-        c_launch, coop, pdl = run.launch, run.launch_cooperative_grid, run.launch_pdl
-        if run.global_scratch_size or run.profile_scratch_size:
-            return plain
-        function, packed = compiled.function, compiled.packed_metadata
-        seen: list[tuple] = []
-        sentinel = object()
-        proxy = type(run).__new__(type(run))
-        proxy.__dict__.update(run.__dict__)
-        proxy.launch = lambda *a: seen.append(a)
-        probe = copy.copy(compiled)  # (the shared kernel object is left alone: another thread may launch it)
-        probe._run = lambda *a: type(run).__call__(proxy, *a)  # Triton's runner, then its launcher, recorded
-        probe[grid](*args, stream=sentinel)
-        if len(seen) != 1:
-            return plain
-        got = seen[0]
-        head = (*grid, sentinel, function, coop, pdl, None, None, packed)
-        k = len(head)  # then: launch metadata, the two hook settings, the kernel's arguments
-        if (len(got) != k + 3 + len(args) or any(a is not b for a, b in zip(got, head))
-                or got[k + 1] is not hooks.launch_enter_hook or got[k + 2] is not hooks.launch_exit_hook
-                or any(a is not b for a, b in zip(got[k + 3:], args))):
-            return plain
-    except Exception:  # noqa: BLE001 — any surprise in Triton's internals: its own path
-        return plain
-
-    def direct(grid, args) -> None:
-        if not (_idle(hooks.launch_enter_hook) and _idle(hooks.launch_exit_hook)):
-            compiled[grid](*args)
-            return
-        c_launch(grid[0], grid[1], grid[2], stream_of(args[0].get_device()), function, coop, pdl, None, None, packed,
-                 None, None, None, *args)
-
-    return direct
-
-
-def _idle(hook) -> bool:
-    """Whether a Triton launch-hook setting calls nothing: None (Triton < 3.5) or an empty hook chain."""
-    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
 
 
 def _grads_kernel(g0, g1, g2, b0, b1, b2, x0, x1, x2, out_ptr, N, D0, D1, D2, R0, R1, R2, s0, s1, s2,
@@ -466,7 +410,7 @@ def lora_grads(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.T
     if torch.compiler.is_compiling():
         flat = torch.ops.unipeft.lora_grads(gs, bs, xas, rows, scales, total_rank)
     else:
-        flat = _lora_grads(gs, bs, xas, rows, scales, total_rank, _launch_grads)
+        flat = _planned_grads(gs, bs, xas, rows, scales, total_rank)
     n_db = sum(g.shape[1] * b.shape[1] for g, b in zip(gs, bs))
     return flat[n_db:].view(total_rank, gs[0].shape[0]), flat[:n_db]
 
@@ -518,6 +462,31 @@ def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> torch.Ten
         part = slice(i, i + _GROUP)
         launch(*_grads_grid_args(gs[part], bs[part], xas[part], rows[part], scales[part], db_offs[part], dbs_size,
                                  out, dst, counters[part], nb, finish))
+    return dst
+
+
+def _planned_grads(gs, bs, xas, rows, scales, total_rank: int) -> torch.Tensor:
+    """`_lora_grads` in eager mode, through the call signature's launch plan once there is one (see `_Plan`)."""
+    tensors = [*gs, *bs, *xas]
+    key = ("grads", *rows, *scales, total_rank, *_signature(tensors))
+    plan = launching._PLANS.get(key)
+    g = gs[0]
+    if plan is not None and plan.ready():
+        end, size, mode = plan.extra
+        out = torch.zeros(end, device=g.device, dtype=torch.float32)
+        dst = out if mode == 0 else _new_output(size, g.dtype, g.device) if mode == 1 else \
+            torch.zeros(size, device=g.device, dtype=g.dtype)
+        if plan(tensors + [out, dst]):
+            return dst
+    seen = []
+    dst = _lora_grads(gs, bs, xas, rows, scales, total_rank, lambda grid, args: (_launch_grads(grid, args),
+                                                                                 seen.append((grid, args))))
+    if len(seen) == 1:
+        grid, args = seen[0]
+        out = args[9]
+        mode = 0 if dst is out else 1 if sum(b.shape[1] for b in bs) == total_rank else 2
+        launching._plan(key, _grads_key(args), _kernel(_grads_kernel), grid, args, tensors + [out, dst], _GRAD_NAMES,
+              _GRAD_WARPS, _grad_stages(g.dtype, args[-4]), extra=(out.numel(), dst.numel(), mode))
     return dst
 
 
