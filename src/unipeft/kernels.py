@@ -167,9 +167,9 @@ def _planned_merges(ws, bs, as_, scales) -> tuple[torch.Tensor, torch.Tensor]:
     plan = launching._PLANS.get(key)
     w = ws[0]
     if plan is not None and plan.ready():
-        rows, n = plan.extra
-        buf = torch.empty((rows, n), device=w.device, dtype=w.dtype)
-        a_cat = torch.empty((len(as_) * as_[0].shape[0], n), device=w.device, dtype=w.dtype)
+        buf_shape, a_shape = plan.extra
+        buf = torch.empty(buf_shape, device=w.device, dtype=w.dtype)
+        a_cat = torch.empty(a_shape, device=w.device, dtype=w.dtype)
         if plan(tensors + [buf, a_cat]):
             return buf, a_cat
     seen = []
@@ -178,7 +178,7 @@ def _planned_merges(ws, bs, as_, scales) -> tuple[torch.Tensor, torch.Tensor]:
     if len(seen) == 1:
         grid, args = seen[0]
         launching._plan(key, _merge_key(args), _kernel(), grid, args, tensors + [buf, a_cat], _NAMES,
-                        extra=tuple(buf.shape))
+                        extra=(buf.shape, a_cat.shape))
     return buf, a_cat
 
 
@@ -485,8 +485,9 @@ def _planned_grads(gs, bs, xas, rows, scales, total_rank: int) -> torch.Tensor:
         grid, args = seen[0]
         out = args[9]
         mode = 0 if dst is out else 1 if sum(b.shape[1] for b in bs) == total_rank else 2
-        launching._plan(key, _grads_key(args), _kernel(_grads_kernel), grid, args, tensors + [out, dst], _GRAD_NAMES,
-              _GRAD_WARPS, _grad_stages(g.dtype, args[-4]), extra=(out.numel(), dst.numel(), mode))
+        launching._plan(key, _grads_key(args), _kernel(_grads_kernel), grid, args, tensors + [out, dst],
+                        _GRAD_NAMES, _GRAD_WARPS, _grad_stages(g.dtype, args[-4]),
+                        extra=(out.numel(), dst.numel(), mode))
     return dst
 
 

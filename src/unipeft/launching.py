@@ -60,6 +60,7 @@ def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple
 
 _PLANS: dict[tuple, _Plan] = {}  # call signature -> its launch plan (see _Plan)
 _PLAN_LIMIT = 4096  # signatures kept (one per projection group and sequence length, usually); cleared when full
+_ONE = ("1", b"1")  # TRITON_INTERPRET on, as envflags.raw returns it
 
 
 def _signature(tensors: list[torch.Tensor]) -> tuple:
@@ -130,9 +131,6 @@ def _plan(key: tuple, launch_key: tuple, kernel, grid, args, tensors, names, num
     if len(_PLANS) >= _PLAN_LIMIT:
         _PLANS.clear()
     _PLANS[key] = plan
-
-
-_ONE = ("1", b"1")
 
 
 def _launcher(compiled, grid: tuple[int, ...], args: tuple, stream_of) -> object:
