@@ -9,6 +9,9 @@ cost), with the benchmark model's projection shapes:
     floor_qkv       three frozen F.linear, forward + backward (what the floor pays for q/k/v)
     group_qkv       the fused LoRA group (siblings._LoraGroup), forward + backward
     single_o        the fused LoRA projection (fused._LoraLinear, merged form), forward + backward
+    group_fwd, single_fwd   the same, forward only
+    floor_o         one frozen F.linear, forward + backward
+    plain_fn_o      the same as a minimal Python autograd function (that machinery's own cost)
     merged_weights  kernels.merged_weights for q/k/v (one Triton launch and its two buffers)
     merged_weight   kernels.merged_weight for o
     lora_grads      kernels.lora_grads for q/k/v (the zeroed buffer, the output, one launch)
@@ -70,20 +73,19 @@ def pieces(rows: int, d: int, d_kv: int, rank: int, device: str, dtype: torch.dt
         ys = [F.linear(x, w) for w in ws]
         torch.autograd.backward(ys, gys)
 
-    def group_qkv():
-        ys = siblings._LoraGroup.apply(x, scales, *[t for i in range(3) for t in (ws[i], as_[i], bs[i])],
-                                       None, None, None)
-        torch.autograd.backward(ys, gys)
-
-    def single_o():
-        y = fused._LoraLinear.apply(x, ws[0], None, as_[0], bs[0], 2.0, True, None)
-        y.backward(gys[0])
-
-    def single_fwd():
-        fused._LoraLinear.apply(x, ws[0], None, as_[0], bs[0], 2.0, True, None)
+    group_args = (x, scales, *[t for i in range(3) for t in (ws[i], as_[i], bs[i])], None, None, None)
 
     def group_fwd():
-        siblings._LoraGroup.apply(x, scales, *[t for i in range(3) for t in (ws[i], as_[i], bs[i])], None, None, None)
+        return siblings._LoraGroup.apply(*group_args)
+
+    def group_qkv():
+        torch.autograd.backward(group_fwd(), gys)
+
+    def single_fwd():
+        return fused._LoraLinear.apply(x, ws[0], None, as_[0], bs[0], 2.0, True, None)
+
+    def single_o():
+        single_fwd().backward(gys[0])
 
     class _Plain(torch.autograd.Function):  # the Python-function machinery alone: y = x·Wᵀ, dx = g·W
         @staticmethod
