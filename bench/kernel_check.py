@@ -221,8 +221,10 @@ def grads_kernel_training() -> dict:
     return dict(max_rel_grad_diff_kernel_vs_cublas=rel, params=len(out[False]))
 
 
-def compiled_step() -> dict:
-    """A compiled LoRA step of a small bf16 Llama (groups, both kernels as custom ops) against the eager step: the
+def compiled_step(streams: str = "1") -> dict:
+    """A compiled LoRA step of a small bf16 Llama (groups, both kernels as custom ops; with UNIPEFT_STREAMS=`streams`:
+    "1" the backward's products beside the dx GEMMs through the op unipeft::lora_backward, "0" traced in the
+    graph) against the eager step: the
     gradients' largest relative difference, the graph count, and the kernels that do nothing but `split_with_sizes`
     in the generated code (`triton_poi_fused_split_with_sizes_N`) — weight-sized copies the compiler adds when a
     kernel writes views of one buffer (none expected since W' of a group is written at offsets into the buffer
@@ -232,6 +234,8 @@ def compiled_step() -> dict:
     from torch._inductor.utils import run_and_get_code
 
     am, x = _lora_llama()
+    os.environ["UNIPEFT_STREAMS"] = streams
+    torch._dynamo.reset()
 
     def step(model):
         am.zero_grad(set_to_none=True)
@@ -239,10 +243,12 @@ def compiled_step() -> dict:
         return {n: p.grad.float().clone() for n, p in am.named_parameters() if p.requires_grad}
     eager = step(am)
     compiled, codes = run_and_get_code(step, torch.compile(am))
+    os.environ.pop("UNIPEFT_STREAMS")
     text = "\n".join(codes)
     copies = sorted(set(re.findall(r"triton_poi_fused_split_with_sizes_\d+\b", text)))
     return dict(graphs=len(codes), split_copy_kernels=copies,
                 merge_launch_sites=text.count("_merge_kernel"),
+                lora_backward_op_calls=text.count("unipeft.lora_backward"),
                 max_rel_grad_diff=max(float((compiled[n] - eager[n]).norm() / eager[n].norm()) for n in eager))
 
 
@@ -250,5 +256,5 @@ if __name__ == "__main__":
     res = dict(merged_weight=merged_weight_rows(), merged_weights=merged_weights_rows(),
                launch_host_us=launch_host_us(), grouped=grouped_grads(),
                lora_grads=lora_grads_rows(), grads_kernel_training=grads_kernel_training(),
-               compiled_step=compiled_step())
+               compiled_step=compiled_step("1"), compiled_step_one_stream=compiled_step("0"))
     print(json.dumps(res, indent=1))

@@ -286,6 +286,18 @@ def test_fused_path_compiles_without_graph_breaks_and_matches_eager(groups: str,
     assert n_acc == (5 * len(am.model.model.layers) - 3 if groups == "1" else 0)
 
 
+def _count_grads_calls(monkeypatch) -> list[int]:
+    """Members per grads-kernel call, through either entry: `kernels.lora_grads` (the unmerged form) or
+    `kernels.lora_grads_buffer` (overlap.lora_backward: the merged form and the groups)."""
+    from unipeft import kernels
+
+    calls: list[int] = []
+    for name in ("lora_grads", "lora_grads_buffer"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda gs, *a, real=real: calls.append(len(gs)) or real(gs, *a))
+    return calls
+
+
 @pytest.mark.parametrize("merged,compiling", [(False, False), (True, False), (True, True)])
 def test_lora_function_through_the_grads_kernel(merged: bool, compiling: bool, monkeypatch) -> None:
     """`_LoraLinear`'s backward with the Triton grads kernel (kernels.lora_grads; under a compiler its custom op)
@@ -295,9 +307,7 @@ def test_lora_function_through_the_grads_kernel(merged: bool, compiling: bool, m
 
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     monkeypatch.setattr(kernels, "grads_available", lambda g, ranks: True)
-    calls = []
-    real = kernels.lora_grads
-    monkeypatch.setattr(kernels, "lora_grads", lambda gs, *a: calls.append(len(gs)) or real(gs, *a))
+    calls = _count_grads_calls(monkeypatch)
     g = torch.Generator().manual_seed(0)
     x, w, bias, a, b = (torch.randn(*shape, generator=g, requires_grad=True)
                         for shape in [(3, 50, 24), (70, 24), (70,), (6, 24), (70, 6)])
@@ -322,9 +332,7 @@ def test_group_backward_through_the_grads_kernel(monkeypatch) -> None:
     randomize(am)
     ref_out, ref_grads = _run(am, monkeypatch, "0", seq=48)
     monkeypatch.setattr(kernels, "grads_available", lambda g, ranks: True)
-    calls = []
-    real = kernels.lora_grads
-    monkeypatch.setattr(kernels, "lora_grads", lambda gs, *a: calls.append(len(gs)) or real(gs, *a))
+    calls = _count_grads_calls(monkeypatch)
     out, grads = _run(am, monkeypatch, "1", seq=48)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     for k in ref_grads:
@@ -368,9 +376,7 @@ def test_grads_kernel_on_real_smollm2(smollm2_path, monkeypatch) -> None:
     am = unipeft.attach(model, "lora", r=8, targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
     randomize(am, std=0.02)
     ids = torch.randint(5, 4000, (2, 320), generator=torch.Generator().manual_seed(0))
-    calls = []
-    real = kernels.lora_grads
-    monkeypatch.setattr(kernels, "lora_grads", lambda gs, *a: calls.append(len(gs)) or real(gs, *a))
+    calls = _count_grads_calls(monkeypatch)
     results = []
     for on in (False, True):
         monkeypatch.setattr(kernels, "grads_available", lambda g, ranks, on=on: on)

@@ -1,5 +1,5 @@
 """Switches read from the environment on hot paths (`UNIPEFT_FUSED`, `UNIPEFT_GROUPS`, `UNIPEFT_TRITON`,
-`UNIPEFT_RECOMPUTE`).
+`UNIPEFT_RECOMPUTE`, `UNIPEFT_STREAMS`).
 
 They are read at every projection call, so that setting one (tests use monkeypatch.setenv) takes effect at the next
 call. `os.environ.get` costs about 1 µs there — it encodes the key and, when the variable is unset, raises and
@@ -18,7 +18,8 @@ _DATA = getattr(_ENVIRON, "_data", None)
 _FAST = type(_DATA) is dict and hasattr(_ENVIRON, "encodekey") and hasattr(_ENVIRON, "encodevalue")
 #: the switches' encoded keys, made here: encoding one inside a torch.compile region would break its graph
 _KEYS: dict[str, object] = {n: _ENVIRON.encodekey(n) for n in ("UNIPEFT_FUSED", "UNIPEFT_GROUPS", "UNIPEFT_TRITON",
-                                                              "UNIPEFT_RECOMPUTE", "TRITON_INTERPRET")} if _FAST else {}
+                                                              "UNIPEFT_RECOMPUTE", "UNIPEFT_STREAMS",
+                                                              "TRITON_INTERPRET")} if _FAST else {}
 #: "0" and "1" as `raw` returns them: os.environ's own encoding on the fast path, plain strings otherwise
 _ZEROS = (_ENVIRON.encodevalue("0"), "0") if _FAST else ("0",)
 

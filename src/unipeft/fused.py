@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import arch, envflags, kernels, quant, routed, siblings
+from . import arch, envflags, kernels, overlap, quant, routed, siblings
 from .functions import SiteAdapter
 
 #: the kinds of base a projection can have on the fused path (`fusable` returns one; "" = reference path)
@@ -209,7 +209,7 @@ class _LoraLinear(torch.autograd.Function):
             y = F.linear(x, _merged_weight(weight, source, a, b, s), bias)
             # merged, only dB needs xa; taken right after the GEMM that read x, while part of x is still in L2
             # (bench/skinny_probe.py --only l2: 6–7 µs less at d 2048, N 8192)
-            xa = F.linear(x, a) if ctx.needs_input_grad[4] else None
+            xa = F.linear(x, a) if ctx.needs_input_grad[4] and not _backward_takes_xa(x, a, source) else None
         else:
             xa = F.linear(x, a)
             y = F.linear(x, weight, bias)
@@ -230,6 +230,17 @@ class _LoraLinear(torch.autograd.Function):
         dx = dw = dbias = da = db = None
         ga_t = None  # s·(g·B)ᵀ: r × N
         create_graph = torch.is_grad_enabled()
+        compiling = torch.compiler.is_compiling()
+        if ctx.merged and ctx.source is None and need_a and need_b and not need_w and not create_graph \
+                and compiling and overlap.enabled() and overlap.applies([g], [a.shape[0]]):
+            # compiled: x·Aᵀ, the grads kernel and dA on a second stream beside W′ and the dx GEMM (overlap.py)
+            dx, flat, da = overlap.traced_lora_backward([g], [weight], [b], x, a, [s], [a.shape[0]], need_x, True,
+                                                        True)
+            dbias = g.sum(0) if need_bias else None
+            return (None if dx is None else dx.view(x.shape)), None, dbias, da, flat[:b.numel()].view(b.shape), \
+                None, None, None
+        if xa is None and need_b and not create_graph:
+            xa = F.linear(x, a)  # (forward left it to the op above, which did not apply after all)
         if need_a and need_b and xa is not None and not create_graph and kernels.grads_available([g], (a.shape[0],)):
             # one Triton kernel reads g once for s·(g·B)ᵀ and dB (kernels.lora_grads)
             ga_t, db = kernels.lora_grads([g], [b], [xa.reshape(-1, xa.shape[-1])], [0], [s], a.shape[0])
@@ -255,6 +266,12 @@ class _LoraLinear(torch.autograd.Function):
                 xa = F.linear(x, a)
             db = _scaled_mm(g.t(), xa.reshape(-1, xa.shape[-1]), s)
         return dx, dw, dbias, da, db, None, None, None
+
+
+def _backward_takes_xa(x: torch.Tensor, a: torch.Tensor, source) -> bool:
+    """Whether a compiled backward's op computes x·Aᵀ itself (beside the dx GEMM, overlap.py), so the forward need
+    not: under torch.compile, for a plain W where the op applies."""
+    return source is None and torch.compiler.is_compiling() and overlap.enabled() and overlap.applies([x], [a.shape[0]])
 
 
 def _product_node(x: torch.Tensor):

@@ -415,6 +415,13 @@ def lora_grads(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.T
     return flat[n_db:].view(total_rank, gs[0].shape[0]), flat[:n_db]
 
 
+def lora_grads_buffer(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.Tensor], rows: list[int],
+                      scales: list[float], total_rank: int) -> torch.Tensor:
+    """`lora_grads`'s one buffer — the dB's, then gaᵀ — for a caller that splits it itself (overlap.py); eager
+    only (a compiled backward reaches it inside the opaque op `unipeft::lora_backward`)."""
+    return _planned_grads(gs, bs, xas, rows, scales, total_rank)
+
+
 def _grad_stages(dtype: torch.dtype, br: int) -> int:
     """Pipeline depth: three stages of the g and B tiles where they fit in 64 KiB of shared memory (bf16/fp16 at
     r ≤ 32: 54 KiB), fewer for fp32 or wide ranks, so the kernel builds on GPUs with less shared memory than Hopper."""

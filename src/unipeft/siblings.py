@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from . import envflags, fused, kernels  # (fused imports this module too: used at call time only, never at import)
+# (fused imports this module too: used at call time only, never at import)
+from . import envflags, fused, kernels, overlap
 
 #: leaf-name sets of projections that read the same input (Llama/Mistral/Qwen, BERT, T5-style, gated T5)
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
@@ -229,6 +230,9 @@ class _LoraGroup(torch.autograd.Function):
         ws, as_, bs = tensors[0:3 * k:3], tensors[1:3 * k:3], tensors[2:3 * k:3]
         biases = tensors[3 * k:]
         need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
+        if need_b and torch.compiler.is_compiling() and overlap.enabled() \
+                and overlap.applies([x], [a.shape[0] for a in as_]):
+            need_b = False  # a compiled backward's op takes x·Aᵀ beside the dx GEMMs (overlap.py)
         # every member's W', and a_cat = [A_1; A_2; …] (Σr × d_in), from one launch on CUDA
         w_primes, a_cat = fused.merged_weights(ws, as_, bs, scales)
         first = F.linear(x, w_primes[0], biases[0])
@@ -257,6 +261,26 @@ class _LoraGroup(torch.autograd.Function):
         gts = None  # g_iᵀ, read by gaᵀ and dB_i off the kernel path (made there: eager steps count host µs)
         dx = None
         traced = compiling and not create_graph
+        if live and traced and overlap.enabled() \
+                and any(needs[3 + 3 * i] or needs[4 + 3 * i] for i in live) \
+                and overlap.applies([gs[i] for i in live], ranks):
+            # compiled: x·Aᵀ, the grads kernel and dA on a second stream beside the dx GEMMs (overlap.py)
+            dx, flat, da = overlap.traced_lora_backward(list(gys), list(ws), list(bs), x, a_cat, list(scales),
+                                                        list(ranks), needs[0], any(needs[3 + 3 * i] for i in live),
+                                                        False)
+            dbs = flat[:sum(gs[i].shape[1] * bs[i].shape[1] for i in live)] \
+                .split_with_sizes([bs[i].numel() for i in live])
+            das = da.split_with_sizes(ranks) if da is not None else None
+            flat_grads = []
+            for i in range(k):
+                on = i in live
+                flat_grads += (None, das[i] if on and das is not None and needs[3 + 3 * i] else None,
+                               dbs[live.index(i)].view(bs[i].shape) if on and needs[4 + 3 * i] else None)
+            grads_bias = [gs[i].sum(0) if (i in live and ctx.has_bias[i] and needs[2 + 3 * k + i]) else None
+                          for i in range(k)]
+            return (None if dx is None else dx.view(x.shape)), None, *flat_grads, *grads_bias
+        if xa is None and live and not create_graph and any(needs[4 + 3 * i] for i in live):
+            xa = torch.mm(x2, a_cat.t())  # (forward left it to the op above, which did not apply after all)
         acc = _accumulate if traced else torch.Tensor.addmm_
         if needs[0] and live and traced:
             # traced: the frozen GEMMs of dx first — before the grads kernel, whose inputs Inductor fixes to their

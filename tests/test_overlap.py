@@ -1,0 +1,151 @@
+"""overlap.py: a compiled LoRA backward's products (x·Aᵀ, grads kernel, dA) beside the dx GEMMs. On CPU there is no
+second stream, so these tests check what the function and its custom op compute — against the explicit formulas in
+fp64, with the plain GEMMs and with the Triton kernels in the interpreter — the op's registration (schema, fake
+tensors), that a compiled backward routes through it (and an eager one does not) with gradients equal to the
+reference path's. The streams themselves run on the GPU: bench/kernel_check.py compares a compiled step's gradients
+with the eager step's, with `UNIPEFT_STREAMS` on and off."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import inputs, output_of, tiny_model
+from test_engine import randomize
+
+import unipeft
+from unipeft import kernels, overlap
+
+
+def _case(widths, ranks, dtype=torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    n, d_in = 20, 24
+    x = rnd(2, n // 2, d_in)
+    ws = [rnd(d, d_in, scale=0.3) for d in widths]
+    as_ = [rnd(r, d_in, scale=0.3) for r in ranks]
+    bs = [rnd(d, r, scale=0.3) for d, r in zip(widths, ranks)]
+    gs = [rnd(2, n // 2, d) for d in widths]
+    return x, ws, as_, bs, gs
+
+
+def _expected(x, ws, as_, bs, gs, scales, rebuild: bool):
+    """fp64 formulas: gaᵀ_i = s_i·(g_i·B_i)ᵀ, dB_i = s_i·g_iᵀ·(x·A_iᵀ), dA = gaᵀ·x, dx = Σ g_i·(W_i + s_i·B_i·A_i)."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    ga, dbs, dx = [], [], 0
+    for w, a, b, g, s in zip(ws, as_, bs, gs, scales):
+        a, b, w = a.double(), b.double(), w.double()
+        if g is None:
+            ga.append(torch.zeros(a.shape[0], x2.shape[0], dtype=torch.float64))
+            continue
+        g2 = g.reshape(-1, g.shape[-1]).double()
+        ga.append(s * (g2 @ b).t())
+        dbs.append(s * g2.t() @ (x2 @ a.t()))
+        dx = dx + g2 @ (w + s * b @ a)
+    ga_t = torch.cat(ga)
+    return dx, dbs, ga_t, ga_t @ x2
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+@pytest.mark.parametrize("with_xa", [False, True])
+@pytest.mark.parametrize("dead", [False, True])
+def test_lora_backward_matches_the_formulas(rebuild: bool, with_xa: bool, dead: bool) -> None:
+    """A group of three (GQA widths, ranks 4/2/4, one member without a gradient when `dead`) or a lone projection
+    (dx through W′ built again): dx, each dB, gaᵀ and dA, with x·Aᵀ given or computed."""
+    if rebuild and dead:
+        pytest.skip("a lone projection without a gradient has no backward")
+    widths, ranks, scales = ([12], [4], [2.0]) if rebuild else ([12, 8, 8], [4, 2, 4], [0.5, 2.0, 1.5])
+    x, ws, as_, bs, gs = _case(widths, ranks)
+    if dead:
+        gs[1] = None
+    a_cat = torch.cat(as_)
+    xa = x.reshape(-1, x.shape[-1]) @ a_cat.t() if with_xa else None
+    dx, flat, da = overlap.lora_backward(gs, ws, bs, x, a_cat, scales, ranks, True, True, rebuild, xa)
+    want_dx, want_dbs, want_ga, want_da = _expected(x, ws, as_, bs, gs, scales, rebuild)
+    torch.testing.assert_close(dx.double(), want_dx)
+    torch.testing.assert_close(da.double(), want_da)
+    n_db = sum(d.numel() for d in want_dbs)
+    torch.testing.assert_close(flat[:n_db].double(), torch.cat([d.reshape(-1) for d in want_dbs]))
+    torch.testing.assert_close(flat[n_db:].view(sum(ranks), -1).double(), want_ga)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton's interpreter")
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_lora_backward_with_the_triton_kernels(rebuild: bool, monkeypatch) -> None:
+    """The same with the grads kernel (and the merge kernel for W′) in Triton's interpreter, fp32."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "grads_available", lambda tensors, ranks: True)
+    monkeypatch.setattr(kernels, "available", lambda t: True)
+    widths, ranks, scales = ([12], [4], [2.0]) if rebuild else ([12, 8, 8], [4, 2, 4], [0.5, 2.0, 1.5])
+    x, ws, as_, bs, gs = _case(widths, ranks, dtype=torch.float32)
+    used = []
+    real = kernels.lora_grads_buffer
+    monkeypatch.setattr(kernels, "lora_grads_buffer", lambda *a: used.append(1) or real(*a))
+    dx, flat, da = overlap.lora_backward(gs, ws, bs, x, torch.cat(as_), scales, ranks, True, True, rebuild)
+    assert used == [1]
+    want_dx, want_dbs, want_ga, want_da = _expected(x, ws, as_, bs, gs, scales, rebuild)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dx.double(), want_dx, **tol)
+    torch.testing.assert_close(da.double(), want_da, **tol)
+    n_db = sum(d.numel() for d in want_dbs)
+    torch.testing.assert_close(flat[:n_db].double(), torch.cat([d.reshape(-1) for d in want_dbs]), **tol)
+    torch.testing.assert_close(flat[n_db:].view(sum(ranks), -1).double(), want_ga, **tol)
+
+
+def test_the_custom_op_is_registered_consistently() -> None:
+    """torch.library.opcheck: schema, fake-tensor outputs (shapes, dtypes) and AOT dispatch agree with the op."""
+    x, ws, as_, bs, gs = _case([12, 8, 8], [4, 2, 4], dtype=torch.float32)
+    gs[1] = None
+    for need_dx, need_da in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(torch.ops.unipeft.lora_backward.default,
+                              (gs, ws, bs, x, torch.cat(as_), [0.5, 2.0, 1.5], [4, 2, 4], need_dx, need_da, False))
+
+
+def _grads_through(am, model, monkeypatch, flag: str) -> dict:
+    monkeypatch.setenv("UNIPEFT_FUSED", flag)
+    am.zero_grad(set_to_none=True)
+    (output_of(model(**inputs(batch=4, seq=48))) ** 2).mean().backward()
+    return {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()}
+
+
+def _routed(monkeypatch) -> list:
+    """overlap.applies answers yes on CPU too; the calls of lora_backward are counted."""
+    calls: list = []
+    real = overlap.lora_backward
+    monkeypatch.setattr(overlap, "applies", lambda gs, ranks: True)
+    monkeypatch.setattr(overlap, "lora_backward", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
+    return calls
+
+
+def test_eager_backward_keeps_its_own_kernels(monkeypatch) -> None:
+    """Eager Llama LoRA on all seven projections: even where the op would apply, no backward goes through
+    lora_backward (an eager step keeps one stream: see overlap.py), and the gradients equal the reference."""
+    am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+    randomize(am)
+    want = _grads_through(am, am, monkeypatch, "0")
+    calls = _routed(monkeypatch)
+    got = _grads_through(am, am, monkeypatch, "1")
+    assert calls == []
+    for k, g in want.items():
+        torch.testing.assert_close(got[k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_compiled_backward_calls_the_op(monkeypatch) -> None:
+    """Compiled (AOTAutograd), the traced backward calls the custom op — forward then leaves x·Aᵀ to it — and the
+    gradients equal the reference path's; with UNIPEFT_STREAMS=0 the traced backward keeps its own kernels."""
+    am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+    randomize(am)
+    want = _grads_through(am, am, monkeypatch, "0")
+    calls = _routed(monkeypatch)
+    for streams, expect in (("1", [3, 2, 1, 1] * 2), ("0", [])):
+        monkeypatch.setenv("UNIPEFT_STREAMS", streams)
+        calls.clear()
+        torch._dynamo.reset()
+        got = _grads_through(am, torch.compile(am, backend="aot_eager"), monkeypatch, "1")
+        torch._dynamo.reset()
+        assert sorted(calls) == sorted(expect), streams
+        for k, g in want.items():
+            torch.testing.assert_close(got[k], g, rtol=1e-4, atol=1e-6, msg=f"{k} (streams {streams})")
