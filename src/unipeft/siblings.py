@@ -271,14 +271,10 @@ class _LoraGroup(torch.autograd.Function):
             dbs = flat[:sum(gs[i].shape[1] * bs[i].shape[1] for i in live)] \
                 .split_with_sizes([bs[i].numel() for i in live])
             das = da.split_with_sizes(ranks) if da is not None else None
-            flat_grads = []
-            for i in range(k):
-                on = i in live
-                flat_grads += (None, das[i] if on and das is not None and needs[3 + 3 * i] else None,
-                               dbs[live.index(i)].view(bs[i].shape) if on and needs[4 + 3 * i] else None)
-            grads_bias = [gs[i].sum(0) if (i in live and ctx.has_bias[i] and needs[2 + 3 * k + i]) else None
-                          for i in range(k)]
-            return (None if dx is None else dx.view(x.shape)), None, *flat_grads, *grads_bias
+            grads_a = [das[i] if das is not None and i in live and needs[3 + 3 * i] else None for i in range(k)]
+            for j, i in enumerate(live):
+                grads_b[i] = dbs[j].view(bs[i].shape) if needs[4 + 3 * i] else None
+            return _group_grads(ctx, gs, live, None if dx is None else dx.view(x.shape), grads_a, grads_b)
         if xa is None and live and not create_graph and any(needs[4 + 3 * i] for i in live):
             xa = torch.mm(x2, a_cat.t())  # (forward left it to the op above, which did not apply after all)
         acc = _accumulate if traced else torch.Tensor.addmm_
@@ -333,7 +329,14 @@ class _LoraGroup(torch.autograd.Function):
             for i in live:
                 if needs[4 + 3 * i]:
                     grads_b[i] = fused._scaled_mm(gts[i], xas[i], scales[i])
-        grads_bias = [gs[i].sum(0) if (i in live and ctx.has_bias[i] and needs[2 + 3 * k + i]) else None
-                      for i in range(k)]
-        flat = [t for i in range(k) for t in (None, grads_a[i], grads_b[i])]
-        return (dx, None, *flat, *grads_bias)
+        return _group_grads(ctx, gs, live, dx, grads_a, grads_b)
+
+
+def _group_grads(ctx, gs: list, live: list[int], dx, grads_a: list, grads_b: list) -> tuple:
+    """`_LoraGroup.backward`'s result: dx, None for the scales, (None, dA_i, dB_i) per member, then each bias's
+    gradient (the sum of its member's output gradient, where it has one and needs one)."""
+    k = len(grads_a)
+    grads_bias = [gs[i].sum(0) if (i in live and ctx.has_bias[i] and ctx.needs_input_grad[2 + 3 * k + i]) else None
+                  for i in range(k)]
+    flat = [t for i in range(k) for t in (None, grads_a[i], grads_b[i])]
+    return (dx, None, *flat, *grads_bias)
