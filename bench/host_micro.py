@@ -15,6 +15,9 @@ cost), with the benchmark model's projection shapes:
     merged_weights  kernels.merged_weights for q/k/v (one Triton launch and its two buffers)
     merged_weight   kernels.merged_weight for o
     lora_grads      kernels.lora_grads for q/k/v (the zeroed buffer, the output, one launch)
+    op_qkv, op_o    a compiled backward's two-stream op for q/k/v and for o (overlap.lora_backward: x·Aᵀ, grads and
+                    dA on the side stream, dx on the main one; the op's Python is host time a traced backward
+                    otherwise does not have); op_qkv_one: the same on one stream (UNIPEFT_STREAMS=0)
     zeros, empty, mm, addmm_, view, split   the aten ops those use, one call each
 
 Usage (GPU machine): PYTHONPATH=src python3 bench/host_micro.py [--single-thread] [--only a,b] [--cprofile PIECE]
@@ -54,7 +57,7 @@ def pieces(rows: int, d: int, d_kv: int, rank: int, device: str, dtype: torch.dt
     """name -> zero-argument callable, for every piece that runs on this device."""
     from torch.nn import functional as F
 
-    from unipeft import fused, kernels, siblings
+    from unipeft import fused, kernels, overlap, siblings
 
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -115,6 +118,22 @@ def pieces(rows: int, d: int, d_kv: int, rank: int, device: str, dtype: torch.dt
         out["merged_weight"] = lambda: kernels.merged_weight(ws[0], b_det[0], a_det[0], 2.0)
     if kernels.grads_available(gys + xas, [rank] * 3):
         out["lora_grads"] = lambda: kernels.lora_grads(gys, b_det, xas, [0, rank, 2 * rank], list(scales), 3 * rank)
+    a_cat = torch.cat(a_det)
+
+    def op_qkv():
+        overlap.lora_backward(gys, ws, b_det, x.detach(), a_cat, list(scales), [rank] * 3, True, True, False)
+
+    def op_qkv_one():
+        import os
+        os.environ["UNIPEFT_STREAMS"] = "0"
+        try:
+            op_qkv()
+        finally:
+            del os.environ["UNIPEFT_STREAMS"]
+
+    out.update(op_qkv=op_qkv, op_qkv_one=op_qkv_one,
+               op_o=lambda: overlap.lora_backward(gys[:1], ws[:1], b_det[:1], x.detach(), a_det[0], [2.0], [rank],
+                                                  True, True, True))
     acc = torch.zeros(rows, d, device=device, dtype=dtype)
     out.update(zeros=lambda: torch.zeros(flat.numel(), device=device),
                empty=lambda: torch.empty(flat.numel(), device=device, dtype=dtype),

@@ -39,7 +39,8 @@ def test_host_micro_times_every_piece_that_runs_here():
     micro = bench_module("host_micro")
     rows = micro.main(["--rows", "8", "--d", "16", "--d-kv", "8", "--rank", "4", "--iters", "2", "--single-thread"])
     got = {r["piece"]: r["host_us"] for r in rows}
-    assert {"floor_qkv", "group_qkv", "single_o", "floor_o", "plain_fn_o", "mm", "zeros"} <= set(got)
+    assert {"floor_qkv", "group_qkv", "single_o", "floor_o", "plain_fn_o", "op_qkv", "op_qkv_one", "op_o", "mm",
+            "zeros"} <= set(got)
     assert not {"merged_weights", "merged_weight", "lora_grads"} & set(got)
     assert all(v > 0 for v in got.values())
     assert torch.autograd.is_multithreading_enabled()
