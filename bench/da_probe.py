@@ -89,13 +89,17 @@ CONFIGS = [dict(bk=64, bd=128, rows_per_program=1024), dict(bk=64, bd=128, rows_
 SHAPES = [(48, 2048), (32, 2048), (16, 2048), (16, 5632)]  # (Σr, d_in): q/k/v, gate/up, o, down
 
 
-def time_from_dram(fn, reps: int = 50) -> float:
+def time_from_dram(fn, reps: int = 50, flush: str = "write") -> float:
     """Median GPU µs of fn, each call after an L2 flush (operands from DRAM, as in the step) and with the host ahead
-    of the GPU (a GPU sleep queued first), so launch latency is not in the events."""
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    of the GPU (a GPU sleep queued first), so launch latency is not in the events. `flush`: "write" fills L2 with
+    dirty lines (which fn then also writes back, as after a kernel that wrote its output), "read" with clean ones."""
+    buf = torch.ones(256 * 2**20, dtype=torch.uint8, device="cuda")
     times = []
     for i in range(reps + 5):
-        flush.zero_()
+        if flush == "write":
+            buf.zero_()
+        else:
+            buf.sum(dtype=torch.int32)
         torch.cuda._sleep(2_000_000)  # the host runs ahead: the events time the GPU
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()

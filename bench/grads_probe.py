@@ -152,23 +152,6 @@ def read_floor(gs: list[torch.Tensor], bn: int = 128, bd: int = 64, cols: int = 
     return outs
 
 
-def time_clean(fn, reps: int = 50) -> float:
-    """`time_from_dram` with L2 flushed by a read instead of a write: no dirty lines left for fn to write back."""
-    flush = torch.ones(256 * 2**20, dtype=torch.uint8, device="cuda")
-    times = []
-    for i in range(reps + 5):
-        flush.sum(dtype=torch.int32)
-        torch.cuda._sleep(2_000_000)
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(e0.elapsed_time(e1) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 GROUPS = {"qkv": [2048, 2048, 2048], "gate_up": [5632, 5632], "o": [2048], "down": [2048]}
 #: (BN, BD, columns per program, warps, stages) for the TMA variant
 TMA_CONFIGS = [(128, 64, 512, 4, 3), (128, 64, 512, 4, 4), (128, 64, 512, 4, 5), (128, 64, 256, 4, 4),
@@ -192,12 +175,12 @@ def _group(name: str, widths: list[int], sweep: bool, kinds: list[str], n: int =
     row = dict(group=name, widths=widths, mb_of_g=round(sum(g.numel() for g in gs) * 2 / 2**20, 1),
                read_us=round(time_from_dram(lambda: [g.sum() for g in gs]), 2),
                tma_read_us=round(time_from_dram(lambda: read_floor(gs)), 2),
-               tma_read_clean_us=round(time_clean(lambda: read_floor(gs)), 2),
+               tma_read_clean_us=round(time_from_dram(flush="read", fn=lambda: read_floor(gs)), 2),
                product_us=round(time_from_dram(lambda: call(None)), 2),
-               product_clean_us=round(time_clean(lambda: call(None)), 2))
+               product_clean_us=round(time_from_dram(flush="read", fn=lambda: call(None)), 2))
     for kind in kinds:
         row[f"{kind}_us"] = round(time_from_dram(lambda k=kind: call(k)), 2)
-        row[f"{kind}_clean_us"] = round(time_clean(lambda k=kind: call(k)), 2)
+        row[f"{kind}_clean_us"] = round(time_from_dram(flush="read", fn=lambda k=kind: call(k)), 2)
         row[f"{kind}_max_rel_diff"] = rel(call(kind))
     if sweep:
         row["sweep"] = []

@@ -222,10 +222,10 @@ def grads_kernel_training() -> dict:
 
 
 def compiled_step(streams: str = "1") -> dict:
-    """A compiled LoRA step of a small bf16 Llama (groups, both kernels as custom ops; with UNIPEFT_STREAMS=`streams`:
-    "1" the backward's products beside the dx GEMMs through the op unipeft::lora_backward, "0" traced in the
-    graph) against the eager step: the
-    gradients' largest relative difference, the graph count, and the kernels that do nothing but `split_with_sizes`
+    """A compiled LoRA step of a small bf16 Llama (groups, both kernels as custom ops; UNIPEFT_STREAMS=`streams`: "1"
+    the backward's products beside the dx GEMMs in the op unipeft::lora_backward, "0" traced in the graph) against
+    the eager step: the gradients' largest relative difference, the graph count, the op's call sites in the
+    generated code, and the kernels that do nothing but `split_with_sizes`
     in the generated code (`triton_poi_fused_split_with_sizes_N`) — weight-sized copies the compiler adds when a
     kernel writes views of one buffer (none expected since W' of a group is written at offsets into the buffer
     itself; kernels that fuse a split into other work, such as the SwiGLU or RoPE backward, are not copies)."""
@@ -248,7 +248,7 @@ def compiled_step(streams: str = "1") -> dict:
     copies = sorted(set(re.findall(r"triton_poi_fused_split_with_sizes_\d+\b", text)))
     return dict(graphs=len(codes), split_copy_kernels=copies,
                 merge_launch_sites=text.count("_merge_kernel"),
-                lora_backward_op_calls=text.count("unipeft.lora_backward"),
+                lora_backward_op_sites=text.count("unipeft.lora_backward"),
                 max_rel_grad_diff=max(float((compiled[n] - eager[n]).norm() / eager[n].norm()) for n in eager))
 
 

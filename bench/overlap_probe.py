@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+from da_probe import time_from_dram  # (bench/ is on the path: scripts run from it)
 
 N, D, DFF, R = 8192, 2048, 5632, 16
 
@@ -52,22 +52,9 @@ PAIRS = {"fwd_merge": ("fwd", "merge"), "bwd_grads": ("bwd", "grads"), "bwd_da":
          "bwd_xa": ("bwd", "xa")}
 
 
-def _timed(body, iters: int = 30) -> float:
-    """Median µs between two events on the current stream around body(), each iteration after an L2 flush and with
-    the host ahead of the GPU."""
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    out = []
-    for i in range(iters + 5):
-        flush.zero_()
-        torch.cuda._sleep(2_000_000)
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        body()
-        e1.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            out.append(e0.elapsed_time(e1) * 1e3)
-    return round(statistics.median(out), 2)
+def _us(body) -> float:
+    """Median µs of body from a flushed L2, host ahead (da_probe.time_from_dram)."""
+    return round(time_from_dram(body, reps=30), 2)
 
 
 def _together(big, small, side: torch.cuda.Stream, small_first: bool):
@@ -96,12 +83,12 @@ def main() -> None:
     rows = []
     for name, (b, s) in PAIRS.items():
         big, small = ops["big"][b], ops["small"][s]
-        row = dict(pair=name, big_us=_timed(big), small_us=_timed(small),
-                   sequence_us=_timed(lambda big=big, small=small: (big(), small())))
+        row = dict(pair=name, big_us=_us(big), small_us=_us(small),
+                   sequence_us=_us(lambda big=big, small=small: (big(), small())))
         for label, side in (("normal", low), ("high", high)):
             for first in (False, True):
                 key = f"together_{label}_{'small_first' if first else 'big_first'}_us"
-                row[key] = _timed(_together(big, small, side, first))
+                row[key] = _us(_together(big, small, side, first))
         row["best_together_us"] = min(v for k, v in row.items() if k.startswith("together_"))
         row["hidden_share"] = round((row["sequence_us"] - row["best_together_us"]) / row["small_us"], 3)
         rows.append(row)

@@ -248,7 +248,7 @@ class _LoraLinear(torch.autograd.Function):
         elif need_a or (need_x and not ctx.merged):
             ga_t = _scaled_mm(b.t(), g.t(), s)
         if need_x:
-            if ctx.merged and torch.compiler.is_compiling():
+            if ctx.merged and compiling:
                 dx = torch.mm(g, _merged_weight_again(weight, ctx.source, a, b, s))
             elif ctx.merged:
                 dx = torch.mm(g, _merged_weight(weight, ctx.source, a, b, s))
