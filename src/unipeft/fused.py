@@ -209,7 +209,7 @@ class _LoraLinear(torch.autograd.Function):
             y = F.linear(x, _merged_weight(weight, source, a, b, s), bias)
             # merged, only dB needs xa; taken right after the GEMM that read x, while part of x is still in L2
             # (bench/skinny_probe.py --only l2: 6–7 µs less at d 2048, N 8192)
-            xa = F.linear(x, a) if ctx.needs_input_grad[4] and not _backward_takes_xa(x, a, source) else None
+            xa = F.linear(x, a) if ctx.needs_input_grad[4] and not backward_takes_xa(x, [a.shape[0]], source) else None
         else:
             xa = F.linear(x, a)
             y = F.linear(x, weight, bias)
@@ -268,10 +268,11 @@ class _LoraLinear(torch.autograd.Function):
         return dx, dw, dbias, da, db, None, None, None
 
 
-def _backward_takes_xa(x: torch.Tensor, a: torch.Tensor, source) -> bool:
-    """Whether a compiled backward's op computes x·Aᵀ itself (beside the dx GEMM, overlap.py), so the forward need
-    not: under torch.compile, for a plain W where the op applies."""
-    return source is None and torch.compiler.is_compiling() and overlap.enabled() and overlap.applies([x], [a.shape[0]])
+def backward_takes_xa(x: torch.Tensor, ranks: list[int], source=None) -> bool:
+    """Whether a compiled backward's op computes x·Aᵀ itself (beside the dx GEMMs, overlap.py), so the forward need
+    not — a lone projection's or a sibling group's (`ranks`: each member's): under torch.compile, for a plain W
+    where the op applies."""
+    return source is None and torch.compiler.is_compiling() and overlap.enabled() and overlap.applies([x], ranks)
 
 
 def _product_node(x: torch.Tensor):

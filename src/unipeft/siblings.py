@@ -230,8 +230,7 @@ class _LoraGroup(torch.autograd.Function):
         ws, as_, bs = tensors[0:3 * k:3], tensors[1:3 * k:3], tensors[2:3 * k:3]
         biases = tensors[3 * k:]
         need_b = any(ctx.needs_input_grad[4:2 + 3 * k:3])
-        if need_b and torch.compiler.is_compiling() and overlap.enabled() \
-                and overlap.applies([x], [a.shape[0] for a in as_]):
+        if need_b and fused.backward_takes_xa(x, [a.shape[0] for a in as_]):
             need_b = False  # a compiled backward's op takes x·Aᵀ beside the dx GEMMs (overlap.py)
         # every member's W', and a_cat = [A_1; A_2; …] (Σr × d_in), from one launch on CUDA
         w_primes, a_cat = fused.merged_weights(ws, as_, bs, scales)
