@@ -252,9 +252,47 @@ def compiled_step(streams: str = "1") -> dict:
                 max_rel_grad_diff=max(float((compiled[n] - eager[n]).norm() / eager[n].norm()) for n in eager))
 
 
+def two_streams(iters: int = 20) -> dict:
+    """overlap.lora_backward with its products on the side stream against the same call on one stream, at the
+    benchmark model's q/k/v (GQA) and o shapes, bf16, `iters` times each. Every input is made by a main-stream
+    kernel queued behind a long GEMM just before the call, and a main-stream fill right after it may take any block
+    the call freed: a side stream that did not wait for the main one (or a block reused before the join) would read
+    stale or half-written data. Also the bytes in memory segments the side stream owns (none expected: the buffers
+    are allocated on the main stream)."""
+    from unipeft import overlap
+
+    torch.manual_seed(0)
+    dev, dt, n, d, kv, r = "cuda", torch.bfloat16, 8192, 2048, 512, 16
+    big = torch.randn(8192, 8192, device=dev, dtype=dt)
+    worst, calls = 0.0, 0
+    for widths, rebuild in (([d, kv, kv], False), ([d], True)):
+        ws = [torch.randn(w, d, device=dev, dtype=dt) * 0.02 for w in widths]
+        bs = [torch.randn(w, r, device=dev, dtype=dt) * 0.02 for w in widths]
+        a_cat = torch.randn(r * len(widths), d, device=dev, dtype=dt) * 0.02
+        scales = [2.0] * len(widths)
+        for _ in range(iters):
+            torch.mm(big, big)  # ~1 ms on the main stream, ahead of the inputs
+            x = torch.randn(n, d, device=dev, dtype=dt)
+            gs = [torch.randn(n, w, device=dev, dtype=dt) for w in widths]
+            got = overlap.lora_backward(gs, ws, bs, x, a_cat, scales, [r] * len(widths), True, True, rebuild)
+            torch.full((64 * 1024 * 1024,), float("nan"), device=dev, dtype=dt)  # may reuse freed blocks at once
+            os.environ["UNIPEFT_STREAMS"] = "0"
+            want = overlap.lora_backward(gs, ws, bs, x, a_cat, scales, [r] * len(widths), True, True, rebuild)
+            os.environ.pop("UNIPEFT_STREAMS")
+            for a, b in zip(got, want):
+                worst = max(worst, float((a.float() - b.float()).norm() / b.float().norm()))
+            calls += 1
+    torch.cuda.synchronize()
+    side = {lane.side.cuda_stream for lane in overlap._LANES.values()}
+    side_bytes = sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if seg.get("stream") in side)
+    return dict(calls=calls, max_rel_diff_two_vs_one_stream=worst, side_stream_segment_bytes=side_bytes,
+                lanes=len(overlap._LANES))
+
+
 if __name__ == "__main__":
     res = dict(merged_weight=merged_weight_rows(), merged_weights=merged_weights_rows(),
                launch_host_us=launch_host_us(), grouped=grouped_grads(),
                lora_grads=lora_grads_rows(), grads_kernel_training=grads_kernel_training(),
-               compiled_step=compiled_step("1"), compiled_step_one_stream=compiled_step("0"))
+               compiled_step=compiled_step("1"), compiled_step_one_stream=compiled_step("0"),
+               two_streams=two_streams())
     print(json.dumps(res, indent=1))

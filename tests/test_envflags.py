@@ -77,3 +77,33 @@ print(c["stats"]["unique_graphs"], sum(c["graph_break"].values()))
     out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["1", "0"]
+
+
+def test_compiled_model_does_not_guard_on_the_environment(monkeypatch) -> None:
+    """A variable set after compiling (on the GPU something sets one while the first step compiles) does not
+    recompile the model: dynamo would guard a traced os.environ lookup of a missing key on the length of the whole
+    environment. A switch is read when the code is traced; torch._dynamo.reset() makes it read again."""
+    import torch
+    from conftest import tiny_model
+
+    import unipeft
+
+    am = unipeft.attach(tiny_model("llama"), "lora", targets=["q", "k", "v", "o", "gate", "up", "down"]).train()
+    torch._dynamo.reset()
+    cm = torch.compile(am, backend="aot_eager")
+    x = torch.randint(0, 50, (2, 16))
+    cm(input_ids=x, labels=x).loss.backward()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    monkeypatch.setenv("UNIPEFT_SOME_UNRELATED_VARIABLE", "1")
+    cm(input_ids=x, labels=x).loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+    monkeypatch.delenv("UNIPEFT_TEST_FLAG", raising=False)
+    fn = torch.compile(lambda t: t + 1 if envflags.off("UNIPEFT_TEST_FLAG") else t - 1, backend="eager")
+    one = torch.ones(2)
+    assert fn(one).tolist() == [0.0, 0.0]
+    monkeypatch.setenv("UNIPEFT_TEST_FLAG", "0")
+    assert fn(one).tolist() == [0.0, 0.0], "a constant of the traced graph"
+    torch._dynamo.reset()
+    assert fn(one).tolist() == [2.0, 2.0]
+    torch._dynamo.reset()

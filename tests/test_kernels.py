@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from unipeft import kernels, routed_kernels
+from unipeft import kernels, launching, routed_kernels
 
 pytest.importorskip("triton")
 
@@ -250,6 +250,36 @@ def test_lora_grads_rounds_inside_the_kernel(n: int, monkeypatch) -> None:
     torch.testing.assert_close(_from_buffer(got, n_db).double(), _grads_expected(*args), rtol=2e-3, atol=2e-2)
     ga_t, dbs = kernels.lora_grads(*args)  # the public view of the same buffer
     assert ga_t.dtype == dbs.dtype == torch.float16 and not ga_t.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("listed", [[0, 1, 2], [0, 2]])
+def test_lora_grads_into_a_callers_buffers(dtype: torch.dtype, listed: list[int]) -> None:
+    """`grads_buffers` (made by the caller on its stream, uninitialized: filled with NaN here) and
+    `lora_grads_buffer(..., buffers=)` zeroing them itself: the same result as the call that allocates, unplanned
+    and then through its launch plan; the result is the caller's buffer (fp32: the sums buffer itself), and the gaᵀ
+    rows of a member not listed are zero."""
+    gen = torch.Generator().manual_seed(11)
+    n, ranks, dims = 40, [4, 8, 4], [96, 33, 64]
+    xa = torch.randn(n, sum(ranks), generator=gen).to(dtype)
+    xas = list(xa.split(ranks, 1))
+    gs = [torch.randn(n, d, generator=gen).to(dtype) for d in dims]
+    bs = [(torch.randn(d, r, generator=gen) * 0.1).to(dtype) for d, r in zip(dims, ranks)]
+    rows = [0, 4, 12]
+    args = ([gs[i] for i in listed], [bs[i] for i in listed], [xas[i] for i in listed], [rows[i] for i in listed],
+            [[0.5, 2.0, -1.0][i] for i in listed], sum(ranks))
+    want = kernels.lora_grads_buffer(*args)
+    launching._PLANS.clear()
+    for _ in range(2):  # the second call takes the launch plan the first one recorded
+        sums, result = kernels.grads_buffers(args[0], args[1], sum(ranks))
+        assert (result is sums) == (dtype == torch.float32) and result.dtype == dtype
+        sums.fill_(float("nan"))
+        result.fill_(float("nan"))
+        got = kernels.lora_grads_buffer(*args, buffers=(sums, result))
+        assert got is result and not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    n_db = sum(dims[i] * ranks[i] for i in listed)
+    torch.testing.assert_close(_from_buffer(got, n_db).double(), _grads_expected(*args), rtol=2e-3, atol=2e-2)
 
 
 def test_grads_launch_key_follows_what_triton_specializes() -> None:

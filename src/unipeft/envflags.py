@@ -7,11 +7,19 @@ catches a KeyError — several times per projection on a host-bound training ste
 values in the dict `_data` under encoded keys, and every write through `os.environ` (monkeypatch included) updates
 it: one dict lookup reads the same value. Where that dict is not there (another Python, os.environ replaced), the
 ordinary `os.environ.get` runs.
+
+Under torch.compile a switch is read once, when the code is traced, and is a constant of the graph: a lookup that
+dynamo traced would guard on the whole environment (a missing key is guarded by the dict's length), so any variable
+set later — Inductor sets some while it compiles — recompiled the model on its next call (the 953M benchmark model:
+25–40 s more compile time at its second step). After changing a switch, `torch._dynamo.reset()` makes a compiled
+model read it again.
 """
 
 from __future__ import annotations
 
 import os
+
+import torch
 
 _ENVIRON = os.environ
 _DATA = getattr(_ENVIRON, "_data", None)
@@ -31,10 +39,22 @@ def off(name: str) -> bool:
 
 def raw(name: str) -> object:
     """The variable's value in os.environ's own encoding (bytes on POSIX), or None when unset: a cache key that
-    follows the variable (compare it only with other `raw` results)."""
+    follows the variable (compare it only with other `raw` results). While tracing: its value then, as a constant."""
+    if torch.compiler.is_compiling():
+        return _traced(name)
+    return _lookup(name)
+
+
+def _lookup(name: str) -> object:
     if _FAST and os.environ is _ENVIRON:
         key = _KEYS.get(name)
         if key is None:
             key = _KEYS[name] = _ENVIRON.encodekey(name)
         return _DATA.get(key)
     return os.environ.get(name)
+
+
+@torch.compiler.assume_constant_result
+def _traced(name: str) -> object:
+    """`raw` for dynamo: called while tracing, its result a constant of the graph, with no guard on os.environ."""
+    return _lookup(name)

@@ -416,10 +416,23 @@ def lora_grads(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.T
 
 
 def lora_grads_buffer(gs: list[torch.Tensor], bs: list[torch.Tensor], xas: list[torch.Tensor], rows: list[int],
-                      scales: list[float], total_rank: int) -> torch.Tensor:
+                      scales: list[float], total_rank: int,
+                      buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`lora_grads`'s one buffer — the dB's, then gaᵀ — for a caller that splits it itself (overlap.py); eager
-    only (a compiled backward reaches it inside the opaque op `unipeft::lora_backward`)."""
-    return _planned_grads(gs, bs, xas, rows, scales, total_rank)
+    only (a compiled backward reaches it inside the opaque op `unipeft::lora_backward`). buffers: the two from
+    `grads_buffers`, made by the caller (on another stream: see there), zeroed here; None to allocate them here."""
+    return _planned_grads(gs, bs, xas, rows, scales, total_rank, buffers)
+
+
+def grads_buffers(gs: list[torch.Tensor], bs: list[torch.Tensor], total_rank: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 sums (with their arrival counters) and the result buffer of a grads call, uninitialized — for a
+    caller that allocates on one stream and launches on another (overlap.py: a block the caching allocator hands
+    out on a side stream is cached for that stream alone, where the main stream cannot reuse it). For fp32 g both
+    are one tensor."""
+    end, size, mode = _grads_layout(gs, bs, total_rank)[:3]
+    out = torch.empty(end, device=gs[0].device, dtype=torch.float32)
+    return out, (out if mode == 0 else torch.empty(size, device=gs[0].device, dtype=gs[0].dtype))
 
 
 def _grad_stages(dtype: torch.dtype, br: int) -> int:
@@ -430,17 +443,43 @@ def _grad_stages(dtype: torch.dtype, br: int) -> int:
     return max(1, min(_GRAD_STAGES, 64 * 1024 // per_stage))
 
 
-def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> torch.Tensor:
+def _grads_layout(gs, bs, total_rank: int) -> tuple[int, int, int, list[int]]:
+    """(end, size, mode, counters) of a grads call: the fp32 buffer's length (the sums, then for 16-bit g the
+    arrival counters: per member, its row blocks, then at most one per BD columns — its column programs), the
+    result's length (every dB, then gaᵀ), how the result is made (0: it is the fp32 buffer; 1: uninitialized — every
+    element is written by a last arriver; 2: zeroed — the gaᵀ rows of members not listed stay zero) and each
+    member's counters offset."""
+    n = gs[0].shape[0]
+    size = sum(g.shape[1] * b.shape[1] for g, b in zip(gs, bs)) + total_rank * n
+    finish = gs[0].dtype != torch.float32
+    nb = _cdiv(n, _GRAD_BN)
+    counters, end = [], size
+    for g in gs:
+        counters.append(end)
+        end += nb + _cdiv(g.shape[1], _GRAD_BD) if finish else 0
+    mode = 0 if not finish else 1 if sum(b.shape[1] for b in bs) == total_rank else 2
+    return end, size, mode, counters
+
+
+def _zeroed(buffers: tuple[torch.Tensor, torch.Tensor], mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A caller's `grads_buffers`, zeroed as the kernel needs them (on the current stream)."""
+    out, dst = buffers
+    out.zero_()
+    if mode == 2:
+        dst.zero_()
+    return out, dst
+
+
+def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch, buffers=None) -> torch.Tensor:
     """One launch per three members adding into one zeroed fp32 buffer — every dB, then gaᵀ — and, for 16-bit g,
     rounding it into a buffer of g's dtype inside the same launch (each block by the program that adds into it last:
     see `_grads_kernel`), so a grads call is one kernel after the zeroing. (Rounding in a kernel of its own cost 64
     kernels per step of the 953M model, and rounding gaᵀ and the dB's separately twice that: a foreach copy of the
     two was not fused on torch 2.11.) The result is that one buffer, so a dB kept as a parameter's .grad keeps gaᵀ's
     Σr × N elements alive with it until the gradients are freed: on a Llama layer at r = 16, under 1% of the
-    activations the layer saves for backward (29 MB for the 953M benchmark model at 8 × 1024 tokens)."""
+    activations the layer saves for backward (29 MB for the 953M benchmark model at 8 × 1024 tokens).
+    buffers: `grads_buffers`'s two, or None to allocate them."""
     n = gs[0].shape[0]
-    dbs_size = sum(g.shape[1] * b.shape[1] for g, b in zip(gs, bs))
-    size = dbs_size + total_rank * n
     db_offs, db_off = [], 0
     for g, b, xa, row in zip(gs, bs, xas, rows):
         d, r = b.shape
@@ -449,30 +488,22 @@ def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch) -> torch.Ten
                              f"{b.dtype}, xa {tuple(xa.shape)} {xa.dtype}, rows {row}..{row + r} of {total_rank}")
         db_offs.append(db_off)
         db_off += d * r
-    dtype = gs[0].dtype
-    finish = dtype != torch.float32
-    # arrival counters (fp32, zeroed with the sums) after the sums: per member, its row blocks, then at most one
-    # per BD columns (its column programs)
-    nb = _cdiv(n, _GRAD_BN)
-    counters, end = [], size
-    for g in gs:
-        counters.append(end)
-        end += nb + _cdiv(g.shape[1], _GRAD_BD) if finish else 0
-    out = torch.zeros(end, device=gs[0].device, dtype=torch.float32)
-    if not finish:
-        dst = out  # fp32: the sums are the result
-    elif sum(b.shape[1] for b in bs) == total_rank:
-        dst = _new_output(size, dtype, gs[0].device)  # every element is written by a last arriver
+    end, size, mode, counters = _grads_layout(gs, bs, total_rank)
+    if buffers is not None:
+        out, dst = _zeroed(buffers, mode)
     else:
-        dst = torch.zeros(size, device=gs[0].device, dtype=dtype)  # the gaᵀ rows of members not listed stay zero
+        out = torch.zeros(end, device=gs[0].device, dtype=torch.float32)
+        dst = out if mode == 0 else _new_output(size, gs[0].dtype, gs[0].device) if mode == 1 else \
+            torch.zeros(size, device=gs[0].device, dtype=gs[0].dtype)
+    nb = _cdiv(n, _GRAD_BN)
     for i in range(0, len(gs), _GROUP):
         part = slice(i, i + _GROUP)
-        launch(*_grads_grid_args(gs[part], bs[part], xas[part], rows[part], scales[part], db_offs[part], dbs_size,
-                                 out, dst, counters[part], nb, finish))
+        launch(*_grads_grid_args(gs[part], bs[part], xas[part], rows[part], scales[part], db_offs[part], db_off,
+                                 out, dst, counters[part], nb, mode != 0))
     return dst
 
 
-def _planned_grads(gs, bs, xas, rows, scales, total_rank: int) -> torch.Tensor:
+def _planned_grads(gs, bs, xas, rows, scales, total_rank: int, buffers=None) -> torch.Tensor:
     """`_lora_grads` in eager mode, through the call signature's launch plan once there is one (see `_Plan`)."""
     tensors = [*gs, *bs, *xas]
     key = ("grads", *rows, *scales, total_rank, *_signature(tensors))
@@ -480,14 +511,17 @@ def _planned_grads(gs, bs, xas, rows, scales, total_rank: int) -> torch.Tensor:
     g = gs[0]
     if plan is not None and plan.ready():
         end, size, mode = plan.extra
-        out = torch.zeros(end, device=g.device, dtype=torch.float32)
-        dst = out if mode == 0 else _new_output(size, g.dtype, g.device) if mode == 1 else \
-            torch.zeros(size, device=g.device, dtype=g.dtype)
+        if buffers is not None:
+            out, dst = _zeroed(buffers, mode)
+        else:
+            out = torch.zeros(end, device=g.device, dtype=torch.float32)
+            dst = out if mode == 0 else _new_output(size, g.dtype, g.device) if mode == 1 else \
+                torch.zeros(size, device=g.device, dtype=g.dtype)
         if plan(tensors + [out, dst]):
             return dst
     seen = []
     dst = _lora_grads(gs, bs, xas, rows, scales, total_rank, lambda grid, args: (_launch_grads(grid, args),
-                                                                                 seen.append((grid, args))))
+                                                                                 seen.append((grid, args))), buffers)
     if len(seen) == 1:
         grid, args = seen[0]
         out = args[9]

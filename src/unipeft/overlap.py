@@ -14,11 +14,14 @@ Per projection (a lone one: o, down) or sibling group (q/k/v, gate/up), `lora_ba
     main stream   dx = Σ g_i·W_i (frozen W, accumulating GEMMs), or g·W′ for a lone projection (W′ rebuilt)
     main stream   wait for the side stream;  a group's dx += gaᵀᵀ·A_cat
 
-Everything the side stream reads stays alive until the join, and every use of its results comes after the join on
-the main stream, so the caching allocator needs no `record_stream`: a block freed later is reused on the main
-stream after the side stream's work, and a block the side stream allocated is reused by a later side-stream call
-only after that call's own wait for the main stream. While a CUDA graph is being captured everything stays on the
-capturing stream.
+Every buffer the side stream writes is allocated on the main stream before the fork, and everything it reads or
+writes is held until the join, after which every use is on the main stream: so the caching allocator needs no
+`record_stream` (a block freed after the join is reused by main-stream work queued after the side stream's), and
+the side stream draws no memory pool of its own — the one segment it owns is cuBLAS's workspace for its two GEMMs
+(32 MiB on the H200). Fork and join are one pair of events per device, made once (a wait takes the record queued
+just before it): the first version made two events and a stream object per call, and the backward's host time of
+the benchmark step went 46.2 → 34.7 ms with this one (bench/first_steps.py; the step stayed GPU-bound at ~75 ms).
+While a CUDA graph is being captured everything stays on the capturing stream.
 
 Only a compiled backward takes this path, as the opaque custom op `unipeft::lora_backward` (Inductor issues one
 stream; inside the op two run). There the host is far ahead of the GPU and has time for the op's Python. An eager
@@ -30,30 +33,45 @@ plain GEMMs (the CPU tests' path).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import envflags, kernels
 
-_SIDE: dict[int, torch.cuda.Stream] = {}  #: device index -> the side stream (made on first use)
+
+class _Lane:
+    """A device's side stream and the two events that fork work to it and join it back, made once: a
+    `Stream.wait_stream` makes an event per call. Reusing one is safe because each wait is queued right after its
+    record (a wait takes the event's latest record at the time it is queued)."""
+
+    __slots__ = ("side", "fork", "join")
+
+    def __init__(self, index: int) -> None:
+        self.side = torch.cuda.Stream(device=index)
+        self.fork, self.join = torch.cuda.Event(), torch.cuda.Event()
+
+
+_LANES: dict[int, _Lane] = {}  #: device index -> its lane (made on first use)
 
 
 def enabled() -> bool:
     return not envflags.off("UNIPEFT_STREAMS")
 
 
-def _side(t: torch.Tensor) -> torch.cuda.Stream | None:
-    """The side stream of t's device, or None when the products run on the current stream: off the GPU, switched
-    off, and while a CUDA graph is being captured (torch.compile's "reduce-overhead" mode: the graph's private memory
-    pool serves the capturing stream only, so a side stream's buffers would not be the graph's)."""
+def _lane(t: torch.Tensor) -> _Lane | None:
+    """The lane of t's device, or None when the products run on the current stream: off the GPU, switched off,
+    while a CUDA graph is being captured (torch.compile's "reduce-overhead" mode: the graph's private memory pool
+    serves the capturing stream only, so a side stream's buffers would not be the graph's), and when t is not on the
+    current device (`torch.cuda.set_stream` switches the current device to the stream's; autograd runs a device's
+    backward with that device current, so this is only a guard)."""
     if not t.is_cuda or not enabled() or torch.cuda.is_current_stream_capturing():
         return None
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    side = _SIDE.get(index)
-    if side is None:
-        side = _SIDE[index] = torch.cuda.Stream(device=index)
-    return side
+    index = t.get_device()
+    if index != torch.cuda.current_device():
+        return None
+    lane = _LANES.get(index)
+    if lane is None:
+        lane = _LANES[index] = _Lane(index)
+    return lane
 
 
 def applies(gs: list[torch.Tensor], ranks: list[int]) -> bool:
@@ -71,44 +89,81 @@ def lora_backward(gs: list[torch.Tensor | None], ws: list[torch.Tensor], bs: lis
     a_cat: the members' A stacked (Σr × d_in); xa: x·A_catᵀ (N × Σr) kept from forward, or None to compute it.
     rebuild (one member): dx = g·(W + s·B·A) with W′ built again; else dx = Σ g_i·W_i + gaᵀᵀ·A_cat.
     flat: kernels.lora_grads's buffer — the members with a gradient's dB_i one after another, then gaᵀ (Σr × N,
-    zero rows for members without one). dA: gaᵀ·x (Σr × d_in), None unless need_da; dx None unless need_dx."""
+    zero rows for members without one). dA: gaᵀ·x (Σr × d_in), None unless need_da; dx None unless need_dx.
+
+    Every buffer is allocated on the main stream before the fork (the side stream only writes into them) and held
+    until the join, so the side stream draws no memory pool of its own."""
     x2 = x.reshape(-1, x.shape[-1])
+    n, total = x2.shape[0], sum(ranks)
     live = [i for i, g in enumerate(gs) if g is not None]
     g2 = [gs[i].reshape(-1, gs[i].shape[-1]) for i in live]
-    offsets = [sum(ranks[:i]) for i in range(len(ranks))]
-    side = _side(x2)
-    main = torch.cuda.current_stream(x2.device) if side is not None else None
-    if side is not None:
-        side.wait_stream(main)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        if xa is None:
-            xa = torch.mm(x2, a_cat.t())
-        xas = xa.reshape(-1, xa.shape[-1]).split_with_sizes(ranks, 1)
-        flat = _products(g2, [bs[i] for i in live], [xas[i] for i in live], [offsets[i] for i in live],
-                         [scales[i] for i in live], sum(ranks))
-        n_db = sum(g.shape[1] * bs[i].shape[1] for g, i in zip(g2, live))
-        ga_t = flat[n_db:].view(sum(ranks), x2.shape[0])
+    b2, r2 = [bs[i] for i in live], [ranks[i] for i in live]
+    rows = [sum(ranks[:i]) for i in live]
+    grads = kernels.grads_available(g2 if xa is None else g2 + [xa], r2) and n * total < 2**31
+    lane = _lane(x2) if grads else None
+    if lane is None:  # one stream: the products in order (the CPU's GEMMs, or the kernel)
+        xa = torch.mm(x2, a_cat.t()) if xa is None else xa.reshape(n, total)
+        xas = xa.split_with_sizes(ranks, 1)
+        xas = [xas[i] for i in live]
+        flat = kernels.lora_grads_buffer(g2, b2, xas, rows, [scales[i] for i in live], total) if grads \
+            else _products(g2, b2, xas, rows, [scales[i] for i in live], total)
+        ga_t = flat[flat.numel() - total * n:].view(total, n)
         da = torch.mm(ga_t, x2) if need_da else None
-    dx = None
+        return _dx(g2, ws, bs, live, a_cat, scales, ga_t, need_dx, rebuild), flat, da
+    buffers = kernels.grads_buffers(g2, b2, total)  # (on the main stream: see the docstring)
+    flat = buffers[1]
+    ga_t = flat[flat.numel() - total * n:].view(total, n)
+    xa_out = torch.empty(n, total, device=x2.device, dtype=x2.dtype) if xa is None else None
+    da = torch.empty(total, x2.shape[1], device=x2.device, dtype=x2.dtype) if need_da else None
+    main = torch.cuda.current_stream(x2.device)
+    lane.fork.record(main)
+    lane.side.wait_event(lane.fork)
+    torch.cuda.set_stream(lane.side)
+    try:
+        xa = torch.mm(x2, a_cat.t(), out=xa_out) if xa is None else xa.reshape(n, total)
+        xas = xa.split_with_sizes(ranks, 1)
+        kernels.lora_grads_buffer(g2, b2, [xas[i] for i in live], rows, [scales[i] for i in live], total, buffers)
+        if need_da:
+            torch.mm(ga_t, x2, out=da)
+        lane.join.record(lane.side)
+    finally:
+        torch.cuda.set_stream(main)
     if need_dx:
         if rebuild:
-            w = kernels.merged_weight(ws[0], bs[0], a_cat, scales[0]) if kernels.available(ws[0]) \
-                else torch.addmm(ws[0], bs[0], a_cat, alpha=scales[0])
-            dx = torch.mm(g2[0], w)
+            dx = torch.mm(g2[0], _merged(ws[0], bs[0], a_cat, scales[0]))
+            main.wait_event(lane.join)
         else:
+            dx = None
             for g, i in zip(g2, live):
                 dx = torch.mm(g, ws[i]) if dx is None else dx.addmm_(g, ws[i])
-    if side is not None:
-        main.wait_stream(side)
-    if dx is not None and not rebuild:
-        dx.addmm_(ga_t.t(), a_cat)
+            main.wait_event(lane.join)
+            dx.addmm_(ga_t.t(), a_cat)
+    else:
+        dx = None
+        main.wait_event(lane.join)
+    del buffers, xa_out, xa, xas  # (held to here: the side stream's last use of them is before the join)
     return dx, flat, da
 
 
+def _merged(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> torch.Tensor:
+    """W + s·B·A, by the Triton kernel where it applies."""
+    return kernels.merged_weight(w, b, a, s) if kernels.available(w) else torch.addmm(w, b, a, alpha=s)
+
+
+def _dx(g2, ws, bs, live, a_cat, scales, ga_t, need_dx: bool, rebuild: bool) -> torch.Tensor | None:
+    """dx on one stream: g·W′ with W′ rebuilt (rebuild), or Σ g_i·W_i + gaᵀᵀ·A_cat."""
+    if not need_dx:
+        return None
+    if rebuild:
+        return torch.mm(g2[0], _merged(ws[0], bs[0], a_cat, scales[0]))
+    dx = None
+    for g, i in zip(g2, live):
+        dx = torch.mm(g, ws[i]) if dx is None else dx.addmm_(g, ws[i])
+    return dx.addmm_(ga_t.t(), a_cat)
+
+
 def _products(gs, bs, xas, rows, scales, total_rank: int) -> torch.Tensor:
-    """kernels.lora_grads's buffer: by the Triton kernel where it applies, else the same layout from GEMMs."""
-    if kernels.grads_available(gs + list(xas), [b.shape[1] for b in bs]):
-        return kernels.lora_grads_buffer(gs, bs, list(xas), rows, scales, total_rank)
+    """kernels.lora_grads's buffer from GEMMs (off the GPU and where the kernel does not apply)."""
     n = gs[0].shape[0]
     ga_t = gs[0].new_zeros(total_rank, n)
     dbs = []
