@@ -461,13 +461,18 @@ def _grads_layout(gs, bs, total_rank: int) -> tuple[int, int, int, list[int]]:
     return end, size, mode, counters
 
 
-def _zeroed(buffers: tuple[torch.Tensor, torch.Tensor], mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A caller's `grads_buffers`, zeroed as the kernel needs them (on the current stream)."""
-    out, dst = buffers
-    out.zero_()
-    if mode == 2:
-        dst.zero_()
-    return out, dst
+def _grads_out(end: int, size: int, mode: int, g: torch.Tensor, buffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 sums and the result buffer of a grads call (see `_grads_layout`), zeroed as the kernel needs them on
+    the current stream: a caller's `grads_buffers`, or new ones."""
+    if buffers is not None:
+        out, dst = buffers
+        out.zero_()
+        if mode == 2:
+            dst.zero_()
+        return out, dst
+    out = torch.zeros(end, device=g.device, dtype=torch.float32)
+    return out, (out if mode == 0 else _new_output(size, g.dtype, g.device) if mode == 1 else
+                 torch.zeros(size, device=g.device, dtype=g.dtype))
 
 
 def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch, buffers=None) -> torch.Tensor:
@@ -489,12 +494,7 @@ def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch, buffers=None
         db_offs.append(db_off)
         db_off += d * r
     end, size, mode, counters = _grads_layout(gs, bs, total_rank)
-    if buffers is not None:
-        out, dst = _zeroed(buffers, mode)
-    else:
-        out = torch.zeros(end, device=gs[0].device, dtype=torch.float32)
-        dst = out if mode == 0 else _new_output(size, gs[0].dtype, gs[0].device) if mode == 1 else \
-            torch.zeros(size, device=gs[0].device, dtype=gs[0].dtype)
+    out, dst = _grads_out(end, size, mode, gs[0], buffers)
     nb = _cdiv(n, _GRAD_BN)
     for i in range(0, len(gs), _GROUP):
         part = slice(i, i + _GROUP)
@@ -510,13 +510,7 @@ def _planned_grads(gs, bs, xas, rows, scales, total_rank: int, buffers=None) -> 
     plan = launching._PLANS.get(key)
     g = gs[0]
     if plan is not None and plan.ready():
-        end, size, mode = plan.extra
-        if buffers is not None:
-            out, dst = _zeroed(buffers, mode)
-        else:
-            out = torch.zeros(end, device=g.device, dtype=torch.float32)
-            dst = out if mode == 0 else _new_output(size, g.dtype, g.device) if mode == 1 else \
-                torch.zeros(size, device=g.device, dtype=g.dtype)
+        out, dst = _grads_out(*plan.extra, g, buffers)
         if plan(tensors + [out, dst]):
             return dst
     seen = []

@@ -128,19 +128,7 @@ def lora_backward(gs: list[torch.Tensor | None], ws: list[torch.Tensor], bs: lis
         lane.join.record(lane.side)
     finally:
         torch.cuda.set_stream(main)
-    if need_dx:
-        if rebuild:
-            dx = torch.mm(g2[0], _merged(ws[0], bs[0], a_cat, scales[0]))
-            main.wait_event(lane.join)
-        else:
-            dx = None
-            for g, i in zip(g2, live):
-                dx = torch.mm(g, ws[i]) if dx is None else dx.addmm_(g, ws[i])
-            main.wait_event(lane.join)
-            dx.addmm_(ga_t.t(), a_cat)
-    else:
-        dx = None
-        main.wait_event(lane.join)
+    dx = _dx(g2, ws, bs, live, a_cat, scales, ga_t, need_dx, rebuild, lambda: main.wait_event(lane.join))
     del buffers, xa_out, xa, xas  # (held to here: the side stream's last use of them is before the join)
     return dx, flat, da
 
@@ -150,16 +138,18 @@ def _merged(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> torc
     return kernels.merged_weight(w, b, a, s) if kernels.available(w) else torch.addmm(w, b, a, alpha=s)
 
 
-def _dx(g2, ws, bs, live, a_cat, scales, ga_t, need_dx: bool, rebuild: bool) -> torch.Tensor | None:
-    """dx on one stream: g·W′ with W′ rebuilt (rebuild), or Σ g_i·W_i + gaᵀᵀ·A_cat."""
-    if not need_dx:
-        return None
-    if rebuild:
-        return torch.mm(g2[0], _merged(ws[0], bs[0], a_cat, scales[0]))
+def _dx(g2, ws, bs, live, a_cat, scales, ga_t, need_dx: bool, rebuild: bool, join=None) -> torch.Tensor | None:
+    """dx: g·W′ with W′ rebuilt (rebuild), or Σ g_i·W_i + gaᵀᵀ·A_cat; `join` (the wait for the side stream) is
+    called after the GEMMs that do not read gaᵀ and before the one that does."""
     dx = None
-    for g, i in zip(g2, live):
-        dx = torch.mm(g, ws[i]) if dx is None else dx.addmm_(g, ws[i])
-    return dx.addmm_(ga_t.t(), a_cat)
+    if need_dx and rebuild:
+        dx = torch.mm(g2[0], _merged(ws[0], bs[0], a_cat, scales[0]))
+    elif need_dx:
+        for g, i in zip(g2, live):
+            dx = torch.mm(g, ws[i]) if dx is None else dx.addmm_(g, ws[i])
+    if join is not None:
+        join()
+    return dx.addmm_(ga_t.t(), a_cat) if need_dx and not rebuild else dx
 
 
 def _products(gs, bs, xas, rows, scales, total_rank: int) -> torch.Tensor:
