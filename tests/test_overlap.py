@@ -96,12 +96,21 @@ def test_lora_backward_with_the_triton_kernels(rebuild: bool, monkeypatch) -> No
 
 
 def test_the_custom_op_is_registered_consistently() -> None:
-    """torch.library.opcheck: schema, fake-tensor outputs (shapes, dtypes) and AOT dispatch agree with the op."""
+    """torch.library.opcheck: schema, fake-tensor outputs (shapes, dtypes) and AOT dispatch agree with the op; it is
+    tagged layout-flexible; and it keeps the contract torch.library.custom_op would check at every call (it is
+    registered through torch.library.Library, which does not): its outputs alias no input and no other output."""
     x, ws, as_, bs, gs = _case([12, 8, 8], [4, 2, 4], dtype=torch.float32)
     gs[1] = None
-    for need_dx, need_da in ((True, True), (False, True), (True, False)):
-        torch.library.opcheck(torch.ops.unipeft.lora_backward.default,
-                              (gs, ws, bs, x, torch.cat(as_), [0.5, 2.0, 1.5], [4, 2, 4], need_dx, need_da, False))
+    op = torch.ops.unipeft.lora_backward.default
+    assert torch.Tag.flexible_layout in op.tags
+    for need_dx, need_da in ((True, True), (False, True), (True, False), (False, False)):
+        args = (gs, ws, bs, x, torch.cat(as_), [0.5, 2.0, 1.5], [4, 2, 4], need_dx, need_da, False)
+        torch.library.opcheck(op, args)
+        outs = op(*args)
+        ins = {t.untyped_storage().data_ptr() for t in (*ws, *bs, x, args[4], *(g for g in gs if g is not None))}
+        ptrs = [t.untyped_storage().data_ptr() for t in outs if t.numel()]
+        assert not ins & set(ptrs) and len(set(ptrs)) == len(ptrs)
+        assert len({id(t) for t in outs}) == 3
 
 
 def _grads_through(am, model, monkeypatch, flag: str) -> dict:

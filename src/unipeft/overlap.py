@@ -24,9 +24,10 @@ the benchmark step went 46.2 → 34.7 ms with this one (bench/first_steps.py; th
 While a CUDA graph is being captured everything stays on the capturing stream.
 
 Only a compiled backward takes this path, as the opaque custom op `unipeft::lora_backward` (Inductor issues one
-stream; inside the op two run). There the host is far ahead of the GPU and has time for the op's Python. An eager
-step issues every op from Python anyway, and there the same streams measured slower (1.058× → 1.074×,
-bench/results/ab_19_eager_streams.json): it keeps its own order on one stream. `UNIPEFT_STREAMS=0` turns the op
+stream; inside the op two run; registered through torch.library.Library, ~10 µs less host time per call than the
+custom_op decorator: see its definition). There the host is far ahead of the GPU and has time for the op's
+Python. An eager step issues every op from Python anyway, and there the same streams measured slower (1.058× →
+1.074×, bench/results/ab_19_eager_streams.json): it keeps its own order on one stream. `UNIPEFT_STREAMS=0` turns the op
 off (the compiled backward then traces its kernels itself, as before). Off the GPU the products run in order with
 plain GEMMs (the CPU tests' path).
 """
@@ -163,26 +164,36 @@ def _products(gs, bs, xas, rows, scales, total_rank: int) -> torch.Tensor:
     return torch.cat([*dbs, ga_t.reshape(-1)])
 
 
-@torch.library.custom_op("unipeft::lora_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _lora_backward_op(gs: list[torch.Tensor | None], ws: list[torch.Tensor], bs: list[torch.Tensor],
                       x: torch.Tensor, a_cat: torch.Tensor, scales: list[float], ranks: list[int], need_dx: bool,
                       need_da: bool, rebuild: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`lora_backward` as one opaque op of a compiled backward (registered at import: no graph). Outputs not asked
-    for come back empty (an op's outputs are tensors); layout-flexible: the gradients are taken as their producers
-    made them (see siblings._flexible_mm)."""
+    """`lora_backward` as one opaque op of a compiled backward. Outputs not asked for come back empty (an op's
+    outputs are tensors, each its own); layout-flexible: the gradients are taken as their producers made them
+    (see siblings._flexible_mm)."""
     dx, flat, da = lora_backward(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild)
-    empty = x.new_empty(0)
-    return (empty if dx is None else dx.view(x.shape)), flat, (empty if da is None else da)
+    return (x.new_empty(0) if dx is None else dx.view(x.shape)), flat, (x.new_empty(0) if da is None else da)
 
 
-@_lora_backward_op.register_fake
-def _(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild):
+def _lora_backward_fake(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild):
     n, total = x.numel() // x.shape[-1], sum(ranks)
     n_db = sum(g.shape[-1] * b.shape[1] for g, b in zip(gs, bs) if g is not None)
     dtype = next(g for g in gs if g is not None).dtype
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     da = x.new_empty(total, x.shape[-1]) if need_da else x.new_empty(0)
     return dx, x.new_empty(n_db + total * n, dtype=dtype), da
+
+
+# Registered at import (inside a compiled region it would break the graph) through torch.library.Library rather
+# than the torch.library.custom_op decorator: a compiled backward calls this op 64 times a step on the 953M model,
+# and custom_op's Python layers around the function (its autograd wrapper, the output-aliasing check) cost ~10 µs
+# of host time per call more (15.6 against 5.3 µs on the development CPU, trivial body) — host time the compiled
+# step's backward is short of on slower hosts (docs/performance.md). The function returns fresh tensors only.
+_LIB = torch.library.Library("unipeft", "FRAGMENT")
+_LIB.define("lora_backward(Tensor?[] gs, Tensor[] ws, Tensor[] bs, Tensor x, Tensor a_cat, float[] scales, "
+            "int[] ranks, bool need_dx, bool need_da, bool rebuild) -> (Tensor, Tensor, Tensor)",
+            tags=(torch.Tag.flexible_layout,))
+_LIB.impl("lora_backward", _lora_backward_op, "CompositeExplicitAutograd")
+torch.library.register_fake("unipeft::lora_backward", _lora_backward_fake, lib=_LIB)
 
 
 def traced_lora_backward(gs, ws, bs, x, a_cat, scales, ranks, need_dx: bool, need_da: bool, rebuild: bool):
