@@ -3,7 +3,8 @@ a plain torch.library.Library definition — with the schema of `unipeft::lora_b
 returns prepared tensors, so only the dispatch layers are timed. A compiled LoRA backward calls that op 64 times a
 step on the 953M benchmark model, and its host time is what a slow CPU round runs short of (docs/performance.md).
 
-Usage (any machine): python3 bench/op_overhead.py [--calls 2000] [--out op_overhead.json]
+Usage (any machine, unipeft importable: installed or PYTHONPATH=src):
+    python3 bench/op_overhead.py [--calls 2000] [--out op_overhead.json]
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import time
 
 import torch
 
-_SCHEMA = ("(Tensor?[] gs, Tensor[] ws, Tensor[] bs, Tensor x, Tensor a_cat, float[] scales, int[] ranks, "
-           "bool need_dx, bool need_da, bool rebuild) -> (Tensor, Tensor, Tensor)")
+import unipeft.overlap  # noqa: F401  (registers unipeft::lora_backward, whose schema the probe ops take)
+
+#: "(Tensor?[] gs, …) -> (Tensor, Tensor, Tensor)", read from the registered op
+_SCHEMA = str(torch.ops.unipeft.lora_backward.default._schema).partition("lora_backward")[2]
 _OUT: list = []
 
 

@@ -186,8 +186,9 @@ def _lora_backward_fake(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, r
 # Registered at import (inside a compiled region it would break the graph) through torch.library.Library rather
 # than the torch.library.custom_op decorator: a compiled backward calls this op 64 times a step on the 953M model,
 # and custom_op's Python layers around the function (its autograd wrapper, the output-aliasing check) cost ~10 µs
-# of host time per call more (15.6 against 5.3 µs on the development CPU, trivial body) — host time the compiled
-# step's backward is short of on slower hosts (docs/performance.md). The function returns fresh tensors only.
+# of host time per call more (15.0 against 4.9 µs on the development CPU, trivial body: bench/op_overhead.py) —
+# host time the compiled step's backward is short of on slower hosts (docs/performance.md). The function returns
+# fresh tensors only (tests/test_overlap.py checks what the decorator checked).
 _LIB = torch.library.Library("unipeft", "FRAGMENT")
 _LIB.define("lora_backward(Tensor?[] gs, Tensor[] ws, Tensor[] bs, Tensor x, Tensor a_cat, float[] scales, "
             "int[] ranks, bool need_dx, bool need_da, bool rebuild) -> (Tensor, Tensor, Tensor)",
