@@ -8,7 +8,12 @@ backward of an identity node on the loss, the first node to run, and off by a ho
 tensor has its gradient, the last thing backward does).
 
 Usage (GPU machine, harness carried as in perf_vs_peft.py):
-    PYTHONPATH=src python3 bench/host_probe.py --harness .gpu_carry/bench --case floor,lora --out host.json
+    PYTHONPATH=src python3 bench/host_probe.py --harness .gpu_carry/bench --case floor,lora [--compile] \
+        [--sync-phases] --out host.json
+--compile: the model under torch.compile (the compiled backward runs in the same device thread). --sync-phases:
+the host-timed steps wait for the GPU before each phase, so a phase starts with an empty launch queue and its host
+time is the CPU's own cost wherever its kernels fit in the queue (no batch change needed; the synced step time is
+taken as before).
 Per case: host ms per phase (median of --steps steps issued back to back), the synced step time, and the top
 functions of each phase by own time and by cumulative time (per step; cProfile slows Python roughly twofold, so
 compare functions with each other, not with the unprofiled host times). Issued back to back, a phase's host time
@@ -58,8 +63,10 @@ def _top(prof: cProfile.Profile, key: str, n: int) -> list[dict]:
     return [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows[:n]]
 
 
-def probe(model, params, x, steps: int, top: int, sync) -> dict:
-    """Issue `steps` steps back to back timing each phase's host time, then profile `steps` more per phase."""
+def probe(model, params, x, steps: int, top: int, sync, sync_phases: bool = False) -> dict:
+    """Issue `steps` steps back to back timing each phase's host time (each phase after a wait for the GPU with
+    sync_phases), then profile `steps` more per phase."""
+    gap = sync if sync_phases else (lambda: None)
     opt = torch.optim.AdamW(params, lr=1e-4)
     cur = {"prof": None}
 
@@ -67,7 +74,8 @@ def probe(model, params, x, steps: int, top: int, sync) -> dict:
         if cur["prof"] is not None:
             cur["prof"].disable()
 
-    def step(prof_f=None, prof_b=None, prof_o=None) -> tuple[float, float, float]:
+    def step(prof_f=None, prof_b=None, prof_o=None, wait=lambda: None) -> tuple[float, float, float]:
+        wait()
         t0 = time.perf_counter()
         if prof_f:
             prof_f.enable()
@@ -76,8 +84,12 @@ def probe(model, params, x, steps: int, top: int, sync) -> dict:
         if prof_f:
             prof_f.disable()
         t1 = time.perf_counter()
+        wait()
+        t1b = time.perf_counter()
         _Switch.apply(loss, prof_b, True).backward()
         t2 = time.perf_counter()
+        wait()
+        t2b = time.perf_counter()
         if prof_o:
             prof_o.enable()
         opt.step()
@@ -85,12 +97,12 @@ def probe(model, params, x, steps: int, top: int, sync) -> dict:
         if prof_o:
             prof_o.disable()
         t3 = time.perf_counter()
-        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+        return (t1 - t0) * 1e3, (t2 - t1b) * 1e3, (t3 - t2b) * 1e3
 
     for _ in range(3):
         step()
     sync()
-    host = [step() for _ in range(steps)]
+    host = [step(wait=gap) for _ in range(steps)]
     sync()
     synced = []
     for _ in range(steps):
@@ -107,7 +119,7 @@ def probe(model, params, x, steps: int, top: int, sync) -> dict:
     handle.remove()
     med = [round(statistics.median(h[i] for h in host), 3) for i in range(3)]
     out = dict(host_fwd_ms=med[0], host_bwd_ms=med[1], host_opt_ms=med[2], host_ms=round(sum(med), 3),
-               synced_ms=round(statistics.median(synced), 3))
+               synced_ms=round(statistics.median(synced), 3), sync_phases=sync_phases)
     for name, prof in zip(("fwd", "bwd", "opt"), profs):
         out[f"{name}_own"] = _top(prof, "own_ms", top)
         out[f"{name}_cum"] = _top(prof, "cum_ms", top)
@@ -122,6 +134,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--case", default="floor,lora")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--compile", action="store_true", help="the model under torch.compile")
+    ap.add_argument("--sync-phases", action="store_true", help="wait for the GPU before each host-timed phase")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     sys.path.insert(0, args.harness)
@@ -141,10 +155,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             raise SystemExit(f"host_probe: unknown case {case!r} (floor, lora)")
         x = torch.randint(0, h.VOCAB, (h.B, h.T), device="cuda" if cuda else "cpu")
-        row = dict(case=case, **probe(model, params, x, args.steps, args.top, sync))
+        run = torch.compile(model) if args.compile else model
+        row = dict(case=case, compiled=args.compile,
+                   **probe(run, params, x, args.steps, args.top, sync, args.sync_phases))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k.endswith("_ms")} | {"case": case}), flush=True)
-        del model, params
+        del model, params, run
         if cuda:
             h.release()
     for row in rows:
@@ -154,7 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"  {r['own_ms']:8.3f} own {r['cum_ms']:8.3f} cum {r['calls']:6d}  {r['fn']}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(rows=rows, device=torch.cuda.get_device_name() if cuda else "cpu"), f, indent=1)
+            json.dump(dict(rows=rows, device=torch.cuda.get_device_name() if cuda else "cpu",
+                           torch=torch.__version__), f, indent=1)
     return rows
 
 

@@ -258,13 +258,15 @@ def two_streams(iters: int = 20) -> dict:
     kernel queued behind a long GEMM just before the call, and a main-stream fill right after it may take any block
     the call freed: a side stream that did not wait for the main one (or a block reused before the join) would read
     stale or half-written data. Also the bytes in memory segments the side stream owns (none expected: the buffers
-    are allocated on the main stream)."""
+    are allocated on the main stream), and how many call signatures run from a plan (overlap._Call: after its
+    first call each of the four — two shapes, two and one streams — runs from its plan, so both paths are
+    compared)."""
     from unipeft import overlap
 
     torch.manual_seed(0)
     dev, dt, n, d, kv, r = "cuda", torch.bfloat16, 8192, 2048, 512, 16
     big = torch.randn(8192, 8192, device=dev, dtype=dt)
-    worst, calls = 0.0, 0
+    worst, vs_plain, calls = 0.0, 0.0, 0
     for widths, rebuild in (([d, kv, kv], False), ([d], True)):
         ws = [torch.randn(w, d, device=dev, dtype=dt) * 0.02 for w in widths]
         bs = [torch.randn(w, r, device=dev, dtype=dt) * 0.02 for w in widths]
@@ -281,12 +283,17 @@ def two_streams(iters: int = 20) -> dict:
             os.environ.pop("UNIPEFT_STREAMS")
             for a, b in zip(got, want):
                 worst = max(worst, float((a.float() - b.float()).norm() / b.float().norm()))
+            plain = overlap._unplanned(gs, ws, bs, x, a_cat, scales, [r] * len(widths), True, True, rebuild, None)
+            for a, b in zip(got, plain):  # (fp32 atomics in the grads kernel: equal up to the order of additions)
+                vs_plain = max(vs_plain, float((a.float() - b.float()).norm() / b.float().norm()))
             calls += 1
     torch.cuda.synchronize()
     side = {lane.side.cuda_stream for lane in overlap._LANES.values()}
     side_bytes = sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if seg.get("stream") in side)
-    return dict(calls=calls, max_rel_diff_two_vs_one_stream=worst, side_stream_segment_bytes=side_bytes,
-                lanes=len(overlap._LANES))
+    return dict(calls=calls, max_rel_diff_two_vs_one_stream=worst, max_rel_diff_vs_unplanned=vs_plain,
+                side_stream_segment_bytes=side_bytes,
+                lanes=len(overlap._LANES), planned_signatures=sum(type(c) is overlap._Call
+                                                                  for c in overlap._CALLS.values()))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ in the thread that runs backward and not counted in forward's, the optimizer's i
 
 from __future__ import annotations
 
+import time
+
 import torch
 from conftest import bench_module
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,6 +33,31 @@ def test_phases_profile_their_own_functions():
     # after the probe no hook is left on the parameters: a plain backward still fills every gradient
     am(input_ids=x, labels=x).loss.backward()
     assert all(p.grad is not None for p in params)
+
+
+def test_compiled_phases_profile_the_compiled_backward_and_wait_between_phases():
+    """--compile --sync-phases: the compiled backward's Python is profiled in backward's thread (not in forward's),
+    and each host-timed phase starts after a wait for the device (three per host-timed step)."""
+    probe = bench_module("host_probe")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=50)
+    am = unipeft.attach(LlamaForCausalLM(cfg), "lora", r=4, alpha=8, targets=probe.SITES)
+    params = [p for p in am.parameters() if p.requires_grad]
+    x = torch.randint(0, 50, (2, 8))
+    waits = []
+
+    def wait() -> None:  # a device that takes 0.5 s to catch up: no phase's host time may include it
+        waits.append(1)
+        time.sleep(0.5)
+
+    r = probe.probe(torch.compile(am), params, x, steps=2, top=400, sync=wait, sync_phases=True)
+    assert r["sync_phases"] and all(0 < r[f"host_{phase}_ms"] < 500 for phase in ("fwd", "bwd", "opt"))
+    # 2 host-timed steps × 3 waits, the syncs around them (2), the synced steps (2 × 2), after profiling (1)
+    assert len(waits) == 2 * 3 + 2 + 2 * 2 + 1
+    compiled_bwd = lambda phase: {n for n in (f["fn"] for f in r[f"{phase}_cum"])  # noqa: E731
+                                  if "compiled_function_backward" in n}
+    assert compiled_bwd("bwd") and not compiled_bwd("fwd") and not compiled_bwd("opt")
 
 
 def test_host_micro_times_every_piece_that_runs_here():

@@ -79,6 +79,7 @@ def test_lora_backward_with_the_triton_kernels(rebuild: bool, monkeypatch) -> No
     pytest.importorskip("triton")
     monkeypatch.setattr(kernels, "grads_available", lambda tensors, ranks: True)
     monkeypatch.setattr(kernels, "available", lambda t: True)
+    monkeypatch.setattr(overlap, "_CALLS", {})  # (a first call: worked out from its arguments)
     widths, ranks, scales = ([12], [4], [2.0]) if rebuild else ([12, 8, 8], [4, 2, 4], [0.5, 2.0, 1.5])
     x, ws, as_, bs, gs = _case(widths, ranks, dtype=torch.float32)
     used = []
@@ -158,3 +159,74 @@ def test_compiled_backward_calls_the_op(monkeypatch) -> None:
         assert sorted(calls) == sorted(expect), streams
         for k, g in want.items():
             torch.testing.assert_close(got[k], g, rtol=1e-4, atol=1e-6, msg=f"{k} (streams {streams})")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton's interpreter")
+@pytest.mark.parametrize(("rebuild", "dead"), [(False, False), (False, True), (True, False)])
+def test_a_call_seen_before_runs_from_its_plan(rebuild: bool, dead: bool, monkeypatch) -> None:
+    """The first call of a signature is worked out from its arguments and leaves a plan; later calls with new
+    values run from it — no unplanned work, no launch through kernels.py's grads or merge entry points — and give
+    bit for bit what the unplanned path gives for the same inputs, which matches the formulas."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "grads_available", lambda tensors, ranks: True)
+    monkeypatch.setattr(kernels, "available", lambda t: True)
+    monkeypatch.setattr(overlap, "_CALLS", {})
+    unplanned, real = [], overlap._unplanned
+    monkeypatch.setattr(overlap, "_unplanned", lambda *a: unplanned.append(1) or real(*a))
+    forbid = [False]
+    for name in ("lora_grads_buffer", "merged_weight"):
+        entry = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=entry, _n=name: pytest.fail(_n) if forbid[0] else _f(*a))
+    widths, ranks, scales = ([12], [4], [2.0]) if rebuild else ([12, 8, 8], [4, 2, 4], [0.5, 2.0, 1.5])
+    for seed in range(3):
+        x, ws, as_, bs, gs = _case(widths, ranks, dtype=torch.float32, seed=seed)
+        if dead:
+            gs[1] = None
+        a_cat = torch.cat(as_)
+        want = real(gs, ws, bs, x, a_cat, scales, ranks, True, True, rebuild, None)
+        forbid[0] = seed > 0
+        got = overlap.lora_backward(gs, ws, bs, x, a_cat, scales, ranks, True, True, rebuild)
+        forbid[0] = False
+        assert len(unplanned) == 1, "only the first call is worked out from its arguments"
+        assert [type(c) for c in overlap._CALLS.values()] == [overlap._Call]
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        want_dx, want_dbs, want_ga, want_da = _expected(x, ws, as_, bs, gs, scales, rebuild)
+        tol = dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[0].double(), want_dx, **tol)
+        torch.testing.assert_close(got[2].double(), want_da, **tol)
+        n_db = sum(d.numel() for d in want_dbs)
+        torch.testing.assert_close(got[1][:n_db].double(), torch.cat([d.reshape(-1) for d in want_dbs]), **tol)
+        torch.testing.assert_close(got[1][n_db:].view(sum(ranks), -1).double(), want_ga, **tol)
+
+
+def test_the_plan_key_follows_every_input_and_switch(monkeypatch) -> None:
+    """A plan is only reused by a call it fits: the key changes with each runtime switch that decides the path
+    (deterministic algorithms, UNIPEFT_TRITON, UNIPEFT_STREAMS), the flags, a scale, a rank, a member without a
+    gradient, and the shape, strides, dtype or alignment of a tensor a recorded launch reads; it does not change
+    with values."""
+    x, ws, as_, bs, gs = _case([12, 8, 8], [4, 2, 4], dtype=torch.float32)
+    args = [gs, ws, bs, x, torch.cat(as_), [0.5, 2.0, 1.5], [4, 2, 4], True, True, False]
+    key = overlap._call_key(*args)
+    assert overlap._call_key(*args) == key
+    changed = []
+    for i, v in ((0, [gs[0], None, gs[2]]), (5, [0.5, 2.5, 1.5]), (6, [4, 2, 3]), (7, False), (8, False), (9, True),
+                 (0, [gs[0].transpose(0, 1).contiguous().transpose(0, 1), gs[1], gs[2]]), (3, x.double()),
+                 (3, x.reshape(-1, 24)), (2, [bs[0], bs[1], torch.empty(bs[2].numel() + 1)[1:].view_as(bs[2])])):
+        changed.append(overlap._call_key(*args[:i], v, *args[i + 1:]))
+    assert key not in changed and len(set(changed)) == len(changed)
+    assert overlap._call_key(*args[:3], x.clone(), *args[4:]) == key  # new values, same layout
+    # a lone projection's W′ is rebuilt by a recorded launch: its W's and A's layouts are in its key too
+    lone = [[gs[0]], [ws[0]], [bs[0]], x, as_[0], [0.5], [4], True, True, True]
+    odd_w = torch.empty(ws[0].numel() + 1)[1:].view_as(ws[0])
+    assert overlap._call_key(*lone[:1], [odd_w], *lone[2:]) != overlap._call_key(*lone)
+    assert overlap._call_key(*lone[:4], as_[0].t().contiguous().t(), *lone[5:]) != overlap._call_key(*lone)
+    for name in ("UNIPEFT_TRITON", "UNIPEFT_STREAMS"):
+        monkeypatch.setenv(name, "0")
+        assert overlap._call_key(*args) != key
+        monkeypatch.delenv(name)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert overlap._call_key(*args) != key
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -45,8 +45,6 @@ from .launching import _launch, _signature
 
 _BUILT: dict[tuple, object] = {}  # (function, TRITON_INTERPRET setting) -> the jitted kernel (read when jitted)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp64 would be rounded to fp32 inside the kernel
 
 
@@ -122,9 +120,7 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
     """W + s·B·A (W: d_out × d_in, B: d_out × r, A: r × d_in, one dtype) by the Triton kernel, into `out`
     (a new contiguous tensor when None; may be `w`)."""
     if out is None:
-        tensors = [w, b, a]
-        key = ("merge1", float(s), *_signature(tensors))
-        plan = launching._PLANS.get(key)
+        plan = launching._PLANS.get(key := _merge_plan_key(tensors := [w, b, a], s))
         if plan is not None and plan.ready():
             out = torch.empty_like(w, memory_format=torch.contiguous_format)  # (no torch.device built per call)
             if plan(tensors + [out]):
@@ -503,11 +499,17 @@ def _lora_grads(gs, bs, xas, rows, scales, total_rank: int, launch, buffers=None
     return dst
 
 
+def _merge_plan_key(tensors: list[torch.Tensor], s: float) -> tuple:  # (overlap.py reads plans by these too)
+    return ("merge1", float(s), *_signature(tensors))
+
+
+def _grads_plan_key(tensors: list[torch.Tensor], rows, scales, total_rank: int) -> tuple:
+    return ("grads", *rows, *scales, total_rank, *_signature(tensors))
+
+
 def _planned_grads(gs, bs, xas, rows, scales, total_rank: int, buffers=None) -> torch.Tensor:
     """`_lora_grads` in eager mode, through the call signature's launch plan once there is one (see `_Plan`)."""
-    tensors = [*gs, *bs, *xas]
-    key = ("grads", *rows, *scales, total_rank, *_signature(tensors))
-    plan = launching._PLANS.get(key)
+    plan = launching._PLANS.get(key := _grads_plan_key(tensors := [*gs, *bs, *xas], rows, scales, total_rank))
     g = gs[0]
     if plan is not None and plan.ready():
         out, dst = _grads_out(*plan.extra, g, buffers)

@@ -21,7 +21,8 @@ the side stream draws no memory pool of its own — the one segment it owns is c
 (32 MiB on the H200). Fork and join are one pair of events per device, made once (a wait takes the record queued
 just before it): the first version made two events and a stream object per call, and the backward's host time of
 the benchmark step went 46.2 → 34.7 ms with this one (bench/first_steps.py; the step stayed GPU-bound at ~75 ms).
-While a CUDA graph is being captured everything stays on the capturing stream.
+While a CUDA graph is being captured everything stays on the capturing stream. A call signature seen before runs
+from its plan (`_Call`): the op's Python, not its kernels, was most of the compiled backward's host time.
 
 Only a compiled backward takes this path, as the opaque custom op `unipeft::lora_backward` (Inductor issues one
 stream; inside the op two run; registered through torch.library.Library, ~10 µs less host time per call than the
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from . import envflags, kernels
+from . import envflags, kernels, launching
 
 
 class _Lane:
@@ -93,7 +94,28 @@ def lora_backward(gs: list[torch.Tensor | None], ws: list[torch.Tensor], bs: lis
     zero rows for members without one). dA: gaᵀ·x (Σr × d_in), None unless need_da; dx None unless need_dx.
 
     Every buffer is allocated on the main stream before the fork (the side stream only writes into them) and held
-    until the join, so the side stream draws no memory pool of its own."""
+    until the join, so the side stream draws no memory pool of its own. A call signature seen before runs from
+    its `_Call` plan (same kernels, same order, same results)."""
+    if xa is not None:
+        return _unplanned(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild, xa)
+    key = _call_key(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild)
+    call = _CALLS.get(key, _UNSEEN)
+    if call is not None and call is not _UNSEEN:
+        index = x.get_device()
+        if index < 0 or index == torch.cuda.current_device():  # (else: `_lane`'s guard, unplanned)
+            lane = None if index < 0 or not key[2] or torch.cuda.is_current_stream_capturing() else \
+                (_LANES.get(index) or _lane(x))
+            return call.run(lane, gs, ws, bs, x, a_cat, need_dx, need_da)
+    result = _unplanned(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild, None)
+    if call is _UNSEEN:
+        if len(_CALLS) >= _CALL_LIMIT:
+            _CALLS.clear()
+        _CALLS[key] = _Call.make(gs, ws, bs, x, a_cat, scales, ranks, need_dx, rebuild)
+    return result
+
+
+def _unplanned(gs, ws, bs, x, a_cat, scales, ranks, need_dx: bool, need_da: bool, rebuild: bool, xa):
+    """`lora_backward` worked out from its arguments (a first call, or one that cannot be planned)."""
     x2 = x.reshape(-1, x.shape[-1])
     n, total = x2.shape[0], sum(ranks)
     live = [i for i, g in enumerate(gs) if g is not None]
@@ -132,6 +154,130 @@ def lora_backward(gs: list[torch.Tensor | None], ws: list[torch.Tensor], bs: lis
     dx = _dx(g2, ws, bs, live, a_cat, scales, ga_t, need_dx, rebuild, lambda: main.wait_event(lane.join))
     del buffers, xa_out, xa, xas  # (held to here: the side stream's last use of them is before the join)
     return dx, flat, da
+
+
+_UNSEEN = object()
+_CALLS: dict[tuple, _Call | None] = {}  #: call signature -> its plan (None: not plannable, see _Call.make)
+_CALL_LIMIT = 1024  # signatures kept (one per projection or group and shape, usually); cleared when full
+
+
+def _call_key(gs, ws, bs, x, a_cat, scales, ranks, need_dx: bool, need_da: bool, rebuild: bool) -> tuple:
+    """Everything a `_Call` depends on: the runtime switches (deterministic algorithms, UNIPEFT_TRITON — both
+    decide whether the grads kernel may run —, UNIPEFT_STREAMS at index 2), the flags, scales and ranks, which
+    members have a gradient, and the shape, strides, dtype and alignment (launching._signature) of every tensor a
+    recorded launch reads — g, B and x (whose dtype and size the x·Aᵀ buffer takes), and for a rebuilt W′ also W
+    and A. (A group's W and A only meet torch GEMMs, which take any layout.)"""
+    live = [g for g in gs if g is not None]
+    return (torch.are_deterministic_algorithms_enabled(), envflags._lookup("UNIPEFT_TRITON") not in envflags._ZEROS,
+            envflags._lookup("UNIPEFT_STREAMS") not in envflags._ZEROS, need_dx, need_da, rebuild, *scales, *ranks,
+            *[g is None for g in gs],
+            *launching._signature([*live, *bs, x, ws[0], a_cat] if rebuild else [*live, *bs, x]))
+
+
+class _Call:
+    """One call signature of `lora_backward` worked out once: which members have a gradient, the sizes, the grads
+    buffers' layout and the two recorded launch plans (the grads kernel's and, for a rebuilt W′, the merge
+    kernel's: launching._Plan). A compiled backward calls the op 64 times a step on the 953M benchmark model, each
+    time with its site's signature, and worked out from the arguments those calls were most of the backward's host
+    time: cProfile at 1 × 3072 tokens (where the GPU waits for the host) put 35.4 of the backward's 45.2 profiled
+    ms a step in them, ~8 of it their GEMM launches (bench/host_probe.py --compile; the backward's host time 37.9
+    ms against the floor's 7.8). A plan skips the availability checks, the layout arithmetic, the launch plans'
+    signatures and lookups, the environment reads and the stream object lookups: 27.7 ms on a host of the same
+    speed (docs/performance-log.md, nineteenth session). Holds no tensor."""
+
+    __slots__ = ("live", "widths", "ranks", "rows", "scales", "n", "k", "total", "layout", "grads", "merge")
+
+    @classmethod
+    def make(cls, gs, ws, bs, x, a_cat, scales, ranks, need_dx: bool, rebuild: bool) -> _Call | None:
+        """The plan of a call just made through `_unplanned` (its launch plans are recorded now), or None where the
+        call does not take the grads kernel with recorded plans."""
+        n, k, total = x.numel() // x.shape[-1], x.shape[-1], sum(ranks)
+        live = [i for i, g in enumerate(gs) if g is not None]
+        g2 = [gs[i].reshape(n, -1) for i in live]
+        if not kernels.grads_available(g2, [ranks[i] for i in live]) or n * total >= 2**31:
+            return None
+        xas = torch.empty(n, total, device=x.device, dtype=x.dtype).split_with_sizes(ranks, 1)
+        rows, live_scales = [sum(ranks[:i]) for i in live], [scales[i] for i in live]
+        tensors = [*g2, *[bs[i] for i in live], *[xas[i] for i in live]]
+        grads = launching._PLANS.get(kernels._grads_plan_key(tensors, rows, live_scales, total))
+        merge = None
+        if need_dx and rebuild:
+            if not kernels.available(ws[0]):
+                return None
+            merge = launching._PLANS.get(kernels._merge_plan_key([ws[0], bs[0], a_cat], scales[0]))
+            if merge is None:
+                return None
+        if grads is None:
+            return None
+        call = cls()
+        call.live, call.widths, call.ranks = live, [g.shape[1] for g in g2], list(ranks)
+        call.rows, call.scales = rows, live_scales
+        call.n, call.k, call.total, call.layout, call.grads, call.merge = n, k, total, grads.extra, grads, merge
+        return call
+
+    def run(self, lane: _Lane | None, gs, ws, bs, x, a_cat, need_dx: bool, need_da: bool):
+        """`_unplanned`'s work for this signature: the same kernels in the same order on the same streams."""
+        n, total, live = self.n, self.total, self.live
+        dev, dt = x.device, x.dtype
+        x2 = x.reshape(n, self.k)
+        g2 = [gs[i].reshape(n, d) for i, d in zip(live, self.widths)]
+        end, size, mode = self.layout
+        out = torch.empty(end, device=dev, dtype=torch.float32)
+        dst = out if mode == 0 else torch.empty(size, device=dev, dtype=g2[0].dtype)
+        ga_t = dst[size - total * n:].view(total, n)
+        xa = torch.empty(n, total, device=dev, dtype=dt)
+        da = torch.empty(total, self.k, device=dev, dtype=dt) if need_da else None
+        main = None
+        if lane is not None:
+            main = _main_stream(dev.index)
+            lane.fork.record(main)
+            lane.fork.wait(lane.side)
+            torch.cuda.set_stream(lane.side)
+        try:
+            torch.mm(x2, a_cat.t(), out=xa)
+            parts = xa.split_with_sizes(self.ranks, 1)
+            out.zero_()
+            if mode == 2:
+                dst.zero_()
+            b2, xas = [bs[i] for i in live], [parts[i] for i in live]
+            if not self.grads([*g2, *b2, *xas, out, dst]):  # (a launcher API we do not know: every plan dropped)
+                _CALLS.clear()
+                kernels.lora_grads_buffer(g2, b2, xas, self.rows, self.scales, total, (out, dst))
+            if need_da:
+                torch.mm(ga_t, x2, out=da)
+            if lane is not None:
+                lane.join.record(lane.side)
+        finally:
+            if main is not None:
+                torch.cuda.set_stream(main)
+        dx = None
+        if need_dx and self.merge is not None:
+            w = ws[0]
+            built = torch.empty_like(w, memory_format=torch.contiguous_format)
+            if not self.merge([w, bs[0], a_cat, built]):
+                _CALLS.clear()
+                built = kernels.merged_weight(w, bs[0], a_cat, self.scales[0])
+            dx = torch.mm(g2[0], built)
+        elif need_dx:
+            for g, i in zip(g2, live):
+                dx = torch.mm(g, ws[i]) if dx is None else dx.addmm_(g, ws[i])
+        if main is not None:
+            lane.join.wait(main)
+        if need_dx and self.merge is None:
+            dx.addmm_(ga_t.t(), a_cat)
+        return dx, dst, da
+
+
+_MAIN: dict[int, torch.cuda.Stream] = {}  #: device index -> the Stream object of its current stream, last seen
+
+
+def _main_stream(index: int) -> torch.cuda.Stream:
+    """torch.cuda.current_stream(index), kept while the raw stream stays the same: building the object at every
+    call took 1.5 of the op's 35.4 profiled ms a step (bench/results/host_12_compiled_b1t3072.json)."""
+    stream = _MAIN.get(index)
+    if stream is None or stream.cuda_stream != torch._C._cuda_getCurrentRawStream(index):
+        stream = _MAIN[index] = torch.cuda.current_stream(index)
+    return stream
 
 
 def _merged(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> torch.Tensor:
