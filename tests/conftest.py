@@ -20,6 +20,16 @@ FAMILIES = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_call_plans(monkeypatch):
+    """Every test starts without the two-stream op's call plans (overlap._CALLS): a test that declares the Triton
+    kernels available on the CPU would otherwise leave plans that a later test's call with the same signature
+    runs, kernels and all."""
+    from unipeft import overlap
+
+    monkeypatch.setattr(overlap, "_CALLS", {})
+
+
 def bench_module(name: str):
     """bench/<name>.py imported as a module (the bench scripts are files, not a package); it imports unipeft from
     src/ as the tests do, and other bench scripts from bench/ as it does when run."""

@@ -161,43 +161,104 @@ def test_compiled_backward_calls_the_op(monkeypatch) -> None:
             torch.testing.assert_close(got[k], g, rtol=1e-4, atol=1e-6, msg=f"{k} (streams {streams})")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton's interpreter")
-@pytest.mark.parametrize(("rebuild", "dead"), [(False, False), (False, True), (True, False)])
-def test_a_call_seen_before_runs_from_its_plan(rebuild: bool, dead: bool, monkeypatch) -> None:
-    """The first call of a signature is worked out from its arguments and leaves a plan; later calls with new
-    values run from it — no unplanned work, no launch through kernels.py's grads or merge entry points — and give
-    bit for bit what the unplanned path gives for the same inputs, which matches the formulas."""
+def _kernels_on_cpu(monkeypatch) -> tuple[list, object]:
+    """The Triton kernels declared available (they run in the interpreter); calls of `_unplanned` counted."""
     pytest.importorskip("triton")
     monkeypatch.setattr(kernels, "grads_available", lambda tensors, ranks: True)
     monkeypatch.setattr(kernels, "available", lambda t: True)
-    monkeypatch.setattr(overlap, "_CALLS", {})
     unplanned, real = [], overlap._unplanned
     monkeypatch.setattr(overlap, "_unplanned", lambda *a: unplanned.append(1) or real(*a))
+    return unplanned, real
+
+
+def _check_formulas(got, case, scales, rebuild, need_dx, need_da, dtype) -> None:
+    x, ws, as_, bs, gs = case
+    want_dx, want_dbs, want_ga, want_da = _expected(x, ws, as_, bs, gs, scales, rebuild)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert (got[0] is None) != need_dx and (got[2] is None) != need_da
+    if need_dx:
+        torch.testing.assert_close(got[0].double(), want_dx, **tol)
+    if need_da:
+        torch.testing.assert_close(got[2].double(), want_da, **tol)
+    n_db = sum(d.numel() for d in want_dbs)
+    torch.testing.assert_close(got[1][:n_db].double(), torch.cat([d.reshape(-1) for d in want_dbs]), **tol)
+    torch.testing.assert_close(got[1][n_db:].view(sum(a.shape[0] for a in as_), -1).double(), want_ga, **tol)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton's interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("rebuild", "dead"), [(False, False), (False, True), (True, False)])
+def test_a_call_seen_before_runs_from_its_plan(rebuild: bool, dead: bool, dtype, monkeypatch) -> None:
+    """The first call of a signature is worked out from its arguments and leaves a plan; later calls with new
+    values run from it — no unplanned work, no launch through kernels.py's grads or merge entry points — and give
+    bit for bit what the unplanned path gives for the same inputs, which matches the formulas: for every pair of
+    need_dx / need_da, fp32 gradients (the kernel's sums are the result) and fp16 ones (rounded into a buffer of
+    their own, zeroed first where a member has no gradient)."""
+    unplanned, real = _kernels_on_cpu(monkeypatch)
     forbid = [False]
     for name in ("lora_grads_buffer", "merged_weight"):
         entry = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=entry, _n=name: pytest.fail(_n) if forbid[0] else _f(*a))
     widths, ranks, scales = ([12], [4], [2.0]) if rebuild else ([12, 8, 8], [4, 2, 4], [0.5, 2.0, 1.5])
-    for seed in range(3):
-        x, ws, as_, bs, gs = _case(widths, ranks, dtype=torch.float32, seed=seed)
-        if dead:
-            gs[1] = None
-        a_cat = torch.cat(as_)
-        want = real(gs, ws, bs, x, a_cat, scales, ranks, True, True, rebuild, None)
-        forbid[0] = seed > 0
-        got = overlap.lora_backward(gs, ws, bs, x, a_cat, scales, ranks, True, True, rebuild)
-        forbid[0] = False
-        assert len(unplanned) == 1, "only the first call is worked out from its arguments"
-        assert [type(c) for c in overlap._CALLS.values()] == [overlap._Call]
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
-        want_dx, want_dbs, want_ga, want_da = _expected(x, ws, as_, bs, gs, scales, rebuild)
-        tol = dict(rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(got[0].double(), want_dx, **tol)
-        torch.testing.assert_close(got[2].double(), want_da, **tol)
-        n_db = sum(d.numel() for d in want_dbs)
-        torch.testing.assert_close(got[1][:n_db].double(), torch.cat([d.reshape(-1) for d in want_dbs]), **tol)
-        torch.testing.assert_close(got[1][n_db:].view(sum(ranks), -1).double(), want_ga, **tol)
+    flags = [(True, True), (False, True), (True, False), (False, False)]
+    for signature, (need_dx, need_da) in enumerate(flags):
+        for seed in range(3):
+            case = _case(widths, ranks, dtype=dtype, seed=seed)
+            x, ws, as_, bs, gs = case
+            if dead:
+                gs[1] = None
+            a_cat = torch.cat(as_)
+            want = real(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild, None)
+            forbid[0] = seed > 0
+            got = overlap.lora_backward(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild)
+            forbid[0] = False
+            assert len(unplanned) == signature + 1, "only a signature's first call is worked out from its arguments"
+            assert [type(c) for c in overlap._CALLS.values()] == [overlap._Call] * (signature + 1)
+            for a, b in zip(got, want):
+                assert (a is None and b is None) or torch.equal(a, b)
+            _check_formulas(got, case, scales, rebuild, need_dx, need_da, dtype)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton's interpreter")
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_a_plan_whose_launcher_refuses_falls_back(rebuild: bool, monkeypatch) -> None:
+    """A recorded launch that refuses its arguments (another Triton's launcher API) makes the call launch through
+    kernels.py's own path, with the same results, and drops every plan; once launching has fallen back to
+    Triton's own path for good, a plan made before is not used."""
+    from unipeft import launching
+
+    unplanned, real = _kernels_on_cpu(monkeypatch)
+    widths, ranks, scales = ([12], [4], [2.0]) if rebuild else ([12, 8, 8], [4, 2, 4], [0.5, 2.0, 1.5])
+    x, ws, as_, bs, gs = _case(widths, ranks, dtype=torch.float16)
+    a_cat = torch.cat(as_)
+    args = (gs, ws, bs, x, a_cat, scales, ranks, True, True, rebuild)
+    want = overlap.lora_backward(*args)
+    assert [type(c) for c in overlap._CALLS.values()] == [overlap._Call]
+    with monkeypatch.context() as m:
+        m.setattr(launching._Plan, "__call__", lambda self, tensors: False)
+        got = overlap.lora_backward(*args)
+    assert len(unplanned) == 1 and overlap._CALLS == {}
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    overlap.lora_backward(*args)  # planned again
+    assert len(unplanned) == 2 and [type(c) for c in overlap._CALLS.values()] == [overlap._Call]
+    monkeypatch.setattr(launching, "_DIRECT", [False])
+    got = overlap.lora_backward(*args)
+    assert len(unplanned) == 3
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("answer", "tries"), [(False, overlap._TRIES), (None, 1)])
+def test_a_signature_without_launch_plans_is_retried_a_few_times(answer, tries: int, monkeypatch) -> None:
+    """Where making a plan finds the launch plans missing (False: launching's table was cleared meanwhile) the next
+    calls try again, `_TRIES` times in all; where the call cannot have one (None) it is not tried again."""
+    made = []
+    monkeypatch.setattr(overlap._Call, "make", classmethod(lambda cls, *a: made.append(1) or answer))
+    x, ws, as_, bs, gs = _case([12, 8, 8], [4, 2, 4], dtype=torch.float32)
+    for _ in range(overlap._TRIES + 2):
+        overlap.lora_backward(gs, ws, bs, x, torch.cat(as_), [0.5, 2.0, 1.5], [4, 2, 4], True, True, False)
+    assert len(made) == tries and list(overlap._CALLS.values()) == [overlap._TRIES]
 
 
 def test_the_plan_key_follows_every_input_and_switch(monkeypatch) -> None:

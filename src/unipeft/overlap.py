@@ -99,18 +99,22 @@ def lora_backward(gs: list[torch.Tensor | None], ws: list[torch.Tensor], bs: lis
     if xa is not None:
         return _unplanned(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild, xa)
     key = _call_key(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild)
-    call = _CALLS.get(key, _UNSEEN)
-    if call is not None and call is not _UNSEEN:
+    call = _CALLS.get(key, 0)
+    if type(call) is _Call:
         index = x.get_device()
-        if index < 0 or index == torch.cuda.current_device():  # (else: `_lane`'s guard, unplanned)
+        # (not on another device than the current one: `_lane`'s guard; not once launching has fallen back to
+        # Triton's own path for good: the plan's launchers are direct ones)
+        if (index < 0 or index == torch.cuda.current_device()) and launching._DIRECT[0]:
             lane = None if index < 0 or not key[2] or torch.cuda.is_current_stream_capturing() else \
                 (_LANES.get(index) or _lane(x))
             return call.run(lane, gs, ws, bs, x, a_cat, need_dx, need_da)
+        return _unplanned(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild, None)
     result = _unplanned(gs, ws, bs, x, a_cat, scales, ranks, need_dx, need_da, rebuild, None)
-    if call is _UNSEEN:
+    if call < _TRIES:
+        made = _Call.make(gs, ws, bs, x, a_cat, scales, ranks, need_dx, rebuild)
         if len(_CALLS) >= _CALL_LIMIT:
             _CALLS.clear()
-        _CALLS[key] = _Call.make(gs, ws, bs, x, a_cat, scales, ranks, need_dx, rebuild)
+        _CALLS[key] = made if type(made) is _Call else _TRIES if made is None else call + 1
     return result
 
 
@@ -156,8 +160,8 @@ def _unplanned(gs, ws, bs, x, a_cat, scales, ranks, need_dx: bool, need_da: bool
     return dx, flat, da
 
 
-_UNSEEN = object()
-_CALLS: dict[tuple, _Call | None] = {}  #: call signature -> its plan (None: not plannable, see _Call.make)
+_CALLS: dict[tuple, _Call | int] = {}  #: call signature -> its plan, or how often making one found no launch plans
+_TRIES = 3  # a signature whose launch plans were missing this often (or that cannot have any) runs unplanned
 _CALL_LIMIT = 1024  # signatures kept (one per projection or group and shape, usually); cleared when full
 
 
@@ -188,13 +192,16 @@ class _Call:
     __slots__ = ("live", "widths", "ranks", "rows", "scales", "n", "k", "total", "layout", "grads", "merge")
 
     @classmethod
-    def make(cls, gs, ws, bs, x, a_cat, scales, ranks, need_dx: bool, rebuild: bool) -> _Call | None:
-        """The plan of a call just made through `_unplanned` (its launch plans are recorded now), or None where the
-        call does not take the grads kernel with recorded plans."""
+    def make(cls, gs, ws, bs, x, a_cat, scales, ranks, need_dx: bool, rebuild: bool) -> _Call | bool | None:
+        """The plan of a call just made through `_unplanned` (its launch plans are recorded now); None where the
+        call cannot have one (no grads kernel, no direct launches, no merge kernel for its W′), False where its
+        launch plans are missing now (launching's table was cleared meanwhile, or the call made more launches than
+        one plan records: both looked up again at the next calls, a few times)."""
         n, k, total = x.numel() // x.shape[-1], x.shape[-1], sum(ranks)
         live = [i for i, g in enumerate(gs) if g is not None]
         g2 = [gs[i].reshape(n, -1) for i in live]
-        if not kernels.grads_available(g2, [ranks[i] for i in live]) or n * total >= 2**31:
+        if not kernels.grads_available(g2, [ranks[i] for i in live]) or n * total >= 2**31 \
+                or not launching._DIRECT[0]:
             return None
         xas = torch.empty(n, total, device=x.device, dtype=x.dtype).split_with_sizes(ranks, 1)
         rows, live_scales = [sum(ranks[:i]) for i in live], [scales[i] for i in live]
@@ -206,9 +213,9 @@ class _Call:
                 return None
             merge = launching._PLANS.get(kernels._merge_plan_key([ws[0], bs[0], a_cat], scales[0]))
             if merge is None:
-                return None
+                return False
         if grads is None:
-            return None
+            return False
         call = cls()
         call.live, call.widths, call.ranks = live, [g.shape[1] for g in g2], list(ranks)
         call.rows, call.scales = rows, live_scales
