@@ -12,14 +12,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import unipeft
 
 
-def test_phases_profile_their_own_functions():
+def _tiny_lora():
+    """bench/host_probe.py, a tiny random Llama with LoRA on every projection, its trainable tensors and a batch."""
     probe = bench_module("host_probe")
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, vocab_size=50)
     am = unipeft.attach(LlamaForCausalLM(cfg), "lora", r=4, alpha=8, targets=probe.SITES)
-    params = [p for p in am.parameters() if p.requires_grad]
-    x = torch.randint(0, 50, (2, 8))
+    return probe, am, [p for p in am.parameters() if p.requires_grad], torch.randint(0, 50, (2, 8))
+
+
+def test_phases_profile_their_own_functions():
+    probe, am, params, x = _tiny_lora()
     r = probe.probe(am, params, x, steps=2, top=400, sync=lambda: None)
     for phase in ("fwd", "bwd", "opt"):
         assert r[f"host_{phase}_ms"] > 0
@@ -38,13 +42,7 @@ def test_phases_profile_their_own_functions():
 def test_compiled_phases_profile_the_compiled_backward_and_wait_between_phases():
     """--compile --sync-phases: the compiled backward's Python is profiled in backward's thread (not in forward's),
     and each host-timed phase starts after a wait for the device (three per host-timed step)."""
-    probe = bench_module("host_probe")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=50)
-    am = unipeft.attach(LlamaForCausalLM(cfg), "lora", r=4, alpha=8, targets=probe.SITES)
-    params = [p for p in am.parameters() if p.requires_grad]
-    x = torch.randint(0, 50, (2, 8))
+    probe, am, params, x = _tiny_lora()
     waits = []
 
     def wait() -> None:  # a device that takes 0.5 s to catch up: no phase's host time may include it
