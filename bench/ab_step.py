@@ -14,7 +14,9 @@ Usage (GPU machine; the old code as a copy of its src/ tree in an ignored folder
 Each worker imports unipeft from its tree (PYTHONPATH) and the harness from --harness; --env-a / --env-b set
 environment variables in one worker only (the same tree twice with a switch flipped is an A/B as well;
 `--env-b AB_SKIP_GUARDS=1` times B's LoRA model without guard evaluation, `--env-b AB_FLAT_PARAMS=1` with its
-LoRA weights in one flat parameter: bench/flat_probe.py).
+LoRA weights in one flat parameter: bench/flat_probe.py; `--env-b AB_DICT_TAGS=1` compiles both of B's models
+with dynamo's `use_recursive_dict_tags_for_guards`, which skips the guards of module subtrees whose dicts did not
+change).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def worker(harness: str, compile_: bool) -> None:
 
     import unipeft
 
+    if os.environ.get("AB_DICT_TAGS") == "1":  # both of this worker's models: guards skip unchanged module dicts
+        torch._dynamo.config.use_recursive_dict_tags_for_guards = True
     wrap = torch.compile if compile_ else (lambda m: m)
     floor = h.make_model()
     floor_params = h.frozen_floor(floor)

@@ -1,13 +1,14 @@
 """GPU check of the Triton kernels against PyTorch (bf16 / fp16 / fp32) and the fp64 formulas, and of the grouped
 q/k/v path's gradients against the per-projection path on a random Llama (bf16), and a compiled LoRA step against the
 eager one (gradients, and no weight-sized view copies in the generated code).
-Usage: PYTHONPATH=src python3 bench/kernel_check.py"""
+Usage: PYTHONPATH=src python3 bench/kernel_check.py [--only two_streams,compiled_step]"""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import sys
 
 import torch
 
@@ -296,10 +297,13 @@ def two_streams(iters: int = 20) -> dict:
                                                                   for c in overlap._CALLS.values()))
 
 
+CHECKS = dict(merged_weight=merged_weight_rows, merged_weights=merged_weights_rows, launch_host_us=launch_host_us,
+              grouped=grouped_grads, lora_grads=lora_grads_rows, grads_kernel_training=grads_kernel_training,
+              compiled_step=lambda: compiled_step("1"), compiled_step_one_stream=lambda: compiled_step("0"),
+              two_streams=two_streams)
+
+
 if __name__ == "__main__":
-    res = dict(merged_weight=merged_weight_rows(), merged_weights=merged_weights_rows(),
-               launch_host_us=launch_host_us(), grouped=grouped_grads(),
-               lora_grads=lora_grads_rows(), grads_kernel_training=grads_kernel_training(),
-               compiled_step=compiled_step("1"), compiled_step_one_stream=compiled_step("0"),
-               two_streams=two_streams())
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else list(CHECKS)
+    res = {name: CHECKS[name]() for name in only}
     print(json.dumps(res, indent=1))
