@@ -9,9 +9,10 @@ ratio starts to climb is the host margin that the op's body has on this host; a 
 buys that much more margin, and nothing where the margin is already large.
 
 `--squeeze CORES:HOGS` adds rounds on a slower CPU as a whole: every thread of the process is pinned to CORES
-cores, beside HOGS busy-looping processes pinned to the same ones (4:4 gives each of the step's two busy threads —
-the Python thread and autograd's device thread — about half a core), started after compiling and stopped after
-each such round. `--eager` times the models uncompiled (the op is then not called; squeeze rounds only).
+cores, beside HOGS busy-looping processes pinned to the same ones, started after compiling and stopped after each
+such round (4:4 leaves the step's busy thread — the Python thread in forward, autograd's device thread in backward
+— between four fifths and half of a core, as the scheduler places it: the effect differs between hosts).
+`--eager` times the models uncompiled (the op is then not called; squeeze rounds only).
 
 Usage (GPU machine):
     python3 bench/spin_probe.py --harness .gpu_carry/bench --levels 0,100,200,400 --passes 2 [--squeeze 4:4] \
@@ -27,6 +28,8 @@ import os
 import subprocess
 import sys
 import time
+
+from ab_step import _median
 
 SITES = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -81,14 +84,9 @@ def squeezed(spec: str | None):
                 pass
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-
-
 def summarize(rounds: list[dict]) -> list[dict]:
-    """Per level: the LoRA / floor ratios of its rounds and their median, the median LoRA and floor ms."""
+    """Per condition (busy-wait level, squeeze): the LoRA / floor ratios of its rounds and their median, the median
+    LoRA and floor ms."""
     out = []
     def cond(r):
         return r["spin_us"], r.get("squeeze") or ""
