@@ -16,12 +16,18 @@ environment variables in one worker only (the same tree twice with a switch flip
 `--env-b AB_SKIP_GUARDS=1` times B's LoRA model without guard evaluation, `--env-b AB_FLAT_PARAMS=1` with its
 LoRA weights in one flat parameter: bench/flat_probe.py; `--env-b AB_DICT_TAGS=1` compiles both of B's models
 with dynamo's `use_recursive_dict_tags_for_guards`, which skips the guards of module subtrees whose dicts did not
-change).
+change; `--env-b AB_FUSED_ADAMW=1` gives both of B's models the harness's AdamW with `fused=True`: the update in
+fused kernels instead of the default foreach path's sequence of multi-tensor ops — the per-parameter Python loop
+that gathers the state is the same). `--squeeze 4:4` adds as many rounds again on a squeezed CPU, after the plain
+ones: during each such round the worker's threads are pinned to 4 cores beside 4 busy loops (bench/spin_probe.py's
+`squeezed`; the other worker is idle meanwhile), summarized apart — an A/B of the host time two versions need on a
+slow or shared CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -58,9 +64,9 @@ class _WholeLines:
 
 def worker(harness: str, compile_: bool) -> None:
     """Build the floor and the LoRA model once, warm both up (compiling them), then time one round per request
-    line on stdin ("round <i>"), answering one JSON line each (step ms and the harness's peak GiB per case: the
-    other model's weights are resident in both, so compare peaks between the versions, not with the floor); the
-    harness's own prints go to stderr."""
+    line on stdin ("round <i> [CORES:HOGS]", the latter a squeeze), answering one JSON line each (step ms and the
+    harness's peak GiB per case: the other model's weights are resident in both, so compare peaks between the
+    versions, not with the floor); the harness's own prints go to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     sys.stdout = sys.stderr = _WholeLines(2)
     sys.path.insert(0, harness)
@@ -71,6 +77,8 @@ def worker(harness: str, compile_: bool) -> None:
 
     if os.environ.get("AB_DICT_TAGS") == "1":  # both of this worker's models: guards skip unchanged module dicts
         torch._dynamo.config.use_recursive_dict_tags_for_guards = True
+    if os.environ.get("AB_FUSED_ADAMW") == "1":  # the harness's AdamW as one fused kernel (both models)
+        torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)
     wrap = torch.compile if compile_ else (lambda m: m)
     floor = h.make_model()
     floor_params = h.frozen_floor(floor)
@@ -87,11 +95,19 @@ def worker(harness: str, compile_: bool) -> None:
         if not line.startswith("round"):
             break
         row = {}
-        for case, model, params in models:
-            with _stance(case):
-                timed = h.time_train(f"{case}_{line.split()[1]}", model, params)
-            row[case], row[f"{case}_peak_gib"] = timed["step_ms"], timed.get("peak_gib")
+        with _squeeze(line.split()[2] if len(line.split()) > 2 else None):
+            for case, model, params in models:
+                with _stance(case):
+                    timed = h.time_train(f"{case}_{line.split()[1]}", model, params)
+                row[case], row[f"{case}_peak_gib"] = timed["step_ms"], timed.get("peak_gib")
         proto.write(json.dumps(row) + "\n")
+
+
+def _squeeze(spec: str | None):
+    """The round's squeeze ("CORES:HOGS", from its request line): the worker's threads pinned to CORES cores beside
+    HOGS busy loops for the round (started before it, stopped after it); None: nothing changes."""
+    from spin_probe import squeezed  # (bench/, this script's folder)
+    return squeezed(spec)
 
 
 def _stance(case: str):
@@ -156,6 +172,8 @@ def main() -> None:
     ap.add_argument("--env-b", action="append", default=[], help="NAME=VALUE for worker B only (repeatable)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--rounds", type=int, default=6, help="rounds per version (alternating A B B A …)")
+    ap.add_argument("--squeeze", default=None, metavar="CORES:HOGS",
+                    help="then as many rounds again with the CPU squeezed (bench/spin_probe.py), summarized apart")
     ap.add_argument("--out", default="ab.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,10 +190,12 @@ def main() -> None:
         ready = {v: _ask(p, None) for v, p in procs.items()}  # (built and warmed up in parallel)
         rounds = []
         order = [("a", "b"), ("b", "a")]
-        for i in range(args.rounds):
+        plan = [(i, None) for i in range(args.rounds)]
+        plan += [(i, args.squeeze) for i in range(args.rounds)] if args.squeeze else []
+        for i, squeeze in plan:
             for v in order[i % 2]:
-                row = _ask(procs[v], f"round {i}")
-                rounds.append(dict(version=v, round=i, **row))
+                row = _ask(procs[v], f"round {i}" + (f" {squeeze}" if squeeze else ""))
+                rounds.append(dict(version=v, round=i, squeeze=squeeze, **row))
                 print(json.dumps(rounds[-1]), flush=True)
     finally:
         for p in procs.values():
@@ -184,12 +204,17 @@ def main() -> None:
                 p.wait(timeout=60)
     result = dict(meta=dict(date=time.strftime("%Y-%m-%d"), compiled=args.compile, a=args.a, b=args.b,
                             env_a=args.env_a, env_b=args.env_b, workers=ready),
-                  rounds=rounds, summary=compare(rounds))
+                  rounds=rounds, summary=compare([r for r in rounds if not r["squeeze"]]))
+    if args.squeeze:
+        result["summary_squeezed"] = compare([r for r in rounds if r["squeeze"]])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    s = result["summary"]
-    print(f"LoRA / floor, medians over {args.rounds} rounds: A {s['median_a']:.4f}  B {s['median_b']:.4f};  "
-          f"B − A per adjacent pair: median {s['median_diff']:+.4f}, B faster in {s['b_faster_in']} of {s['pairs']}")
+    for key, label in (("summary", ""), ("summary_squeezed", f", CPU squeezed {args.squeeze}")):
+        if key in result:
+            s = result[key]
+            print(f"LoRA / floor, medians over {args.rounds} rounds{label}: A {s['median_a']:.4f}  "
+                  f"B {s['median_b']:.4f};  B − A per adjacent pair: median {s['median_diff']:+.4f}, "
+                  f"B faster in {s['b_faster_in']} of {s['pairs']}")
 
 
 if __name__ == "__main__":

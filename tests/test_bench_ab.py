@@ -47,7 +47,8 @@ def time_train(case, model, params):
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    row = dict(case=case, step_ms=sorted(times)[1] * 1e3, peak_gib=0.5, fused=os.environ.get("UNIPEFT_FUSED"))
+    row = dict(case=case, step_ms=sorted(times)[1] * 1e3, peak_gib=0.5, fused=os.environ.get("UNIPEFT_FUSED"),
+               cores=len(os.sched_getaffinity(0)))
     print(json.dumps(row), flush=True)
     return row
 
@@ -61,23 +62,35 @@ def release():
 
 def test_ab_step_alternates_two_workers_and_pairs_their_rounds(tmp_path) -> None:
     """Both workers build once and answer every round; rounds alternate A B B A; each version's ratio is its own
-    LoRA over its own floor; --env-b reaches worker B only (its harness prints show UNIPEFT_FUSED=0)."""
+    LoRA over its own floor; --env-b reaches worker B only (its harness prints show UNIPEFT_FUSED=0); --squeeze 1:1
+    adds as many rounds again, each worker pinned to one core for them only, summarized apart."""
     harness = tmp_path / "harness"
     harness.mkdir()
     (harness / "peft_baseline.py").write_text(_FAKE_HARNESS)
     out = tmp_path / "ab.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ab_step.py"), "--harness", str(harness),
                            "--a", str(ROOT / "src"), "--b", str(ROOT / "src"), "--env-b", "UNIPEFT_FUSED=0",
-                           "--rounds", "3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--squeeze", "1:1", "--rounds", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert [r["version"] for r in result["rounds"]] == ["a", "b", "b", "a", "a", "b"]
+    assert [r["version"] for r in result["rounds"]] == ["a", "b", "b", "a", "a", "b"] * 2
+    assert [r["squeeze"] for r in result["rounds"]] == [None] * 6 + ["1:1"] * 6
     assert all(r["floor"] > 0 and r["lora"] > 0 and r["lora_peak_gib"] == 0.5 for r in result["rounds"])
     assert all(Path(w["unipeft"]) == ROOT / "src" / "unipeft" for w in result["meta"]["workers"].values())
     summary = result["summary"]
     assert summary["pairs"] == 3 and len(summary["ratio_a"]) == len(summary["ratio_b"]) == 3
-    fused = [json.loads(line)["fused"] for line in proc.stderr.splitlines() if line.startswith('{"case"')]
-    assert set(fused) == {None, "0"}, "worker A without the switch, worker B with it"
+    squeezed = result["summary_squeezed"]
+    assert squeezed["pairs"] == 3 and squeezed["ratio_a"] == bench_module("ab_step").compare(
+        [r for r in result["rounds"] if r["squeeze"]])["ratio_a"]
+    rows = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"case"')]
+    assert {r["fused"] for r in rows} == {None, "0"}, "worker A without the switch, worker B with it"
+    full = len(os.sched_getaffinity(0))
+    assert len(rows) == 4 + 24  # each worker's warm-up (floor, LoRA), then 6 rounds of both per worker
+    assert [r["cores"] for r in rows if r["case"].startswith("warm")] == [full] * 4
+    pinned = [r["cores"] == 1 for r in rows if not r["case"].startswith("warm")]
+    assert pinned == [False] * 12 + [True] * 12, "plain rounds unpinned, squeezed rounds on one core, in order"
+    assert "CPU squeezed 1:1" in proc.stdout
     assert "B − A per adjacent pair" in proc.stdout
 
 

@@ -151,12 +151,28 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def make_optimizer(cfg: LoopConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW (block-wise quantized moments: ~2 bytes of state per parameter instead
-    of 8). No paged optimizers: they use CUDA managed memory, which can hang a shared GPU."""
+    of 8). No paged optimizers: they use CUDA managed memory, which can hang a shared GPU.
+
+    AdamW runs fused wherever torch has the kernel: an adapter is many small tensors (224 for LoRA on every
+    linear of a 16-layer Llama), and the default foreach path pays a sequence of multi-tensor ops over them every
+    step — on the H200 the fused update made a compiled LoRA step ~0.6% faster (docs/performance-log.md), on a
+    2-core CPU the update of 24 LoRA tensors 4× faster. Same formula; results agree to rounding."""
     if cfg.optim == "adamw8bit":
         from .quant import _bnb
 
         return _bnb().optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fusable(params) or None)
+
+
+def fusable(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused AdamW takes these tensors: floating point, on devices it has the kernel for (torch
+    checks only at the first step, so this asks first; a torch without the list gets the default path)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return False
+    devices = set(_get_fused_kernels_supported_devices())
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 class Trainer:
@@ -253,7 +269,7 @@ class Trainer:
                     if not torch.isfinite(loss):
                         kept = f"the last good checkpoint is {self.ckpt}" if self.ckpt.exists() else \
                             "no checkpoint was written yet"
-                        raise UnipeftError(f"the loss became {float(loss)} at step {st.step + 1}; training stopped "
+                        raise UnipeftError(f"the loss became {loss.item()} at step {st.step + 1}; training stopped "
                                            f"and {kept}; lower --lr (then --resume)")
                     (loss / cfg.grad_accum).backward()
                     loss_value += float(loss.detach()) / cfg.grad_accum
