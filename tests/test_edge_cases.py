@@ -63,6 +63,59 @@ def test_merge_refuses_to_reorder_compositions() -> None:
         torch.testing.assert_close(output_of(am(**x)), before, rtol=1e-5, atol=1e-5)
 
 
+_READERS = {  # two adapters on shared layers, activated in this order; the second or first reads the weight
+    "lora, dora": (("a", "lora", {}), ("b", "dora", {})),
+    "dora, lora": (("b", "dora", {}), ("a", "lora", {})),
+    "ia3 on v, dora": (("a", "ia3", {"sites": ["v"]}), ("b", "dora", {})),
+    "lora on down, ia3": (("a", "lora", {"targets": ["down_proj"]}), ("b", "ia3", {})),
+    "ia3, lora on down": (("b", "ia3", {}), ("a", "lora", {"targets": ["down_proj"]})),
+}
+_EXACT = {("dora, lora", None), ("dora, lora", "b"), ("ia3, lora on down", None), ("ia3, lora on down", "b")}
+
+
+@pytest.mark.parametrize("which", [None, "a", "b"])
+@pytest.mark.parametrize("case", list(_READERS))
+def test_merge_is_exact_or_refused_beside_weight_readers(case: str, which: str | None) -> None:
+    """DoRA's norm and IA3's input scaling read the layer's weight as it is, so merging another adapter under one
+    that stays unmerged, or folding one in after another, would change the output: every merge either keeps the
+    output (fp32 rounding) or is refused with nothing changed."""
+    (n1, p1, k1), (n2, p2, k2) = _READERS[case]
+    am = unipeft.attach(tiny_model("llama").eval(), p1, name=n1, **k1)
+    am.add(n2, p2, **k2)
+    am.activate(n1, n2)
+    randomize(am, n1)
+    randomize(am, n2, seed=1)
+    x = inputs()
+    with torch.no_grad():
+        before = output_of(am(**x)).clone()
+        if (case, which) in _EXACT:
+            am.merge(which)
+            torch.testing.assert_close(output_of(am(**x)), before, rtol=1e-5, atol=1e-5)
+            return
+        with pytest.raises(UnipeftError, match="reads the weight|composes after unmerged"):
+            am.merge(which)
+        assert am.merged == []
+        torch.testing.assert_close(output_of(am(**x)), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["lora", "dora"])
+def test_merge_of_a_float64_model_is_float64_exact(preset: str) -> None:
+    """The merged update is computed in the weight's dtype when that is wider than fp32: merged outputs, and the
+    weights after merge + unmerge, agree to fp64 rounding (fp32 arithmetic left ~1e-8)."""
+    model = tiny_model("llama").eval().to(torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    am = unipeft.attach(model, preset)
+    randomize(am)
+    x = inputs()
+    with torch.no_grad():
+        unmerged = output_of(am(**x)).clone()
+        merged = output_of(am.merge()(**x))
+        assert (merged - unmerged).abs().max().item() < 1e-12
+        am.unmerge()
+    after = am.detach().state_dict()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-12
+
+
 def test_adapter_on_another_adapters_train_module_is_refused() -> None:
     am = unipeft.attach(tiny_model("llama"), "lora", name="a", train_modules=["lm_head"])
     with pytest.raises(UnipeftError, match="train module 'lm_head'"):

@@ -125,6 +125,28 @@ def test_in_place_weight_changes_refresh_the_stacks_in_place(monkeypatch) -> Non
     _check_layout(am)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_replaced_adapter_parameters_are_seen_by_the_next_routed_call(monkeypatch, shared: bool) -> None:
+    """`load_state_dict(..., assign=True)` puts new Parameter objects in place, whose version counters the caches
+    never saw: the shared stacks (`prepare_routing`) and the per-routing rows must notice the new objects."""
+    am = _model()
+    x = inputs(batch=4, seq=5)
+    names = MIXES[0]
+    with torch.no_grad():
+        if shared:
+            am.prepare_routing()
+        before = output_of(am(**x, adapter_names=names))
+        new = {k: torch.nn.Parameter(-3.0 * v) for k, v in am.state_dict().items() if ".adapters.b." in k}
+        assert new
+        am.load_state_dict(new, strict=False, assign=True)
+        held = am.state_dict(keep_vars=True)
+        assert all(held[k] is p for k, p in new.items()), "new objects, versions the caches never saw"
+        after = output_of(am(**x, adapter_names=names))
+        reference = _reference(am, monkeypatch, x, names)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after[0], before[0]), "row 0 routes to b, whose weights were replaced"
+
+
 def test_adding_and_removing_adapters_rebuilds_the_stacks(monkeypatch) -> None:
     am = _model()
     x = inputs(batch=4, seq=5)

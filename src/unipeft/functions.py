@@ -269,12 +269,13 @@ class SiteAdapter(nn.Module):
             if bias is not None:
                 bias[a:b].mul_(v.to(bias.dtype))
             return
-        delta = float(self.scale()) * self.fn.delta_weight().float()
+        ct = torch.promote_types(w.dtype, torch.float32)  # (at least fp32; an fp64 model merges in fp64)
+        delta = float(self.scale()) * self.fn.delta_weight().to(ct)
         if hasattr(self, "magnitude"):
-            v = w[a:b].float() + delta
+            v = w[a:b].to(ct) + delta
             norm = v.norm(dim=1)
             self._merge_undo = norm
-            w[a:b].copy_((self.magnitude.float() / norm)[:, None] * v)
+            w[a:b].copy_((self.magnitude.to(ct) / norm)[:, None] * v)
         else:
             w[a:b].add_(delta.to(w.dtype))
 
@@ -291,9 +292,11 @@ class SiteAdapter(nn.Module):
             if bias is not None:
                 bias[a:b].div_(v.to(bias.dtype))
             return
-        delta = float(self.scale()) * self.fn.delta_weight().float()
-        if hasattr(self, "magnitude"):
-            v = w[a:b].float() * (self._merge_undo / self.magnitude.float())[:, None]
+        ct = torch.promote_types(w.dtype, torch.float32)
+        delta = float(self.scale()) * self.fn.delta_weight().to(ct)
+        if hasattr(self, "magnitude"):  # (the norms kept at merge time: a plain attribute, so follow the weight)
+            undo = self._merge_undo.to(device=w.device, dtype=ct)
+            v = w[a:b].to(ct) * (undo / self.magnitude.to(ct))[:, None]
             w[a:b].copy_(v - delta)
             self._merge_undo = None
         else:

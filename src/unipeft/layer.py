@@ -332,6 +332,17 @@ class AdapterLayer(nn.Module):
         return out
 
     # -- merge ---------------------------------------------------------------------------------------------------------
+    def reads_weight(self, name: str) -> str:
+        """What of adapter `name` here reads the frozen weight as it is ("" if nothing): DoRA's row norms, or an
+        input scaling (applied to the base's input before every other adapter). Merging another adapter under
+        either changes what it computes (AdaptedModel.merge checks)."""
+        for sa in self.sites_of(name):
+            if hasattr(sa, "magnitude"):
+                return "DoRA's norm"
+            if sa.role == "in":
+                return "an input scaling"
+        return ""
+
     def merge(self, name: str) -> None:
         for sa in self.sites_of(name):
             sa.merge_into(self.base_layer)

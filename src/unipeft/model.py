@@ -251,6 +251,29 @@ class AdaptedModel(nn.Module):
     def merge(self, name: str | None = None, requantize: bool = False) -> AdaptedModel:
         """Fold adapters (default: the active ones) into the frozen weights: zero added latency. Refused, with the
         reason, for recipes whose knobs are not mergeable."""
+        names = self._mergeable_names(name)
+        quantized = any(quant.is_quantized(w.base_layer) for w in self._wrappers.values() for n in names
+                        if n in w.adapters)
+        if quantized and not requantize:
+            raise UnipeftError("the base is quantized: am.merge_dequantized() returns a plain model with the adapters "
+                               "merged exactly; am.merge(requantize=True) rounds them into the 4/8-bit weights")
+        if quantized:
+            self.merge_report = quant.merge_requantized(self, names)
+            self._requantized = [*getattr(self, "_requantized", []), *names]
+            warnings.warn(f"merged {', '.join(names)} into quantized weights; rounding error up to "
+                          f"{self.merge_report['max_abs_rounding_error']:.3g} (am.merge_report)", stacklevel=2)
+        else:
+            for n in names:
+                for w in self._wrappers.values():
+                    if n in w.adapters:
+                        w.merge(n)
+        self.merged.extend(names)
+        self._refresh()
+        return self
+
+    def _mergeable_names(self, name: str | None) -> list[str]:
+        """The adapters merge(name) would fold in, in merge order, after every check that they can be folded without
+        changing the output (raises with the reason otherwise; nothing has changed then)."""
         if name is not None and not isinstance(name, str):
             raise UnipeftError(f"merge takes one adapter name (or None for the active ones), not {type(name).__name__}")
         in_blocks = {n for u in self.active if not isinstance(u, str) for n in compose.adapter_names(u)}
@@ -278,24 +301,23 @@ class AdaptedModel(nn.Module):
                     if before:
                         raise UnipeftError(f"adapter '{n}' composes after unmerged '{before[0]}' on the same layer; "
                                            "merging it would change the output: merge both or reorder activate()")
-        quantized = any(quant.is_quantized(w.base_layer) for w in self._wrappers.values() for n in names
-                        if n in w.adapters)
-        if quantized and not requantize:
-            raise UnipeftError("the base is quantized: am.merge_dequantized() returns a plain model with the adapters "
-                               "merged exactly; am.merge(requantize=True) rounds them into the 4/8-bit weights")
-        if quantized:
-            self.merge_report = quant.merge_requantized(self, names)
-            self._requantized = [*getattr(self, "_requantized", []), *names]
-            warnings.warn(f"merged {', '.join(names)} into quantized weights; rounding error up to "
-                          f"{self.merge_report['max_abs_rounding_error']:.3g} (am.merge_report)", stacklevel=2)
-        else:
-            for n in names:
-                for w in self._wrappers.values():
-                    if n in w.adapters:
-                        w.merge(n)
-        self.merged.extend(names)
-        self._refresh()
-        return self
+            # DoRA's norm and an input scaling read the layer's weight as it is, whatever the activation order:
+            # one that stays active and unmerged would see the others' merged terms; one merged in this call must
+            # be the first folded in, so it reads the weight its unmerged forward reads.
+            merging = [n for n in names if n in w.adapters]
+            readers = [a for a in order if w.reads_weight(a)]
+            staying = [a for a in readers if a not in self.merged and a not in merging]
+            if merging and staying:
+                raise UnipeftError(f"merging '{merging[0]}' would change what active '{staying[0]}' computes on the "
+                                   f"same layer ({w.reads_weight(staying[0])} reads the weight): merge '{staying[0]}' "
+                                   "too (first), or deactivate it")
+            first = [a for a in merging if w.reads_weight(a)]
+            if first and (merging[0] != first[0] or len(first) > 1):
+                late = first[0] if merging[0] != first[0] else first[1]
+                raise UnipeftError(f"'{late}' ({w.reads_weight(late)} reads the weight) would be folded into a weight "
+                                   f"that already holds '{merging[0]}' on the same layer, which its unmerged forward "
+                                   f"does not see; merge() folds in activation order: activate '{late}' first")
+        return names
 
     def merge_dequantized(self, dtype: torch.dtype | None = None) -> nn.Module:
         """QLoRA's exact merge: the active adapters folded into the *dequantized* weights of the quantized base; returns

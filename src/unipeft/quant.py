@@ -303,9 +303,8 @@ def merge_dequantized(am, dtype: torch.dtype | None = None) -> nn.Module:
     if any(n in getattr(am, "_requantized", ()) for n in am.merged):
         raise UnipeftError("an adapter was merged into the quantized weights with rounding; reload the base to "
                            "merge into dequantized weights exactly")
-    for n in names:  # refuse non-mergeable recipes before anything changes
-        if not am.recipes[n].mergeable:
-            am.merge(n)
+    if names:  # refuse what merge() would refuse before anything changes
+        am._mergeable_names(None)
     for w in am._wrappers.values():
         if is_quantized(w.base_layer):
             w.base_layer = plain_linear(w.base_layer, dtype)

@@ -105,21 +105,30 @@ def _operands(layer, items, batch: int, device: torch.device, dtype: torch.dtype
         if _fresh(cached[1]):
             cached[3] = layer.routing  # checked for this call; later steps of it trust the cache
             return cached[2]
-    a_stack, b_stack, tensors = _stacks(layer, items, dtype)
+    a_stack, b_stack, snap = _stacks(layer, items, dtype)
     rows = layer.routing.row_index(tuple(n for n, _ in items), batch, device)
     if gathered:
         out = (a_stack.index_select(0, rows).transpose(1, 2), b_stack.index_select(0, rows).transpose(1, 2), None)
     else:
         out = (a_stack, b_stack, rows)
     if caching:
-        versions = (tensors, tuple(t._version for t in tensors))
-        layer.__dict__["_unipeft_rows"] = [key, versions, out, layer.routing]
+        layer.__dict__["_unipeft_rows"] = [key, snap, out, layer.routing]
     return out
 
 
-def _fresh(versions) -> bool:
-    tensors, seen = versions
-    return all(t._version == v for t, v in zip(tensors, seen))
+def _snapshot(sites) -> tuple:
+    """What a cache built from these LoRA sites' A and B depends on: (their modules, the tensors, the tensors'
+    version counters). `_fresh` compares it: an in-place update bumps a counter, a replaced Parameter (assigned,
+    or `load_state_dict(assign=True)`) is another object. (Writes through `.data` change neither: torch's autograd
+    does not see them either.)"""
+    owners = tuple(m for sa in sites for m in (sa.fn._modules["down"], sa.fn._modules["up"]))
+    tensors = tuple(o._parameters["weight"] for o in owners)
+    return owners, tensors, tuple(t._version for t in tensors)
+
+
+def _fresh(snap) -> bool:
+    owners, tensors, seen = snap
+    return all(o._parameters.get("weight") is t and t._version == v for o, t, v in zip(owners, tensors, seen))
 
 
 def _stacks(layer, items: list[tuple[str, SiteAdapter]], dtype: torch.dtype):
@@ -130,8 +139,9 @@ def _stacks(layer, items: list[tuple[str, SiteAdapter]], dtype: torch.dtype):
     device = items[0][1].fn.down.weight.device  # (in the key: the model may have moved since)
     cached = layer.__dict__.get("_unipeft_stacks") if caching else None
     if cached is not None and cached[0] == (layer.routing.key, dtype, device) and _fresh(cached[1]):
-        return cached[2], cached[3], cached[1][0]
-    params = [(sa.fn.down.weight, sa.fn.up.weight, float(sa.s)) for _, sa in items]
+        return cached[2], cached[3], cached[1]
+    snap = _snapshot([sa for _, sa in items])
+    params = [(a, b, float(sa.s)) for (_, sa), a, b in zip(items, snap[1][0::2], snap[1][1::2])]
     r_max = max(a.shape[0] for a, _, _ in params)
     d_in, d_out = params[0][0].shape[1], params[0][1].shape[0]
     a_list, b_list = [], []
@@ -142,11 +152,9 @@ def _stacks(layer, items: list[tuple[str, SiteAdapter]], dtype: torch.dtype):
     a_list.append(a_list[0].new_zeros(r_max, d_in))
     b_list.append(b_list[0].new_zeros(d_out, r_max))
     a_stack, b_stack = torch.stack(a_list), torch.stack(b_list)
-    tensors = tuple(t for a, b, _ in params for t in (a, b))
     if caching:
-        layer.__dict__["_unipeft_stacks"] = ((layer.routing.key, dtype, device),
-                                             (tensors, tuple(t._version for t in tensors)), a_stack, b_stack)
-    return a_stack, b_stack, tensors
+        layer.__dict__["_unipeft_stacks"] = ((layer.routing.key, dtype, device), snap, a_stack, b_stack)
+    return a_stack, b_stack, snap
 
 
 # -- shared stacks -------------------------------------------------------------------------------------------------
@@ -192,14 +200,14 @@ def refresh(layer) -> None:
 
 def _fill(cached: list) -> None:
     _, _, a_stack, b_stack, present = cached
-    tensors = tuple(t for _, sa in present for t in (sa.fn.down.weight, sa.fn.up.weight))
+    snap = _snapshot([sa for _, sa in present])
     with torch.no_grad():
         for i, sa in present:
             a, b = sa.fn.down.weight, sa.fn.up.weight
             r = a.shape[0]
             a_stack[i, :r].copy_(a)
             b_stack[i, :, :r].copy_(b * float(sa.s))
-    cached[1] = (tensors, tuple(t._version for t in tensors))
+    cached[1] = snap
 
 
 def _shareable(layer, names: tuple[str, ...]) -> list[SiteAdapter | None] | None:
@@ -319,19 +327,21 @@ def prepare(am, enable: bool = True) -> int:
         return 0
     names = tuple(am.recipes)
     count = 0
-    watched: list[torch.Tensor] = []
     for w in am._wrappers.values():
         has = share(w, names)
         w.__dict__["route"] = int(key) if has else None  # (a plain int: dynamo guards it by value, not identity)
         count += has
-        if has:
-            watched.extend(w.__dict__[SHARED][1][0])
     am.__dict__["_shared"] = {n: i for i, n in enumerate(names)}
     am.__dict__["_shared_dirty"] = False
-    # every stacked tensor and its version, compared as one list per call (a loop per layer cost 1.4 ms per call
-    # at 112 projections × 32 adapters on the CPU machine)
-    am.__dict__["_shared_watch"] = [tuple(watched), [t._version for t in watched]]
+    _watch(am)
     return count
+
+
+def _watch(am) -> None:
+    """Every stacked tensor of the model's shared stacks in one snapshot, compared as one flat list per call (a loop
+    per layer cost 1.4 ms per call at 112 projections × 32 adapters on the CPU machine)."""
+    snaps = [w.__dict__[SHARED][1] for w in am._wrappers.values() if w.__dict__.get(SHARED) is not None]
+    am.__dict__["_shared_watch"] = tuple(tuple(x for snap in snaps for x in snap[i]) for i in range(3))
 
 
 def publish(am, slots: torch.Tensor | None) -> None:
@@ -347,12 +357,10 @@ def slots(am, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
     watch = am.__dict__.get("_shared_watch")
     if am.__dict__.get("_shared_dirty", False) or watch is None or _moved(am):
         prepare(am)
-    else:
-        now = [t._version for t in watch[0]]
-        if now != watch[1]:
-            for w in am._wrappers.values():
-                refresh(w)
-            watch[1] = now
+    elif not _fresh(watch):
+        for w in am._wrappers.values():
+            refresh(w)
+        _watch(am)
     shared = am.__dict__["_shared"]
     device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
     return torch.tensor([shared.get(n, len(shared)) for n in names], dtype=torch.long, device=device)
