@@ -216,6 +216,16 @@ BAD_INPUTS = {
                        "at least 2 labels"),
     "malformed run config": (lambda d: [_write(d / "run.yaml", "epochs: [\n")], "not valid YAML"),
     "mistyped run config": (lambda d: [_write(d / "run2.yaml", "epochs: two\n")], "epochs must be int"),
+    "null in run config": (lambda d: [_write(d / "run3.yaml", "batch_size: null\n")], "batch_size cannot be empty"),
+    "misnamed label column": (lambda d: ["--data", _write(d / "s.csv", "sentence,y\n" + "a film,1\nb film,0\n" * 10),
+                                         "--text-column", "sentence"], "has no column 'label' (columns: sentence, y)"),
+    "plain text on an encoder": (lambda d: ["--data", _write(d / "c.txt", "once upon a time " * 200)],
+                                 "is an encoder (bert)"),
+    "lr not finite": (lambda d: ["--lr", "inf"], "--lr must be a finite number"),
+    "warmup out of range": (lambda d: ["--warmup", "50"], "0 <= warmup < 1"),
+    "eval every below 1": (lambda d: ["--eval-every", "-1"], "--eval-every must be >= 1"),
+    "unknown option": (lambda d: ["--nosuch"], "No such option: --nosuch"),
+    "not a number": (lambda d: ["--batch-size", "1.5"], "Invalid value for '--batch-size'"),
 }
 
 
@@ -228,7 +238,7 @@ def test_bad_input_is_one_line_exit_2(case, tiny_bert, tmp_path, capsys) -> None
     assert message in text, text
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in text
-    assert not (tmp_path / "out" / "results.json").exists()
+    assert not (tmp_path / "out").exists(), "a run that failed before writing anything leaves no folder"
 
 
 def test_run_folder_rules_and_truncation_warning(tiny_bert, tmp_path, capsys) -> None:

@@ -8,13 +8,19 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UnipeftError
 
+try:  # typer vendors its own click (0.2x); older typers use click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="unipeft: parameter-efficient fine-tuning, every method a preset of one engine.")
-console = Console()
+console = Console(markup=False, highlight=False)  # (paths and user text print as given: "runs/a[1]" is no markup)
 
 
 def _knobs(part) -> str:
@@ -46,7 +52,8 @@ def presets(
     console.print(table)
     for n in list_presets():
         recipe = load_preset(n)
-        console.print(f"[bold]{n}[/]: {recipe.description} ({', '.join(recipe.references)})", highlight=False)
+        console.print(f"[bold]{escape(n)}[/]: {escape(recipe.description)} ({escape(', '.join(recipe.references))})",
+                      markup=True)
     console.print("Show one recipe in full: unipeft presets NAME. A new method is a YAML file with the same knobs.")
 
 
@@ -96,7 +103,19 @@ from . import cli_run  # noqa: E402,F401  (registers train/eval/predict/generate
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        app()
+        code = app(standalone_mode=False)  # (click's usage errors come back here, to be printed as one line)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click_errors.NoArgsIsHelpError as e:  # bare `unipeft` / `unipeft CMD`: the help, as typer prints it
+        print(e.ctx.get_help() if e.ctx is not None else e.format_message())
+        sys.exit(0 if e.ctx is not None and e.ctx.parent is None else 2)
+    except click_errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "unipeft"
+        print(f"error: {e.format_message()} (see `{where} --help`)", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:  # (click turns Ctrl-C into Abort when it does not exit itself)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except UnipeftError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -73,7 +73,7 @@ def train(
                                                                 "validation/test examples (default: all).")] = None,
     out: Annotated[str | None, typer.Option(help="Output folder.")] = None,
     quantize: Annotated[str | None, typer.Option(help="Train adapters on a bitsandbytes-quantized base (QLoRA): "
-                                                      "nf4 | fp4 | int8. Needs unipeft[quant].")] = None,
+                                                      "nf4 | fp4 | int8. Needs unipeft\\[quant].")] = None,
     optim: Annotated[str | None, typer.Option(help="adamw | adamw8bit (bitsandbytes 8-bit states).")] = None,
     base_adapters: Annotated[str | None, typer.Option(
         help="Earlier runs (comma-separated folders) whose adapters load frozen next to the new one: sequential "
@@ -81,7 +81,7 @@ def train(
     fuse: Annotated[bool, typer.Option(help="Train AdapterFusion over the --base-adapters adapters instead of a new "
                                             "adapter.")] = False,
     accelerate: Annotated[bool, typer.Option(help="Fused base ops (RMSNorm, SwiGLU, RoPE, linear + cross-entropy) "
-                                                  "on a CUDA GPU, Llama family. Needs unipeft[kernels].")] = False,
+                                                  "on a CUDA GPU, Llama family. Needs unipeft\\[kernels].")] = False,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay the transformer layers from CUDA graphs (CUDA GPU; "
                                                    "training batches padded to one width).")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe knob override, e.g. --set r=16.")] = None,
@@ -120,10 +120,10 @@ def train(
     cfg.overrides = {**cfg.overrides, **parse_sets(set_)}
     def log(message: str) -> None:
         if not quiet or message.startswith("warning"):
-            console.print(message, markup=False, highlight=False)
+            console.print(message, markup=False)
 
     if not quiet:
-        console.print(f"unipeft train: {cfg.method} on {cfg.model}, data {cfg.data} → {cfg.out}", highlight=False)
+        console.print(f"unipeft train: {cfg.method} on {cfg.model}, data {cfg.data} → {cfg.out}")
     bar = None
 
     def progress_factory(total: int):
@@ -151,6 +151,8 @@ def eval_cmd(
     run: Annotated[str, typer.Argument(help="A finished run folder.")],
     data: Annotated[str | None, typer.Option(help="Shipped dataset or file (default: the run's test split).")] = None,
     out: Annotated[str, typer.Option(help="Where to write results.json (never the run folder).")] = "eval_out",
+    text_column: Annotated[str | None, typer.Option(help="--data's text column (default: the run's).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="--data's label column (default: the run's).")] = None,
 ) -> None:
     """Evaluate a run on data; writes {"test": {...}} to --out/results.json."""
     from .data import load_splits
@@ -158,6 +160,7 @@ def eval_cmd(
     from .train import evaluate
 
     cfg, run_dir = read_run(run)
+    cfg.text_column, cfg.label_column = text_column or cfg.text_column, label_column or cfg.label_column
     target = Path(out)
     if target.resolve() == run_dir.resolve():
         raise UnipeftError("--out must not be the run folder (its results.json stays the training run's)")
@@ -176,8 +179,7 @@ def eval_cmd(
     metrics = evaluate(model, test, cfg.task, tok.pad_token_id)
     target.mkdir(parents=True, exist_ok=True)
     _write_atomic(target / "results.json", json.dumps({"test": metrics}, indent=2))
-    console.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" → {target}/results.json",
-                  highlight=False)
+    console.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" → {target}/results.json")
 
 
 @app.command()
@@ -212,6 +214,8 @@ def generate(
     """Generate text (greedy) with a causal-LM run's adapter."""
     import torch
 
+    if max_new_tokens < 1:
+        raise UnipeftError("--max-new-tokens must be >= 1")
     cfg, run_dir = read_run(run)
     if cfg.task != "causal-lm":
         raise UnipeftError(f"'{run}' is a {cfg.task} run; use `unipeft predict`")
@@ -224,6 +228,8 @@ def generate(
                                           return_tensors="pt", return_dict=True)["input_ids"]
         else:
             ids = tok(prompt, return_tensors="pt")["input_ids"]
+            if ids.shape[1] == 0:  # (a plain model has no BOS to start from)
+                raise UnipeftError("a prompt is empty; give some text to continue (or --chat)")
         ids = ids.to(device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -238,11 +244,14 @@ def merge(
 ) -> None:
     """Merge a run's adapter into the weights and save a plain transformers model (no unipeft needed to load it)."""
     from .fsutil import atomic_folder
+    from .run import is_run_folder
 
     cfg, run_dir = read_run(run)
     target = Path(to)
     if target.exists() and any(target.iterdir()):
         raise UnipeftError(f"--to '{to}' is not empty; choose a new folder")
+    if any(is_run_folder(p) for p in target.resolve().parents):
+        raise UnipeftError(f"--to '{to}' is inside a training run folder; choose a separate folder")
     if cfg.method == "full":
         raise UnipeftError(f"'{run}' is a full fine-tune: its model/ folder already is a plain transformers model")
     am = from_pretrained(run_dir)
@@ -256,7 +265,7 @@ def merge(
         model.save_pretrained(tmp)
         run_tokenizer(run_dir).save_pretrained(tmp)
     console.print(f"merged {recipe.name} into {type(model).__name__} → {target} (load with "
-                  "transformers' from_pretrained)", highlight=False)
+                  "transformers' from_pretrained)")
 
 
 @app.command()

@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.console import Console
 
 from .errors import UnipeftError
-from .run import RunConfig, train_run
+from .recipe import as_recipe
+from .run import RunConfig, _write_atomic, train_run
 
 
 def run_compare(data: str, methods: list[str], model: str, seeds: int, max_steps: int | None, epochs: int,
@@ -25,16 +26,23 @@ def run_compare(data: str, methods: list[str], model: str, seeds: int, max_steps
         raise UnipeftError("--seeds must be >= 1")
     if (out / "compare.json").exists() and not overwrite:
         raise UnipeftError(f"'{out}' already holds a comparison; choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
     methods = sorted(methods, key=lambda m: m != "full")
+    configs = {(m, seed): RunConfig(model=model, method=m, data=data, seed=seed, max_steps=max_steps, epochs=epochs,
+                                    batch_size=batch_size, out=str(out / f"{m}-s{seed}"), **(columns or {}))
+               for m in methods for seed in range(seeds)}
+    for cfg in configs.values():  # every method and folder checked before hours of training, not when reached
+        cfg.validate()
+        if cfg.method != "full":
+            as_recipe(cfg.method, **cfg.overrides)
+        if not overwrite and Path(cfg.out).exists() and any(Path(cfg.out).iterdir()):
+            raise UnipeftError(f"'{cfg.out}' already holds a run; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in methods:
         results = []
         for seed in range(seeds):
-            cfg = RunConfig(model=model, method=method, data=data, seed=seed, max_steps=max_steps, epochs=epochs,
-                            batch_size=batch_size, out=str(out / f"{method}-s{seed}"), **(columns or {}))
-            console.print(f"compare: {method}, seed {seed}", highlight=False)
-            results.append(train_run(cfg, overwrite=True, log=lambda m: None))
+            console.print(f"compare: {method}, seed {seed}")
+            results.append(train_run(configs[method, seed], overwrite=overwrite, log=lambda m: None))
         key = "accuracy" if results[0]["summary"]["task"] == "classification" else "perplexity"
         values = [r["test"][key] for r in results]
         s = results[0]["summary"]
@@ -46,10 +54,10 @@ def run_compare(data: str, methods: list[str], model: str, seeds: int, max_steps
                      "peak_memory_gib": max(r["summary"]["peak_memory_bytes"] for r in results) / 2**30,
                      "device": s["device"]})
     summary = {"data": data, "model": model, "seeds": seeds, "max_steps": max_steps, "epochs": epochs, "rows": rows}
-    (out / "compare.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(out / "compare.json", json.dumps(summary, indent=2))
     _table(out, summary)
     _plot(out, rows)
-    console.print((out / "compare.md").read_text(), markup=False, highlight=False)
+    console.print((out / "compare.md").read_text())
     return summary
 
 
@@ -66,7 +74,7 @@ def _table(out: Path, summary: dict) -> None:
                      f"{r['trainable_percent']:.3f} | {r['train_seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['peak_memory_gib']:.2f} |")
     lines += ["", f"device: {rows[0]['device']}", "", "![metric vs trainable parameters](compare.png)"]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    _write_atomic(out / "compare.md", "\n".join(lines) + "\n")
 
 
 def _plot(out: Path, rows: list[dict]) -> None:

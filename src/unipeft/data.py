@@ -109,7 +109,14 @@ def infer_task(source: str, rows: list[dict[str, Any]], cols: Columns) -> str:
     keys = set(rows[0])
     if cols.prompt in keys and cols.response in keys:
         return "causal-lm"
-    return "classification" if cols.label in keys else "causal-lm"
+    if cols.label in keys:
+        return "classification"
+    others = sorted(map(str, keys - {cols.text}))
+    if others:  # (a misnamed label column must not silently turn a classification file into language modelling)
+        raise UnipeftError(f"'{source}' has no column '{cols.label}' (columns: {', '.join(sorted(map(str, keys)))}); "
+                           f"pass --label-column NAME for classification, --prompt-column/--response-column for "
+                           f"prompt/response pairs, or --task causal-lm to train on '{cols.text}' as plain text")
+    return "causal-lm"
 
 
 def _need(rows: list[dict[str, Any]], column: str, source: str, flag: str) -> None:

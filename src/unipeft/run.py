@@ -13,6 +13,7 @@ Output folder (`--out`):
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -30,6 +31,9 @@ from .train import LoopConfig, Trainer, evaluate, peak_memory_bytes
 #: Learning rates that work out of the box, from a sweep on Rotten Tomatoes + MiniLM (docs/training.md): a full
 #: fine-tune needs a much smaller one, and the prefix-based methods diverge at the adapters' 2e-3.
 DEFAULT_LR = {"full": 5e-5, "prompt": 3e-3, "prefix": 1e-3, "mam": 5e-4, "unipelt": 1e-3}
+#: Encoder-only families: a causal LM head on them would see every token both ways.
+ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet",
+                "camembert", "modernbert"}
 #: AdapterFusion's query/key/value matrices are d × d: a gentler rate than the adapters' (value starts at identity).
 FUSION_LR = 5e-4
 
@@ -95,19 +99,19 @@ class RunConfig:
             raise UnipeftError(f"run config '{path}' has unknown key(s) {', '.join(unknown)}")
         data["overrides"] = data.get("overrides") or {}
         data["label_names"] = data.get("label_names") or []
-        defaults = cls()
-        for key, value in data.items():
-            want = getattr(defaults, key)
-            kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,), list: (list,)}
-            expected = kinds.get(type(want)) if want is not None else None
-            ok = value is None or expected is None or (isinstance(value, expected) and not (
-                isinstance(value, bool) and bool not in expected))
-            if not ok:
-                raise UnipeftError(f"run config '{path}': {key} must be {type(want).__name__}, not {value!r}")
+        for f in fields(cls):
+            if f.name in data:
+                data[f.name] = _typed(path, f.name, str(f.type), data[f.name])
         return cls(**data)
 
     def validate(self) -> RunConfig:
-        checks = [(self.batch_size >= 1, "--batch-size must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
+        checks = [(self.lr is None or math.isfinite(self.lr), "--lr must be a finite number"),
+                  (0 <= self.warmup < 1, "--warmup is the fraction of steps spent warming up: 0 <= warmup < 1"),
+                  (self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1"),
+                  (self.save_every is None or self.save_every >= 1, "--save-every must be >= 1"),
+                  (self.clip >= 0 and math.isfinite(self.clip), "--clip must be >= 0 (0: no clipping)"),
+                  (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+(self.batch_size >= 1, "--batch-size must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
                   (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
                   (self.grad_accum >= 1, "--grad-accum must be >= 1"),
                   (self.max_length >= 8, "--max-length must be >= 8"),
@@ -127,6 +131,29 @@ class RunConfig:
             if not ok:
                 raise UnipeftError(msg)
         return self
+
+
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _typed(path, key: str, annotation: str, value):
+    """A run config value checked against its field's annotation ("float | None", "list[str]", ...). YAML 1.1 reads
+    `1e-3` (no dot) as a string, so a float field takes a numeric string too."""
+    parts = [t.strip() for t in annotation.split("|")]
+    kind = next(t for t in parts if t != "None").split("[")[0]
+    if value is None:
+        if "None" in parts:
+            return None
+        raise UnipeftError(f"run config '{path}': {key} cannot be empty (null); remove the line for the default")
+    if kind == "float" and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    expected = _KINDS.get(kind, (dict,) if kind == "dict" else (list,) if kind == "list" else (object,))
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        raise UnipeftError(f"run config '{path}': {key} must be {kind}, not {value!r}")
+    return value
 
 
 # ---- the output folder -----------------------------------------------------------------------------------------------
@@ -156,10 +183,12 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UnipeftError(f"--out '{out}' is a file; give a folder")
     finished = (out / "results.json").is_file()
-    started = is_run_folder(out)
+    started = is_run_folder(out) or (out / "config.yaml").is_file()  # (killed before its first step: config only)
     if resume:
         if finished:
             raise UnipeftError(f"'{out}' holds a finished run; nothing to resume")
+        if not (out / "config.yaml").is_file():
+            raise UnipeftError(f"'{out}' is not a unipeft run (no config.yaml); nothing to resume")
         if not (out / "checkpoint.pt").is_file():
             raise UnipeftError(f"'{out}' has no checkpoint to resume from; start without --resume")
         return
@@ -209,6 +238,14 @@ def load_base(cfg: RunConfig, task: str, label_names: list[str]):
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        if not getattr(config, "is_decoder", False) and not config.is_encoder_decoder \
+                and config.model_type in ENCODER_ONLY:  # (its LM head would attend both ways: nothing to learn)
+            raise UnipeftError(f"--model {cfg.model} is an encoder ({config.model_type}); causal-LM training needs a "
+                               "decoder such as --model smollm2 (for classification, the data needs a label column: "
+                               "--label-column NAME)")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if torch.cuda.is_available():
         model = model.to("cuda")
@@ -316,7 +353,17 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log
         if (out / "config.yaml").is_file():  # a resumed run continues exactly the configuration it started with
             cfg = RunConfig.from_file(out / "config.yaml")
             cfg.out = str(out)
+    created = not out.exists()
     prepare_out(out, resume, overwrite)
+    try:
+        return _train(cfg, out, resume, log, progress_factory)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # failed before writing anything: leave no trace
+            out.rmdir()
+        raise
+
+
+def _train(cfg: RunConfig, out: Path, resume: bool, log, progress_factory) -> dict:
     started = time.time()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # per run, also when compare runs several in one process
@@ -346,6 +393,9 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log
     state = trainer.run(progress=progress_factory(trainer.total) if progress_factory else None)
     device = next(module.parameters()).device
     test_metrics = evaluate(module, test, splits.task, tok.pad_token_id)
+    if not all(math.isfinite(v) for v in test_metrics.values()):
+        raise UnipeftError(f"training diverged: test {', '.join(f'{k} {v}' for k, v in test_metrics.items())}; "
+                           f"nothing was saved as a result: lower --lr and start again with --overwrite")
     if am is not None:
         am.save(out / "adapter")
     else:

@@ -219,19 +219,27 @@ class Trainer:
         except Exception as e:
             raise UnipeftError(f"checkpoint {self.ckpt} is unreadable ({str(e).splitlines()[0][:120]}); start over "
                                "with --overwrite") from None
+        keys = ("params", "optimizer", "scheduler", "rng", "state", "history", "best")
+        if not isinstance(blob, dict) or any(k not in blob for k in keys) or not isinstance(blob["params"], dict):
+            raise UnipeftError(f"{self.ckpt} is not a unipeft training checkpoint; start over with --overwrite")
         if set(blob["params"]) != set(self.params):
             raise UnipeftError(f"checkpoint {self.ckpt} belongs to another configuration (its tensors differ); use "
                                "the same flags as the interrupted run")
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(blob["params"][k].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["rng"]["torch"])
-        _set_py_rng_state(blob["rng"]["python"])
-        if "cuda" in blob["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-        self.state = LoopState(**blob["state"], history=json.loads(blob["history"]))
+        try:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(blob["params"][k].to(p.device, p.dtype))
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.scheduler.load_state_dict(blob["scheduler"])
+            torch.set_rng_state(blob["rng"]["torch"])
+            _set_py_rng_state(blob["rng"]["python"])
+            if "cuda" in blob["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+            self.state = LoopState(**blob["state"], history=json.loads(blob["history"]))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            why = str(e).splitlines()[0][:100] if str(e) else "-"
+            raise UnipeftError(f"checkpoint {self.ckpt} does not fit this run ({type(e).__name__}: {why}); start over "
+                               "with --overwrite") from None
         self.best = blob["best"]
         lines = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
         self.metrics_path.write_text("".join(lines[: self.state.metric_lines]))
@@ -270,7 +278,7 @@ class Trainer:
                         kept = f"the last good checkpoint is {self.ckpt}" if self.ckpt.exists() else \
                             "no checkpoint was written yet"
                         raise UnipeftError(f"the loss became {loss.item()} at step {st.step + 1}; training stopped "
-                                           f"and {kept}; lower --lr (then --resume)")
+                                           f"and {kept}; lower --lr and start again with --overwrite")
                     (loss / cfg.grad_accum).backward()
                     loss_value += float(loss.detach()) / cfg.grad_accum
                     ntok += int(b["attention_mask"].sum())
