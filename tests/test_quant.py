@@ -80,6 +80,41 @@ def test_merge_dequantized_gives_a_plain_model_with_the_same_outputs(kind: str, 
         torch.testing.assert_close(output_of(again(**x)), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapters_move_between_a_quantized_base_and_its_float_model(kind: str, tmp_path) -> None:
+    """Train on the 4/8-bit base, serve on the float model (and back): the saved fingerprint records the weights'
+    logical shapes, not bitsandbytes' packed storage, and the adapter computes the same on both."""
+    model = _quantized(kind)
+    reference = quant.dequantize_model(copy.deepcopy(model), torch.float32)
+    am = unipeft.attach(model, "lora")
+    randomize(am)
+    am.save(tmp_path / "q")
+    on_float = unipeft.load(reference, tmp_path / "q")  # (the float twin of the quantized weights)
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(on_float(**inputs())), output_of(am(**inputs())), rtol=1e-5, atol=1e-5)
+    on_float.save(tmp_path / "f")
+    back = unipeft.load(_quantized(kind), tmp_path / "f")
+    trained = am.adapter_parameters("default")
+    assert all(torch.equal(p, trained[k]) for k, p in back.adapter_parameters("default").items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantize_keeps_the_mode_and_eval_outputs_match_the_dequantized_merge(kind: str) -> None:
+    """An eval model stays eval through quantize(); in eval mode 4-bit bases still merge exactly, while an int8 base
+    itself computes with fp16 activations (bitsandbytes' int8 inference path): close, not exact."""
+    model = tiny_model("llama").eval()
+    quant.quantize(model, kind, compute_dtype=torch.float32)
+    assert not any(m.training for m in model.modules() if quant.is_quantized(m))
+    am = unipeft.attach(model, "lora")
+    randomize(am)
+    x = inputs()
+    with torch.no_grad():
+        unmerged = output_of(am(**x)).clone()
+        plain = am.merge_dequantized().eval()
+        gap = (output_of(plain(**x)) - unmerged).abs().max().item()
+    assert gap < (1e-2 if kind == "int8" else 1e-6), gap
+
+
 def test_non_mergeable_recipes_are_refused_before_anything_changes() -> None:
     am = unipeft.attach(_quantized("nf4"), "houlsby")
     with pytest.raises(UnipeftError, match="cannot be merged"):

@@ -41,14 +41,16 @@ FORMAT_VERSION = 1
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """The base model's class, model_type and every frozen parameter's shape (adapters excluded), plus where it was
-    loaded from (a hint for `unipeft convert`, not checked)."""
+    """The base model's class, model_type and every frozen parameter's logical shape (adapters excluded; a 4-bit
+    quantized weight counts as the float weight it stands for, so an adapter trained on a QLoRA base loads onto the
+    float model and back), plus where it was loaded from (a hint for `unipeft convert`, not checked)."""
     shapes: dict[str, list[int]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         parts = name.split(".")
         if "adapters" in parts or "copies" in parts or "fusions" in parts:
             continue
-        shapes[".".join(c for c in parts if c != "base_layer")] = list(p.shape)
+        state = getattr(p, "quant_state", None)  # a 4-bit weight is packed; its logical shape is the model's
+        shapes[".".join(c for c in parts if c != "base_layer")] = list(getattr(state, "shape", None) or p.shape)
     config = getattr(model, "config", None)
     return {"class": type(model).__name__, "model_type": getattr(config, "model_type", None), "shapes": shapes,
             "name_or_path": getattr(config, "_name_or_path", None) or None}

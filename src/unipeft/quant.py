@@ -208,6 +208,7 @@ def quantize(model: nn.Module, kind: str = "nf4", double_quant: bool = True,
             q.bias = nn.Parameter(lin.bias.data.to(dtype).cpu(), requires_grad=False)
         q = q.to(w.device)  # moving to the device is what quantizes in bitsandbytes
         keep_exact_on_cpu(q)
+        q.train(lin.training)  # (a new module starts in train mode; inside an eval model it must be eval too)
         set_module(model, path, q)
     model.__dict__["_unipeft_quantized"] = kind
     return model
