@@ -116,6 +116,31 @@ def test_merge_of_a_float64_model_is_float64_exact(preset: str) -> None:
     assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-12
 
 
+@pytest.mark.parametrize("preset", ["prefix", "mam", "unipelt"])
+def test_a_deep_copy_keeps_its_prefixes_and_detaches_cleanly(preset: str) -> None:
+    """The wiring from an attention module to its prefix wrapper travels with the module: a deep copy computes what
+    the original does (its own copied prefix, not the original's and not none), and detaching the copy gives its
+    attention modules their own attention implementation back."""
+    import copy
+
+    model = tiny_model("llama").eval()
+    x = inputs()
+    with torch.no_grad():
+        base = output_of(model(**x)).clone()
+    am = unipeft.attach(model, preset)
+    randomize(am)
+    twin = copy.deepcopy(am)
+    with torch.no_grad():
+        out = output_of(am(**x)).clone()
+        assert not torch.allclose(out, base, atol=1e-3)
+        torch.testing.assert_close(output_of(twin(**x)), out, rtol=0, atol=0)
+        for p in twin.adapter_parameters("default").values():
+            p.zero_()  # the copy's own parameters: the original does not change
+        torch.testing.assert_close(output_of(am(**x)), out, rtol=0, atol=0)
+    plain = twin.detach()
+    assert {m.config._attn_implementation for m in plain.modules() if hasattr(m, "q_proj")} == {"sdpa"}
+
+
 def test_adapter_on_another_adapters_train_module_is_refused() -> None:
     am = unipeft.attach(tiny_model("llama"), "lora", name="a", train_modules=["lm_head"])
     with pytest.raises(UnipeftError, match="train module 'lm_head'"):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import weakref
 
 import torch
 from torch import nn
@@ -27,9 +26,10 @@ from .errors import UnipeftError
 
 NAME = "unipeft_prefix"
 _SUPPORTED = ("eager", "sdpa")
-#: attention module -> its AdapterLayer wrapper (structural, not per-call state; weak so nothing leaks).
-_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_ORIGINAL_CONFIG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: keys in an adapted attention module's __dict__: its AdapterLayer wrapper and the config it had before (structural,
+#: not per-call state). Kept on the module itself — not in a table keyed by the module — so that a deep copy or a
+#: pickle of the model carries them along, each copy pointing at its own copied wrapper.
+WRAPPER, ORIGINAL_CONFIG = "_unipeft_prefix_wrapper", "_unipeft_original_config"
 _registered = False
 
 
@@ -44,7 +44,7 @@ def _register() -> None:
 
 def install(attn: nn.Module, wrapper: nn.Module, where: str) -> None:
     """Route `attn`'s attention call through `prefix_attention` (idempotent)."""
-    if attn in _WRAPPERS:
+    if WRAPPER in attn.__dict__:
         return
     config = getattr(attn, "config", None)
     impl = getattr(config, "_attn_implementation", None) if config is not None else None
@@ -60,15 +60,15 @@ def install(attn: nn.Module, wrapper: nn.Module, where: str) -> None:
     local = copy.copy(config)
     local._attn_implementation = NAME
     local.__dict__["_unipeft_original_attn"] = impl
-    _ORIGINAL_CONFIG[attn] = config
+    attn.__dict__[ORIGINAL_CONFIG] = config
     attn.config = local
-    _WRAPPERS[attn] = wrapper
+    attn.__dict__[WRAPPER] = wrapper  # (a plain attribute: not a submodule, so not in the module tree twice)
 
 
 def uninstall(attn: nn.Module) -> None:
-    if attn in _WRAPPERS:
-        attn.config = _ORIGINAL_CONFIG.pop(attn)
-        del _WRAPPERS[attn]
+    if WRAPPER in attn.__dict__:
+        attn.config = attn.__dict__.pop(ORIGINAL_CONFIG)
+        del attn.__dict__[WRAPPER]
 
 
 def _original_function(module: nn.Module):
@@ -92,7 +92,7 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     KV cache gives the same result as recomputing the whole sequence.
     """
     original = _original_function(module)
-    wrapper = _WRAPPERS.get(module)
+    wrapper = module.__dict__.get(WRAPPER)
     call = None if wrapper is None else wrapper.prefix_call
     if not call or not call[0]:
         return original(module, query, key, value, attention_mask, **kwargs)
