@@ -141,6 +141,22 @@ def test_a_deep_copy_keeps_its_prefixes_and_detaches_cleanly(preset: str) -> Non
     assert {m.config._attn_implementation for m in plain.modules() if hasattr(m, "q_proj")} == {"sdpa"}
 
 
+def test_activating_several_adapters_with_heads_equals_their_stack() -> None:
+    """Two adapters that each trained their own classifier head: activate("a", "b") composes as Stack("a", "b"),
+    head included (the last adapter's), and differs from the other order."""
+    am = unipeft.attach(tiny_model("bert", head="cls").eval(), "lora", name="a", train_modules=["classifier"])
+    am.add("b", "lora", train_modules=["classifier"])
+    randomize(am, "a", seed=1)
+    randomize(am, "b", seed=2)
+    x = inputs()
+    with torch.no_grad():
+        plain = am.activate("a", "b")(**x).logits.clone()
+        stacked = am.activate(unipeft.Stack("a", "b"))(**x).logits
+        other = am.activate("b", "a")(**x).logits
+    torch.testing.assert_close(plain, stacked, rtol=0, atol=0)
+    assert not torch.allclose(plain, other, atol=1e-3)
+
+
 def test_adapter_on_another_adapters_train_module_is_refused() -> None:
     am = unipeft.attach(tiny_model("llama"), "lora", name="a", train_modules=["lm_head"])
     with pytest.raises(UnipeftError, match="train module 'lm_head'"):

@@ -321,9 +321,10 @@ class AdapterLayer(nn.Module):
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     def _forward_copies(self, copies, args, kwargs):
-        """A trained head copy per unit (the last adapter of a block that has one)."""
+        """A trained head copy per unit (the last adapter of a block that has one). Without routing the active units
+        compose as one Stack, so the head is the last unit's — activate("a", "b") and Stack("a", "b") agree."""
         if self.routing is None:
-            return self.copies[copies[0][1]](*args, **kwargs)
+            return self.copies[copies[-1][1]](*args, **kwargs)
         out = self.base_layer(*args, **kwargs)
         for unit, name in copies:
             idx = self._rows(unit, out.shape[0], out.device)
