@@ -591,9 +591,19 @@ def _with_model_signature(cls: type, model_cls: type) -> type:
 
         forward.__signature__ = sig
         forward.__doc__ = cls.forward.__doc__
+
+        def __reduce_ex__(self, protocol):  # (pickle finds classes by name; this one is made here, per model class)
+            return _signature_instance, (cls, model_cls), self.__dict__
+
         _SIGNATURE_CLASSES[key] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
-                                                             "__qualname__": cls.__qualname__})
+                                                             "__qualname__": cls.__qualname__,
+                                                             "__reduce_ex__": __reduce_ex__})
     return _SIGNATURE_CLASSES[key]
+
+
+def _signature_instance(cls: type, model_cls: type):
+    """Unpickling: an empty instance of the signature class for (cls, model_cls); pickle then restores its state."""
+    return object.__new__(_with_model_signature(cls, model_cls))
 
 
 
