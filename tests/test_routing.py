@@ -39,6 +39,27 @@ def test_routing_equals_each_row_alone(family: str, attn: str) -> None:
             torch.testing.assert_close(routed[row:row + 1], alone, rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
 
 
+def test_routing_beside_a_prompt_keeps_first_token_heads_exact() -> None:
+    """BERT's pooler and classification head read the first position: in a routed batch with a prompt adapter every
+    row must start where it would alone — its own prompt token, or [CLS] for rows without one (the rows are packed,
+    prompt.py) — so logits and pooled outputs equal each row alone, hidden states included."""
+    model = tiny_model("bert", head="cls").eval()
+    am = None
+    for i, (name, preset) in enumerate(MIX.items()):
+        am = unipeft.attach(model, preset, name=name) if am is None else am.add(name, preset)
+        randomize(am, name, seed=i)
+    names = ["e", "__base__", "a", "e", "c"]
+    x = inputs(batch=len(names), seq=6)
+    with torch.no_grad():
+        routed = am(**x, adapter_names=names, output_hidden_states=True)
+        for row, name in enumerate(names):
+            am.deactivate() if name == "__base__" else am.activate(name)
+            alone = am(**{k: v[row:row + 1] for k, v in x.items()}, output_hidden_states=True)
+            torch.testing.assert_close(routed.logits[row:row + 1], alone.logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(routed.hidden_states[-1][row:row + 1], alone.hidden_states[-1], rtol=1e-5,
+                                       atol=1e-5, msg=f"row {row} ({name})")
+
+
 def test_routing_errors() -> None:
     am = mixed("llama")
     x = inputs(batch=2)

@@ -72,13 +72,14 @@ class AdaptedModel(nn.Module):
                 routed.publish(self, None)  # (stacks are refreshed per call: a later, bypassing call can't trust them)
 
     def _forward(self, args: tuple, kwargs: dict) -> Any:
-        args, kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
+        args, kwargs, n_prompt, rows = prompt_mod.with_prompt(self, args, kwargs)
         try:
             if not n_prompt:
                 return self.model(*args, **kwargs)
             want_tuple = kwargs.get("return_dict") is False
             kwargs["return_dict"] = True
-            out = prompt_mod.strip_prompt(self.model(*args, **kwargs), n_prompt, kwargs["inputs_embeds"].shape[1])
+            out = prompt_mod.strip_prompt(self.model(*args, **kwargs), n_prompt, kwargs["inputs_embeds"].shape[1],
+                                          rows)
             return out.to_tuple() if want_tuple else out
         finally:
             siblings.clear(self._groups)  # outputs computed ahead never outlive the call (siblings.py)
@@ -102,7 +103,7 @@ class AdaptedModel(nn.Module):
 
     def _generate(self, args: tuple, kwargs: dict) -> Any:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        new_args, new_kwargs, n_prompt = prompt_mod.with_prompt(self, args, kwargs)
+        new_args, new_kwargs, n_prompt, _ = prompt_mod.with_prompt(self, args, kwargs)
         if not n_prompt:
             return self.model.generate(*args, **kwargs)
         out = self.model.generate(*new_args, **new_kwargs)
