@@ -225,6 +225,12 @@ BAD_INPUTS = {
     "warmup out of range": (lambda d: ["--warmup", "50"], "0 <= warmup < 1"),
     "eval every below 1": (lambda d: ["--eval-every", "-1"], "--eval-every must be >= 1"),
     "unknown option": (lambda d: ["--nosuch"], "No such option: --nosuch"),
+    "header-only csv": (lambda d: ["--data", _write(d / "h.csv", "text,label\n")], "has no rows (a header only?)"),
+    "empty text, numbered as in the file": (lambda d: ["--data", _write(d / "n.jsonl", "".join(
+        json.dumps({"text": None if i == 5 else f"t{i}", "label": i % 2}) + "\n" for i in range(20)))],
+        "row 6 has an empty 'text'"),
+    "malformed jsonl names the cause": (lambda d: ["--data", _write(d / "b.jsonl", '{"text": "x", "label": 0}\n'
+                                                                    '{"text": nope}\n' * 3)], "as json: ValueError"),
     "not a number": (lambda d: ["--batch-size", "1.5"], "Invalid value for '--batch-size'"),
 }
 

@@ -82,9 +82,14 @@ def read_file(path: str) -> list[dict[str, Any]]:
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own errors become our one-line message
     try:
         ds = datasets.load_dataset(kind, data_files=str(p), split="train", keep_in_memory=True)
-    except Exception as e:  # datasets raises many types for malformed files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnipeftError(f"cannot read '{path}' as {kind}: {msg}") from None
+    except Exception as e:  # datasets raises many types for malformed files, the cause wrapped in its own
+        root = e
+        while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+            root = root.__cause__ or root.__context__
+        if "corresponds to no data" in str(e):
+            raise UnipeftError(f"data file '{path}' has no rows (a header only?)") from None
+        msg = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        raise UnipeftError(f"cannot read '{path}' as {kind}: {type(root).__name__}: {msg[:200]}") from None
     rows = ds.to_list()
     if not rows:
         raise UnipeftError(f"data file '{path}' has no rows")
@@ -125,8 +130,8 @@ def _need(rows: list[dict[str, Any]], column: str, source: str, flag: str) -> No
         raise UnipeftError(f"'{source}' has no column '{column}' (columns: {', '.join(map(str, rows[missing[0]]))}); "
                            f"pass {flag} NAME")
     bad = [i for i, r in enumerate(rows) if r[column] is None]
-    if bad:
-        raise UnipeftError(f"'{source}' row {bad[0]} has an empty '{column}'")
+    if bad:  # (numbered as in the file: data rows from 1, a CSV header not counted)
+        raise UnipeftError(f"'{source}' row {bad[0] + 1} has an empty '{column}'")
 
 
 @dataclass
@@ -161,6 +166,12 @@ def load_splits(data: str, eval_data: str | None, test_data: str | None, task: s
     ev = load_rows(eval_data) if eval_data else None
     te = load_rows(test_data) if test_data else None
     chat = task == "causal-lm" and cols.prompt in rows[0] and cols.response in rows[0]
+    needed = ([(cols.text, "--text-column"), (cols.label, "--label-column")] if task == "classification" else
+              [(cols.prompt, "--prompt-column"), (cols.response, "--response-column")] if chat else
+              [(cols.text, "--text-column")])
+    for file_rows, src in ((rows, data), (ev, eval_data), (te, test_data)):
+        for column, flag in needed if file_rows is not None else ():
+            _need(file_rows, column, src, flag)  # each file whole, before any split: its own row numbers
     if task == "causal-lm" and not chat and len(rows) < 10 and (ev is None or te is None):
         # a corpus in a few documents (a .txt file): split the text itself, contiguously (80/10/10 or 90/10)
         _need(rows, cols.text, data, "--text-column")
