@@ -129,3 +129,14 @@ def test_run_config_takes_floats_yaml_reads_as_strings(tiny_bert, tmp_path, caps
                       f"batch_size: 4\nlr: 1e-3\nout: {tmp_path / 'run'}\n")
     cli("train", str(config), "--quiet", capsys=capsys)
     assert "lr: 0.001" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_convert_is_quiet_and_explains_a_full_fine_tuning_run(tiny_bert, tmp_path, capsys) -> None:
+    data = _data(tmp_path)
+    run = tmp_path / "run"
+    _run(tiny_bert, data, run, capsys)
+    text = cli("convert", str(run / "adapter"), str(tmp_path / "peft"), "--model", tiny_bert, capsys=capsys)
+    assert text.strip().splitlines() == [f"wrote a peft adapter folder: {tmp_path / 'peft'}"], text
+    full = tmp_path / "full"
+    _run(tiny_bert, data, full, capsys, "--method", "full")
+    _one_line(cli("convert", str(full), str(tmp_path / "x"), expect=2, capsys=capsys), "is a full fine-tuning run")

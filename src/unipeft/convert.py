@@ -24,6 +24,9 @@ def source_kind(src: Path) -> str:
         return "unipeft"
     if (src / "config.yaml").is_file() and (src / "adapter").is_dir():
         return "run"
+    if (src / "config.yaml").is_file() and (src / "model").is_dir():
+        raise UnipeftError(f"'{src}' is a full fine-tuning run: there is no adapter to convert (its model/ folder "
+                           "already is a plain transformers model)")
     if not src.exists():
         raise UnipeftError(f"'{src}' does not exist")
     raise UnipeftError(f"'{src}' is neither a peft adapter folder (adapter_config.json), a unipeft adapter folder "
@@ -66,7 +69,16 @@ def _load(model: str | None, source: str, cls_name: str, num_labels: int | None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise UnipeftError(f"transformers has no model class {cls_name}; pass the base with --model")
     kwargs = {"num_labels": num_labels} if num_labels else {}
-    return cls.from_pretrained(str(path), **kwargs).eval()
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # (its load report calls the head "newly initialized": the adapter brings it)
+    hf_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(str(path), **kwargs).eval()
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
 
 
 def convert(src: str | Path, dst: str | Path, to: str | None = None, model: str | None = None,
