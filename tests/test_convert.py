@@ -91,6 +91,7 @@ def test_real_minilm_ia3_with_classifier_converts(minilm_path, tmp_path, capsys)
 def test_convert_errors_are_one_line_and_write_nothing(tiny_llama, tmp_path, capsys) -> None:
     base = T.AutoModelForCausalLM.from_pretrained(tiny_llama)
     peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "p")
+    capsys.readouterr()  # (the setup's own loading output is not the CLI's)
     cases = [
         (["convert", str(tmp_path / "p"), str(tmp_path / "x"), "--to", "peft"], "already a peft"),
         (["convert", str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),

@@ -78,7 +78,6 @@ def _load(model: str | None, source: str, cls_name: str, num_labels: int | None)
         return cls.from_pretrained(str(path), **kwargs).eval()
     finally:
         hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
 
 
 def convert(src: str | Path, dst: str | Path, to: str | None = None, model: str | None = None,
