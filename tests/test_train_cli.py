@@ -225,6 +225,9 @@ BAD_INPUTS = {
     "warmup out of range": (lambda d: ["--warmup", "50"], "0 <= warmup < 1"),
     "eval every below 1": (lambda d: ["--eval-every", "-1"], "--eval-every must be >= 1"),
     "unknown option": (lambda d: ["--nosuch"], "No such option: --nosuch"),
+    "labels of two kinds": (lambda d: ["--data", _write(d / "k.jsonl", "".join(
+        json.dumps({"text": f"t{i}", "label": [0, 1, "neg", "pos"][i % 4]}) + "\n" for i in range(20)))],
+        "mixes number and str values"),
     "header-only csv": (lambda d: ["--data", _write(d / "h.csv", "text,label\n")], "has no rows (a header only?)"),
     "empty text, numbered as in the file": (lambda d: ["--data", _write(d / "n.jsonl", "".join(
         json.dumps({"text": None if i == 5 else f"t{i}", "label": i % 2}) + "\n" for i in range(20)))],

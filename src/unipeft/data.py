@@ -220,7 +220,14 @@ def load_splits(data: str, eval_data: str | None, test_data: str | None, task: s
 
 
 def _label_names(rows: list[dict[str, Any]], column: str) -> list[str]:
+    unhashable = [r[column] for r in rows if isinstance(r[column], (list, dict))]
+    if unhashable:
+        raise UnipeftError(f"label column '{column}' holds {type(unhashable[0]).__name__}s; labels are ints or strings")
     values = {r[column] for r in rows}
+    kinds = {"number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__ for v in values}
+    if len(kinds) > 1:  # (1 and "1", or 0 and "neg", would silently become separate classes)
+        raise UnipeftError(f"label column '{column}' mixes {' and '.join(sorted(kinds))} values "
+                           f"(e.g. {', '.join(sorted(map(repr, values))[:4])}); use one kind of label")
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         if min(values) < 0:
             raise UnipeftError(f"label {min(values)} is negative; integer labels must be 0..K-1")
