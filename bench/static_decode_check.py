@@ -1,0 +1,87 @@
+"""GPU check of two fixes of the twenty-first session, on a tiny bf16 Llama: DoRA's unmerge after the model moved to
+the GPU, and routed static-cache decoding after an adapter's weights changed in place and then were replaced by new
+Parameter objects (`load_state_dict(assign=True)`: the shared stacks must see the new objects).
+
+Status (bench/results/gpu_fix_check_1_*.json, H200, torch 2.11): the DoRA part passes (max abs 1.9e-8 after merge →
+cuda → unmerge; the code before this session: a device error). The static-cache decode fails at its FIRST generate,
+with the code before this session as well — "accessing tensor output of CUDAGraphs that has been overwritten by a
+subsequent run" (cudagraph trees), for every mix of adapter names tried (a,b,__base__,b / a,b,a,b / a,a,a,a) — while
+the 953M benchmark's static decode runs (perf_37, perf_38). Not yet explained; this tiny model (2 layers, GQA 4/2
+heads, vocab 512) is the repro for the next session.
+
+Usage (GPU machine): PYTHONPATH=src NAMES=a,b,__base__,b python3 bench/static_decode_check.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import transformers as T
+
+import unipeft
+
+
+def _nudge(am, name: str) -> None:
+    with torch.no_grad():
+        for p in am.adapter_parameters(name).values():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+def dora_unmerge_after_move(cfg) -> dict:
+    model = T.LlamaForCausalLM(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    am = unipeft.attach(model, "dora")
+    _nudge(am, "default")
+    try:
+        am.merge()
+        am.to("cuda")
+        am.unmerge()
+        plain = am.detach().cpu()
+        return {"dora_unmerge_after_move_max_abs": max((plain.state_dict()[k] - before[k]).abs().max().item()
+                                                       for k in before)}
+    except Exception as e:  # (a measurement: report, do not stop)
+        return {"dora_error": f"{type(e).__name__}: {str(e)[:150]}"}
+
+
+def routed_static_decode(cfg, names: list[str]) -> dict:
+    am = unipeft.attach(T.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval(), "lora", name="a")
+    am.add("b", "lora")
+    _nudge(am, "a")
+    _nudge(am, "b")
+    ids = torch.randint(0, cfg.vocab_size, (len(names), 16), device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=0, cache_implementation="static")
+    out, stage = {}, "first"
+    try:
+        with torch.no_grad():
+            first = am.generate(input_ids=ids, adapter_names=names, **kw)
+            stage = "in-place change"
+            for p in am.adapter_parameters("b").values():
+                p.mul_(-3.0)
+            second = am.generate(input_ids=ids, adapter_names=names, **kw)
+            out["inplace_rows_changed"] = [bool((a != b).any()) for a, b in zip(first, second)]
+            stage = "assign"
+            new = {k: torch.nn.Parameter(-1.0 * v) for k, v in am.state_dict().items() if ".adapters.b." in k}
+            am.load_state_dict(new, strict=False, assign=True)
+            third = am.generate(input_ids=ids, adapter_names=names, **kw)
+            out["assign_rows_changed"] = [bool((a != b).any()) for a, b in zip(second, third)]
+    except Exception as e:  # (a measurement: report, do not stop)
+        out["failed_at"], out["error"] = stage, f"{type(e).__name__}: {str(e)[:300]}"
+    return out
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128)
+    out = dora_unmerge_after_move(cfg)
+    out.update(routed_static_decode(cfg, os.environ.get("NAMES", "a,b,__base__,b").split(",")))
+    print(json.dumps(out, indent=1))
+    with open(os.path.join(os.environ.get("OUT", "."), "gpu_fix_check.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
