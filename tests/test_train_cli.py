@@ -152,8 +152,9 @@ def test_kill_and_resume_reaches_the_same_weights(tiny_bert, sentiment, tmp_path
     proc.wait()
     assert not (killed / "results.json").exists(), "the run must be killed mid-way for this test to mean anything"
     resumed = subprocess.run([sys.executable, "-m", "unipeft", "train", "--out", str(killed), "--resume",
-                              "--quiet"], capture_output=True, text=True, timeout=300)
+                              "--quiet", "--lr", "0.5"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "warning: --resume continues the run's own config.yaml; --lr not used" in resumed.stdout, resumed.stdout
     a = load_file(str(straight / "adapter" / "default.safetensors"))
     b = load_file(str(killed / "adapter" / "default.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

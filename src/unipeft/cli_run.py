@@ -118,9 +118,17 @@ def train(
     if data == "shakespeare" and model is None and config is None:  # MiniLM has no LM head: the shipped LM
         cfg.model = "smollm2"
     cfg.overrides = {**cfg.overrides, **parse_sets(set_)}
+
     def log(message: str) -> None:
         if not quiet or message.startswith("warning"):
             console.print(message, markup=False)
+
+    ignored = [k for k, v in flags.items() if v is not None and k != "out"] + (["set"] if set_ else [])
+    resumable = resume and (Path(cfg.out) / "checkpoint.pt").is_file() and (Path(cfg.out) / "config.yaml").is_file()
+    if resumable and (ignored or config is not None):  # (a resumed run continues exactly its own config.yaml)
+        what = ", ".join(f"--{k.replace('_', '-')}" for k in ignored) or "the config file"
+        log(f"warning: --resume continues the run's own config.yaml; {what} not used (start again with "
+            "--overwrite to change settings)")
 
     if not quiet:
         console.print(f"unipeft train: {cfg.method} on {cfg.model}, data {cfg.data} → {cfg.out}")
