@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpointing, compose, graphs, quant, routed, siblings
+from . import checkpointing, compose, graphs, merging, quant, routed, siblings
 from . import prefix as prefix_mod
 from . import prompt as prompt_mod
 from .arch import Binding, accepts, get_module, logical_modules, resolve, set_module, text_config
@@ -273,52 +273,9 @@ class AdaptedModel(nn.Module):
         return self
 
     def _mergeable_names(self, name: str | None) -> list[str]:
-        """The adapters merge(name) would fold in, in merge order, after every check that they can be folded without
-        changing the output (raises with the reason otherwise; nothing has changed then)."""
-        if name is not None and not isinstance(name, str):
-            raise UnipeftError(f"merge takes one adapter name (or None for the active ones), not {type(name).__name__}")
-        in_blocks = {n for u in self.active if not isinstance(u, str) for n in compose.adapter_names(u)}
-        if name is not None and name in in_blocks:
-            raise UnipeftError(f"adapter '{name}' is part of an active block; blocks are not merged (deactivate it)")
-        names = [name] if name is not None else [n for n in self.active if isinstance(n, str) and n not in self.merged]
-        if not names:
-            raise UnipeftError("no adapter to merge: none is active and unmerged; pass a name or activate one")
-        for n in names:
-            self._require(n)
-            recipe = self.recipes[n]
-            if not recipe.mergeable:
-                bad = [p for p in recipe.parts if not p.mergeable]
-                why = ", ".join(f"'{p.name}' ({p.function} at {', '.join(p.sites or p.targets)}, {p.insertion}, "
-                                f"{p.composition})" for p in bad)
-                raise UnipeftError(f"adapter '{n}' ({recipe.name}) cannot be merged: part {why} is not a linear map of "
-                                   "a projection's own input; it stays unmerged")
-            if n in self.merged:
-                raise UnipeftError(f"adapter '{n}' is already merged")
-        for w in self._wrappers.values():  # merging must not reorder compositions
-            order = [a for a in w.active if a in w.adapters]
-            for n in names:
-                if n in order:
-                    before = [a for a in order[: order.index(n)] if a not in self.merged and a not in names]
-                    if before:
-                        raise UnipeftError(f"adapter '{n}' composes after unmerged '{before[0]}' on the same layer; "
-                                           "merging it would change the output: merge both or reorder activate()")
-            # DoRA's norm and an input scaling read the layer's weight as it is, whatever the activation order:
-            # one that stays active and unmerged would see the others' merged terms; one merged in this call must
-            # be the first folded in, so it reads the weight its unmerged forward reads.
-            merging = [n for n in names if n in w.adapters]
-            readers = [a for a in order if w.reads_weight(a)]
-            staying = [a for a in readers if a not in self.merged and a not in merging]
-            if merging and staying:
-                raise UnipeftError(f"merging '{merging[0]}' would change what active '{staying[0]}' computes on the "
-                                   f"same layer ({w.reads_weight(staying[0])} reads the weight): merge '{staying[0]}' "
-                                   "too (first), or deactivate it")
-            first = [a for a in merging if w.reads_weight(a)]
-            if first and (merging[0] != first[0] or len(first) > 1):
-                late = first[0] if merging[0] != first[0] else first[1]
-                raise UnipeftError(f"'{late}' ({w.reads_weight(late)} reads the weight) would be folded into a weight "
-                                   f"that already holds '{merging[0]}' on the same layer, which its unmerged forward "
-                                   f"does not see; merge() folds in activation order: activate '{late}' first")
-        return names
+        """The adapters merge(name) would fold in, in order, once merging.check found that folding them keeps the
+        output (it raises with the reason otherwise; nothing has changed then)."""
+        return merging.check(self, name)
 
     def merge_dequantized(self, dtype: torch.dtype | None = None) -> nn.Module:
         """QLoRA's exact merge: the active adapters folded into the *dequantized* weights of the quantized base; returns
