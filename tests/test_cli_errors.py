@@ -140,3 +140,11 @@ def test_convert_is_quiet_and_explains_a_full_fine_tuning_run(tiny_bert, tmp_pat
     full = tmp_path / "full"
     _run(tiny_bert, data, full, capsys, "--method", "full")
     _one_line(cli("convert", str(full), str(tmp_path / "x"), expect=2, capsys=capsys), "is a full fine-tuning run")
+
+
+def test_a_run_folder_missing_a_part_is_one_line(tiny_bert, tmp_path, capsys) -> None:
+    data = _data(tmp_path)
+    run = tmp_path / "run"
+    _run(tiny_bert, data, run, capsys)
+    shutil.rmtree(run / "tokenizer")
+    _one_line(cli("predict", str(run), "a fine film", expect=2, capsys=capsys), "has no tokenizer/ folder")

@@ -435,7 +435,12 @@ def read_run(out: str | Path) -> tuple[RunConfig, Path]:
         raise UnipeftError(f"'{out}' is not a unipeft run folder (no config.yaml)")
     if not (out / "results.json").is_file():
         raise UnipeftError(f"'{out}' holds an unfinished run; finish it with `unipeft train --out {out} --resume`")
-    return RunConfig.from_file(out / "config.yaml"), out
+    cfg = RunConfig.from_file(out / "config.yaml")
+    for part in ("tokenizer", "model" if cfg.method == "full" else "adapter"):
+        if not (out / part).is_dir():
+            raise UnipeftError(f"run folder '{out}' has no {part}/ folder; it is incomplete (train it again with "
+                               "--overwrite)")
+    return cfg, out
 
 
 def from_pretrained(out: str | Path):
