@@ -167,6 +167,19 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+#: model_types of encoder-only models: every token attends both ways (no causal LM head makes sense on them, and a
+#: routed prompt batch packs its rows so first-token heads stay exact, prompt.py).
+ENCODERS = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet",
+            "camembert", "modernbert"}
+
+
+def is_encoder(config) -> bool:
+    """Whether a transformers config (or a model's) describes an encoder-only model."""
+    config = getattr(config, "config", config)
+    return getattr(config, "model_type", None) in ENCODERS and not getattr(config, "is_decoder", False) \
+        and not getattr(config, "is_encoder_decoder", False)
+
+
 def family_of(model: nn.Module) -> FamilyMap | None:
     config = getattr(model, "config", None)
     return FAMILIES.get(getattr(config, "model_type", None))

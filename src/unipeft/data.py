@@ -174,7 +174,6 @@ def load_splits(data: str, eval_data: str | None, test_data: str | None, task: s
             _need(file_rows, column, src, flag)  # each file whole, before any split: its own row numbers
     if task == "causal-lm" and not chat and len(rows) < 10 and (ev is None or te is None):
         # a corpus in a few documents (a .txt file): split the text itself, contiguously (80/10/10 or 90/10)
-        _need(rows, cols.text, data, "--text-column")
         text = "\n\n".join(str(r[cols.text]) for r in rows)
         cuts = [0.8, 0.9] if ev is None and te is None else [0.9]
         pieces = [text[int(len(text) * a):int(len(text) * b)] for a, b in zip([0.0] + cuts, cuts + [1.0])]
@@ -199,15 +198,6 @@ def load_splits(data: str, eval_data: str | None, test_data: str | None, task: s
         if not split:
             flag = {"train": "--data", "validation": "--eval-data", "test": "--test-data"}[split_name]
             raise UnipeftError(f"the {split_name} split is empty; give more rows or a {flag} file")
-        src = {"train": data, "validation": eval_data or data, "test": test_data or data}[split_name]
-        if task == "classification":
-            _need(split, cols.text, src, "--text-column")
-            _need(split, cols.label, src, "--label-column")
-        elif chat:
-            _need(split, cols.prompt, src, "--prompt-column")
-            _need(split, cols.response, src, "--response-column")
-        else:
-            _need(split, cols.text, src, "--text-column")
     if task == "classification":
         names = names or _label_names(train, cols.label)  # the training labels define the classes
         if len(names) < 2:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .arch import accepts, family_of
+from .arch import accepts, is_encoder
 from .errors import UnipeftError
 
 
@@ -82,7 +82,7 @@ def with_prompt(am, args: tuple, kwargs: dict) -> tuple[tuple, dict, int, torch.
     if labels is not None and labels.dim() == 2 and labels.shape[1] == seq:
         kwargs["labels"] = torch.cat([labels.new_full((batch, n_prompt), -100), labels], dim=1)
     visible = torch.cat(masks, dim=1)
-    if routing is not None and not bool(visible.all()) and getattr(family_of(am.model), "family", None) == "bert":
+    if routing is not None and not bool(visible.all()) and is_encoder(am.model):
         return (), _pack_rows(kwargs, visible, seq), n_prompt, visible.sum(dim=1)
     if routing is not None and not bool(kwargs["attention_mask"][:, :n_prompt].all()) and accepts(
             am.model, "position_ids"):

@@ -31,9 +31,6 @@ from .train import LoopConfig, Trainer, evaluate, peak_memory_bytes
 #: Learning rates that work out of the box, from a sweep on Rotten Tomatoes + MiniLM (docs/training.md): a full
 #: fine-tune needs a much smaller one, and the prefix-based methods diverge at the adapters' 2e-3.
 DEFAULT_LR = {"full": 5e-5, "prompt": 3e-3, "prefix": 1e-3, "mam": 5e-4, "unipelt": 1e-3}
-#: Encoder-only families: a causal LM head on them would see every token both ways.
-ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet",
-                "camembert", "modernbert"}
 #: AdapterFusion's query/key/value matrices are d × d: a gentler rate than the adapters' (value starts at identity).
 FUSION_LR = 5e-4
 
@@ -111,7 +108,7 @@ class RunConfig:
                   (self.save_every is None or self.save_every >= 1, "--save-every must be >= 1"),
                   (self.clip >= 0 and math.isfinite(self.clip), "--clip must be >= 0 (0: no clipping)"),
                   (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-(self.batch_size >= 1, "--batch-size must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
+                  (self.batch_size >= 1, "--batch-size must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
                   (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
                   (self.grad_accum >= 1, "--grad-accum must be >= 1"),
                   (self.max_length >= 8, "--max-length must be >= 8"),
@@ -240,9 +237,10 @@ def load_base(cfg: RunConfig, task: str, label_names: list[str]):
     else:
         from transformers import AutoConfig
 
+        from .arch import is_encoder
+
         config = AutoConfig.from_pretrained(path)
-        if not getattr(config, "is_decoder", False) and not config.is_encoder_decoder \
-                and config.model_type in ENCODER_ONLY:  # (its LM head would attend both ways: nothing to learn)
+        if is_encoder(config):  # (its LM head would attend both ways: nothing to learn)
             raise UnipeftError(f"--model {cfg.model} is an encoder ({config.model_type}); causal-LM training needs a "
                                "decoder such as --model smollm2 (for classification, the data needs a label column: "
                                "--label-column NAME)")
