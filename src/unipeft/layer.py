@@ -336,7 +336,7 @@ class AdapterLayer(nn.Module):
     def reads_weight(self, name: str) -> str:
         """What of adapter `name` here reads the frozen weight as it is ("" if nothing): DoRA's row norms, or an
         input scaling (applied to the base's input before every other adapter). Merging another adapter under
-        either changes what it computes (AdaptedModel.merge checks)."""
+        either changes what it computes (merging.check refuses that)."""
         for sa in self.sites_of(name):
             if hasattr(sa, "magnitude"):
                 return "DoRA's norm"

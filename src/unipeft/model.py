@@ -252,7 +252,7 @@ class AdaptedModel(nn.Module):
     def merge(self, name: str | None = None, requantize: bool = False) -> AdaptedModel:
         """Fold adapters (default: the active ones) into the frozen weights: zero added latency. Refused, with the
         reason, for recipes whose knobs are not mergeable."""
-        names = self._mergeable_names(name)
+        names = merging.check(self, name)  # (raises with the reason; nothing changed)
         quantized = any(quant.is_quantized(w.base_layer) for w in self._wrappers.values() for n in names
                         if n in w.adapters)
         if quantized and not requantize:
@@ -271,11 +271,6 @@ class AdaptedModel(nn.Module):
         self.merged.extend(names)
         self._refresh()
         return self
-
-    def _mergeable_names(self, name: str | None) -> list[str]:
-        """The adapters merge(name) would fold in, in order, once merging.check found that folding them keeps the
-        output (it raises with the reason otherwise; nothing has changed then)."""
-        return merging.check(self, name)
 
     def merge_dequantized(self, dtype: torch.dtype | None = None) -> nn.Module:
         """QLoRA's exact merge: the active adapters folded into the *dequantized* weights of the quantized base; returns

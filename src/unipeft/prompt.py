@@ -87,7 +87,7 @@ def with_prompt(am, args: tuple, kwargs: dict) -> tuple[tuple, dict, int, torch.
     if routing is not None and not bool(kwargs["attention_mask"][:, :n_prompt].all()) and accepts(
             am.model, "position_ids"):
         # Rows without (all of) the prompt keep their real tokens at the positions they would have alone.
-        skipped = (1 - torch.cat(masks, dim=1).long()).sum(dim=1, keepdim=True)
+        skipped = (1 - visible.long()).sum(dim=1, keepdim=True)
         width = kwargs["attention_mask"].shape[1]
         positions = torch.arange(width, device=embeds.device)[None].expand(batch, -1)
         kwargs["position_ids"] = (positions - skipped).clamp(min=0)

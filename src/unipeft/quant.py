@@ -305,7 +305,9 @@ def merge_dequantized(am, dtype: torch.dtype | None = None) -> nn.Module:
         raise UnipeftError("an adapter was merged into the quantized weights with rounding; reload the base to "
                            "merge into dequantized weights exactly")
     if names:  # refuse what merge() would refuse before anything changes
-        am._mergeable_names(None)
+        from .merging import check
+
+        check(am, None)
     for w in am._wrappers.values():
         if is_quantized(w.base_layer):
             w.base_layer = plain_linear(w.base_layer, dtype)
