@@ -72,6 +72,7 @@ def worker(harness: str, compile_: bool) -> None:
     sys.path.insert(0, harness)
     import peft_baseline as h
     import torch
+    from spin_probe import squeezed  # (bench/, this script's folder)
 
     import unipeft
 
@@ -95,19 +96,13 @@ def worker(harness: str, compile_: bool) -> None:
         if not line.startswith("round"):
             break
         row = {}
-        with _squeeze(line.split()[2] if len(line.split()) > 2 else None):
+        _, tag, *spec = line.split()
+        with squeezed(spec[0] if spec else None):  # (bench/spin_probe.py: None squeezes nothing)
             for case, model, params in models:
                 with _stance(case):
-                    timed = h.time_train(f"{case}_{line.split()[1]}", model, params)
+                    timed = h.time_train(f"{case}_{tag}", model, params)
                 row[case], row[f"{case}_peak_gib"] = timed["step_ms"], timed.get("peak_gib")
         proto.write(json.dumps(row) + "\n")
-
-
-def _squeeze(spec: str | None):
-    """The round's squeeze ("CORES:HOGS", from its request line): the worker's threads pinned to CORES cores beside
-    HOGS busy loops for the round (started before it, stopped after it); None: nothing changes."""
-    from spin_probe import squeezed  # (bench/, this script's folder)
-    return squeezed(spec)
 
 
 def _stance(case: str):

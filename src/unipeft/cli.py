@@ -107,7 +107,9 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except click_errors.NoArgsIsHelpError as e:  # bare `unipeft` / `unipeft CMD`: the help, as typer prints it
-        print(e.ctx.get_help() if e.ctx is not None else e.format_message())
+        text = e.ctx.get_help() if e.ctx is not None else e.format_message()
+        if text:  # (typer's rich help prints itself and returns nothing)
+            print(text)
         sys.exit(0 if e.ctx is not None and e.ctx.parent is None else 2)
     except click_errors.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "unipeft"
