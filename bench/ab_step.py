@@ -12,16 +12,17 @@ Usage (GPU machine; the old code as a copy of its src/ tree in an ignored folder
     python3 bench/ab_step.py --harness .gpu_carry/bench --a .gpu_carry/old_src/src --b src [--compile] \\
         [--rounds 6] [--env-b UNIPEFT_RECOMPUTE=1] --out ab.json
 Each worker imports unipeft from its tree (PYTHONPATH) and the harness from --harness; --env-a / --env-b set
-environment variables in one worker only (the same tree twice with a switch flipped is an A/B as well;
-`--env-b AB_SKIP_GUARDS=1` times B's LoRA model without guard evaluation, `--env-b AB_FLAT_PARAMS=1` with its
-LoRA weights in one flat parameter: bench/flat_probe.py; `--env-b AB_DICT_TAGS=1` compiles both of B's models
-with dynamo's `use_recursive_dict_tags_for_guards`, which skips the guards of module subtrees whose dicts did not
-change; `--env-b AB_FUSED_ADAMW=1` gives both of B's models the harness's AdamW with `fused=True`: the update in
-fused kernels instead of the default foreach path's sequence of multi-tensor ops — the per-parameter Python loop
-that gathers the state is the same). `--squeeze 4:4` adds as many rounds again on a squeezed CPU, after the plain
-ones: during each such round the worker's threads are pinned to 4 cores beside 4 busy loops (bench/spin_probe.py's
-`squeezed`; the other worker is idle meanwhile), summarized apart — an A/B of the host time two versions need on a
-slow or shared CPU.
+environment variables in one worker only (the same tree twice with a switch flipped is an A/B as well; `--env-b
+AB_SKIP_GUARDS=1` times B's LoRA model without guard evaluation, `--env-b AB_FLAT_PARAMS=1` with its LoRA weights
+in one flat parameter: bench/flat_probe.py; `--env-b AB_DICT_TAGS=1` compiles both of B's models with dynamo's
+`use_recursive_dict_tags_for_guards`, which skips the guards of module subtrees whose dicts did not change;
+`--env-b AB_FUSED_ADAMW=1` gives both of B's models the harness's AdamW with `fused=True`: the update in fused
+kernels instead of the default foreach path's sequence of multi-tensor ops — the per-parameter Python loop that
+gathers the state is the same; `AB_COMPILE_MODE=reduce-overhead` with --compile compiles that worker's models in
+that torch.compile mode, each step replayed from CUDA graphs). `--squeeze 4:4` adds as many rounds again on a
+squeezed CPU, after the plain ones: during each such round the worker's threads are pinned to 4 cores beside 4 busy
+loops (bench/spin_probe.py's `squeezed`; the other worker is idle meanwhile), summarized apart — an A/B of the host
+time two versions need on a slow or shared CPU.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def worker(harness: str, compile_: bool) -> None:
         torch._dynamo.config.use_recursive_dict_tags_for_guards = True
     if os.environ.get("AB_FUSED_ADAMW") == "1":  # the harness's AdamW as one fused kernel (both models)
         torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)
-    wrap = torch.compile if compile_ else (lambda m: m)
+    mode = os.environ.get("AB_COMPILE_MODE") or None  # e.g. reduce-overhead: steps replayed from CUDA graphs
+    wrap = functools.partial(torch.compile, mode=mode) if compile_ else (lambda m: m)
     floor = h.make_model()
     floor_params = h.frozen_floor(floor)
     lora = unipeft.attach(h.make_model(), "lora", r=16, alpha=32, targets=SITES)

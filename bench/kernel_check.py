@@ -1,7 +1,7 @@
 """GPU check of the Triton kernels against PyTorch (bf16 / fp16 / fp32) and the fp64 formulas, and of the grouped
 q/k/v path's gradients against the per-projection path on a random Llama (bf16), and a compiled LoRA step against the
 eager one (gradients, and no weight-sized view copies in the generated code).
-Usage: PYTHONPATH=src python3 bench/kernel_check.py [--only two_streams,compiled_step]"""
+Usage: PYTHONPATH=src python3 bench/kernel_check.py [--only two_streams,compiled_step,graphed_steps]"""
 
 from __future__ import annotations
 
@@ -253,6 +253,42 @@ def compiled_step(streams: str = "1") -> dict:
                 max_rel_grad_diff=max(float((compiled[n] - eager[n]).norm() / eager[n].norm()) for n in eager))
 
 
+def graphed_steps(streams: str = "1", steps: int = 6) -> dict:
+    """torch.compile(mode="reduce-overhead") — the step replayed from CUDA graphs (cudagraph trees) — against eager,
+    over `steps` training steps from the same start with an SGD update between them (so replays must read the updated
+    weights): per step the loss difference and the gradients' largest relative difference. UNIPEFT_STREAMS=`streams`:
+    "1" the backward's LoRA products in the op unipeft::lora_backward (on the capturing stream while a graph is
+    recorded), "0" traced in the graph."""
+    import copy
+
+    am, x = _lora_llama()
+    ref = copy.deepcopy(am)
+    os.environ["UNIPEFT_STREAMS"] = streams
+    torch._dynamo.reset()
+    compiled = torch.compile(am, mode="reduce-overhead")
+    losses, grads = [], []
+    try:
+        for _ in range(steps):
+            got = {}
+            for name, model, owner in (("eager", ref, ref), ("graphed", compiled, am)):
+                owner.zero_grad(set_to_none=True)
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                got[name] = (float(loss), {n: p.grad.float().clone() for n, p in owner.named_parameters()
+                                           if p.requires_grad})
+                with torch.no_grad():
+                    for p in owner.parameters():
+                        if p.requires_grad:
+                            p.sub_(0.5 * p.grad)
+            losses.append(abs(got["graphed"][0] - got["eager"][0]))
+            e, g = got["eager"][1], got["graphed"][1]
+            grads.append(max(float((g[n] - e[n]).norm() / e[n].norm()) for n in e))
+    finally:
+        os.environ.pop("UNIPEFT_STREAMS")
+    torch.cuda.synchronize()
+    return dict(steps=steps, loss_abs_diff=[round(v, 5) for v in losses], max_rel_grad_diff=grads)
+
+
 def two_streams(iters: int = 20) -> dict:
     """overlap.lora_backward with its products on the side stream against the same call on one stream, at the
     benchmark model's q/k/v (GQA) and o shapes, bf16, `iters` times each. Every input is made by a main-stream
@@ -300,7 +336,8 @@ def two_streams(iters: int = 20) -> dict:
 CHECKS = dict(merged_weight=merged_weight_rows, merged_weights=merged_weights_rows, launch_host_us=launch_host_us,
               grouped=grouped_grads, lora_grads=lora_grads_rows, grads_kernel_training=grads_kernel_training,
               compiled_step=lambda: compiled_step("1"), compiled_step_one_stream=lambda: compiled_step("0"),
-              two_streams=two_streams)
+              two_streams=two_streams, graphed_steps=lambda: graphed_steps("1"),
+              graphed_steps_one_stream=lambda: graphed_steps("0"))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ buys that much more margin, and nothing where the margin is already large.
 cores, beside HOGS busy-looping processes pinned to the same ones, started after compiling and stopped after each
 such round (4:4 leaves the step's busy thread — the Python thread in forward, autograd's device thread in backward
 — between four fifths and half of a core, as the scheduler places it: the effect differs between hosts).
-`--eager` times the models uncompiled (the op is then not called; squeeze rounds only).
+`--eager` times the models uncompiled (the op is then not called; squeeze rounds only). `--mode reduce-overhead`
+compiles both models in that torch.compile mode (CUDA graphs: each step replays recorded graphs, so the host issues
+almost nothing; the two-stream op stays off while a graph is captured, so the backward runs on one stream).
 
 Usage (GPU machine):
     python3 bench/spin_probe.py --harness .gpu_carry/bench --levels 0,100,200,400 --passes 2 [--squeeze 4:4] \
-        [--eager] --out spin.json
+        [--eager | --mode reduce-overhead] --out spin.json
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--squeeze", default=None, help="CORES:HOGS[,CORES:HOGS] — also rounds on a squeezed CPU (spin 0)")
     ap.add_argument("--eager", action="store_true", help="time the models uncompiled")
+    ap.add_argument("--mode", default=None, help="torch.compile mode for both models (e.g. reduce-overhead)")
     ap.add_argument("--out", default="spin.json")
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
@@ -129,7 +132,8 @@ def main() -> None:
     floor_params = h.frozen_floor(floor)
     lora = unipeft.attach(h.make_model(), "lora", r=16, alpha=32, targets=SITES)
     lora_params = [p for p in lora.parameters() if p.requires_grad]
-    wrap = (lambda m: m) if args.eager else torch.compile
+    def wrap(m):
+        return m if args.eager else torch.compile(m, mode=args.mode)
     models = (("floor", wrap(floor), floor_params), ("lora", wrap(lora), lora_params))
     for case, model, params in models:
         h.time_train(f"warm_{case}", model, params)
@@ -149,7 +153,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     result = dict(meta=dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(),
                             torch=torch.__version__, unipeft=os.path.dirname(unipeft.__file__),
-                            calls_per_step=per_step, compiled=not args.eager, cpus=len(os.sched_getaffinity(0))),
+                            calls_per_step=per_step, compiled=not args.eager, mode=args.mode,
+                            cpus=len(os.sched_getaffinity(0))),
                   rounds=rounds, summary=summarize(rounds))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -2,12 +2,14 @@
 the GPU, and routed static-cache decoding after an adapter's weights changed in place and then were replaced by new
 Parameter objects (`load_state_dict(assign=True)`: the shared stacks must see the new objects).
 
-Status (bench/results/gpu_fix_check_1_*.json, H200, torch 2.11): the DoRA part passes (max abs 1.9e-8 after merge →
-cuda → unmerge; the code before this session: a device error). The static-cache decode fails at its FIRST generate,
-with the code before this session as well — "accessing tensor output of CUDAGraphs that has been overwritten by a
-subsequent run" (cudagraph trees), for every mix of adapter names tried (a,b,__base__,b / a,b,a,b / a,a,a,a) — while
-the 953M benchmark's static decode runs (perf_37, perf_38). Not yet explained; this tiny model (2 layers, GQA 4/2
-heads, vocab 512) is the repro for the next session.
+Status: the DoRA part passes (max abs 1.9e-8 after merge → cuda → unmerge; the code before the twenty-first
+session: a device error). The static-cache decode failed at its first generate until the twenty-second session
+(bench/results/gpu_fix_check_1_*.json: "accessing tensor output of CUDAGraphs that has been overwritten by a
+subsequent run"). Two causes, both fixed there (gpu_fix_check_2_*.json): torch 2.11's dynamo did not find the
+slots under the int each layer holds in routed.CURRENT, whose keys were an int subclass, so the compiled decoding
+traced the per-routing path instead of the shared stacks; and that path cached row indices made inside the trace
+(layer.Routing), which the next CUDA-graph replay overwrote. Replacing adapter B's Parameters (A and B scaled by
+2, so ΔW by 4) must change exactly the rows routed to "b".
 
 Usage (GPU machine): PYTHONPATH=src NAMES=a,b,__base__,b python3 bench/static_decode_check.py
 """
@@ -63,7 +65,7 @@ def routed_static_decode(cfg, names: list[str]) -> dict:
             second = am.generate(input_ids=ids, adapter_names=names, **kw)
             out["inplace_rows_changed"] = [bool((a != b).any()) for a, b in zip(first, second)]
             stage = "assign"
-            new = {k: torch.nn.Parameter(-1.0 * v) for k, v in am.state_dict().items() if ".adapters.b." in k}
+            new = {k: torch.nn.Parameter(2.0 * v) for k, v in am.state_dict().items() if ".adapters.b." in k}
             am.load_state_dict(new, strict=False, assign=True)
             third = am.generate(input_ids=ids, adapter_names=names, **kw)
             out["assign_rows_changed"] = [bool((a != b).any()) for a, b in zip(second, third)]

@@ -407,7 +407,9 @@ def test_new_adapters_take_the_models_mode() -> None:
 
 def test_compiled_per_routing_path_with_a_dynamic_cache(monkeypatch) -> None:
     """Without shared stacks a compiled routed call still traces without a break: its caches (which compare
-    version counters, something a tracer cannot read) are skipped while compiling."""
+    version counters, something a tracer cannot read) are skipped while compiling — the routing's row indices too:
+    a tensor the graph made and a cache kept would outlive the call, which CUDA graphs (a static-cache generate's
+    compiled decoding) overwrite at the next replay."""
     am = _model()
     x = inputs(batch=4, seq=3)
     with torch.no_grad():
@@ -422,6 +424,34 @@ def test_compiled_per_routing_path_with_a_dynamic_cache(monkeypatch) -> None:
         am.model.forward = forward
         torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    routings = {id(w.routing): w.routing for w in am._wrappers.values()}
+    assert len(routings) == 1 and not next(iter(routings.values()))._cache
+
+
+def test_the_slots_table_is_keyed_by_the_plain_int_each_layer_holds() -> None:
+    """Layers hold their model's key as a plain int and look their slots up with it; the table's keys are plain
+    ints too. (torch 2.11's dynamo did not match that int against a key of the int subclass RouteKey: the traced
+    lookup gave None and a static-cache generate's compiled decoding ran the per-routing path, on the GPU.)"""
+    am = _model()
+    am.prepare_routing()
+    key = am._route_key
+    assert type(key) is routed.RouteKey
+    assert int(key) in routed.CURRENT and all(type(k) is int for k in routed.CURRENT)
+    assert {w.route for w in am._wrappers.values()} == {int(key)}
+    assert all(type(w.route) is int for w in am._wrappers.values())
+
+
+def test_routings_cache_row_indices_outside_a_trace() -> None:
+    """Eager calls keep the row indices they built (one build per call for every layer)."""
+    from unipeft.layer import Routing
+
+    routing = Routing(["a", BASE, "a", "b"])
+    first = routing.row_index(("a", "b"), 4, torch.device("cpu"))
+    assert routing.row_index(("a", "b"), 4, torch.device("cpu")) is first
+    assert first.tolist() == [0, 2, 0, 1]
+    assert routing.rows("a", 8, torch.device("cpu")).tolist() == [0, 1, 4, 5]
+    assert routing.rows("a", 8, torch.device("cpu")) is routing.rows("a", 8, torch.device("cpu"))
+    assert routing.rows("c", 4, torch.device("cpu")) is None
 
 
 def test_stacks_built_under_inference_mode_refresh_outside_it(monkeypatch) -> None:

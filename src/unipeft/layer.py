@@ -33,7 +33,11 @@ BASE = "__base__"  #: the adapter name that means "no adapter" in per-sample rou
 @dataclass
 class Routing:
     """One adapter name per batch row. `rows(name, batch)` gives that adapter's row indices (repeated when the batch
-    was expanded, e.g. by beam search); None when `name` has no rows."""
+    was expanded, e.g. by beam search); None when `name` has no rows.
+
+    Index tensors are cached per call, but never from inside a compiled region: stored there, a tensor the graph made
+    would outlive the call — under CUDA graphs (a static-cache `generate`'s compiled decoding steps) that is memory
+    the next replay overwrites. A traced call builds them in the graph instead (constants: the names are guarded)."""
 
     names: list[str]
     _cache: dict = field(default_factory=dict)
@@ -46,33 +50,38 @@ class Routing:
 
     def rows(self, name: str, batch: int, device: torch.device) -> torch.Tensor | None:
         key = (name, batch, device)
-        if key not in self._cache:
-            n = len(self.names)
-            idx = [i for i, a in enumerate(self.names) if a == name]
-            if not idx:
-                self._cache[key] = None
-            else:
-                t = torch.tensor(idx, dtype=torch.long)
-                if batch != n and batch % n == 0:
-                    k = batch // n
-                    t = (t[:, None] * k + torch.arange(k)[None, :]).reshape(-1)
-                self._cache[key] = t.to(device)
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        n = len(self.names)
+        idx = [i for i, a in enumerate(self.names) if a == name]
+        t = None
+        if idx:
+            t = torch.tensor(idx, dtype=torch.long)
+            if batch != n and batch % n == 0:
+                k = batch // n
+                t = (t[:, None] * k + torch.arange(k)[None, :]).reshape(-1)
+            t = t.to(device)
+        return self._keep(key, t)
 
     def row_index(self, names: tuple[str, ...], batch: int, device: torch.device) -> torch.Tensor:
         """For each batch row, the position of its adapter in `names` (len(names) for rows of none of them); built
         once per call and shared by every layer (the fused mixed-batch path gathers adapter weights with it)."""
         key = ("index", names, batch, device)
-        if key not in self._cache:
-            index = [len(names)] * len(self.names)
-            for i, name in enumerate(self.names):
-                if name in names:
-                    index[i] = names.index(name)
-            t = torch.tensor(index, dtype=torch.long)
-            if batch != len(self.names) and batch % len(self.names) == 0:
-                t = t.repeat_interleave(batch // len(self.names))
-            self._cache[key] = t.to(device)
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        index = [len(names)] * len(self.names)
+        for i, name in enumerate(self.names):
+            if name in names:
+                index[i] = names.index(name)
+        t = torch.tensor(index, dtype=torch.long)
+        if batch != len(self.names) and batch % len(self.names) == 0:
+            t = t.repeat_interleave(batch // len(self.names))
+        return self._keep(key, t.to(device))
+
+    def _keep(self, key: tuple, value: torch.Tensor | None) -> torch.Tensor | None:
+        if not torch.compiler.is_compiling():  # (see the class docstring)
+            self._cache[key] = value
+        return value
 
 
 class AdapterLayer(nn.Module):
