@@ -5,8 +5,8 @@ This probe times, in turn for each model: a generate of 1 new token (the prefill
 one of 32 new tokens; their difference over 31 is the cost of a decoding step. It also wraps the compiled call that
 transformers keeps (`model._compiled_call`) to record, for each decoding step, the host time of the call (guards,
 the CUDA-graph tree's input handling and replay launch — no sync inside) and the GPU time between CUDA events
-recorded around it. A step whose host time exceeds its GPU time is host-bound: its cost is the call's host time
-plus the generate loop's own Python between calls.
+recorded around it. transformers' loop waits for each step's tokens before it prepares the next step, so a step
+costs about the loop's own host time plus the call's host time plus the step's GPU time: each of the three counts.
 
 Usage (GPU machine):
     PYTHONPATH=src python3 bench/decode_probe.py --harness .gpu_carry/bench [--rounds 3] [--cprofile 30] --out d.json
