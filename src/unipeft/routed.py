@@ -330,7 +330,8 @@ def prepare(am, enable: bool = True) -> int:
     if key is None:
         key = am.__dict__["_route_key"] = RouteKey(next(_KEYS))
         weakref.finalize(am, CURRENT.__setitem__, int(key), None)  # (a deleted model's slots go with it)
-    CURRENT[int(key)] = None  # (plain int keys: the layers look them up by int, see CURRENT)
+    slot_key = int(key)  # (the plain int the table and the layers use, see CURRENT)
+    CURRENT[slot_key] = None
     am.__dict__["_shared_watch"] = None
     if not enable:
         for w in am._wrappers.values():
@@ -342,7 +343,7 @@ def prepare(am, enable: bool = True) -> int:
     count = 0
     for w in am._wrappers.values():
         has = share(w, names)
-        w.__dict__["route"] = int(key) if has else None  # (a plain int: dynamo guards it by value, not identity)
+        w.__dict__["route"] = slot_key if has else None  # (a plain int: dynamo guards it by value, not identity)
         count += has
     am.__dict__["_shared"] = {n: i for i, n in enumerate(names)}
     am.__dict__["_shared_dirty"] = False
@@ -360,8 +361,10 @@ def _watch(am) -> None:
 def publish(am, slots: torch.Tensor | None) -> None:
     """This call's slots for the model's layers (None: the call does not use the shared stacks)."""
     key = am.__dict__.get("_route_key")
-    if key is not None and CURRENT.get(int(key)) is not slots:
-        CURRENT[int(key)] = slots
+    if key is not None:
+        slot_key = int(key)
+        if CURRENT.get(slot_key) is not slots:
+            CURRENT[slot_key] = slots
 
 
 def slots(am, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
