@@ -65,11 +65,56 @@ def _generate(model, x, new: int, names) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _kernels(model, x, names, top: int) -> dict:
+    """The GPU kernels of a decoding step and of the prefill, from torch.profiler (CUPTI records the kernels a CUDA
+    graph replays): a 1-token generate (prefill) and a 32-token one, per kernel name; their difference over 31 is a
+    decoding step's. Returns per step: kernel count, busy µs (sum of kernel durations), and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run(new: int) -> dict:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _generate(model, x, new, names)
+        out: dict[str, list[float]] = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
+                c = out.setdefault(e.name, [0, 0.0])
+                c[0] += 1
+                c[1] += e.time_range.elapsed_us()
+            elif e.device_type == torch.autograd.DeviceType.CUDA:
+                c = out.setdefault("[" + e.name.split(" ")[0] + "]", [0, 0.0])
+                c[0] += 1
+                c[1] += e.time_range.elapsed_us()
+        return out
+
+    one, full = run(1), run(32)
+    step = {k: ((full[k][0] - one.get(k, [0, 0])[0]) / 31, (full[k][1] - one.get(k, [0, 0.0])[1]) / 31)
+            for k in full}
+    rows = sorted(step.items(), key=lambda kv: -kv[1][1])
+    pre = sorted(one.items(), key=lambda kv: -kv[1][1])
+    result = dict(step_kernels=round(sum(c for c, _ in step.values()), 1),
+                  step_busy_us=round(sum(t for _, t in step.values()), 1),
+                  prefill_kernels=sum(c for c, _ in one.values()),
+                  prefill_busy_us=round(sum(t for _, t in one.values()), 1),
+                  step_top=[dict(name=k[:90], count=round(c, 2), us=round(t, 2)) for k, (c, t) in rows[:top]],
+                  prefill_top=[dict(name=k[:90], count=c, us=round(t, 1)) for k, (c, t) in pre[:top]])
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("top")}), flush=True)
+    for r in result["step_top"]:
+        print(f"  step  {r['count']:7.2f} {r['us']:9.2f}  {r['name']}")
+    for r in result["prefill_top"]:
+        print(f"  prefill {r['count']:5d} {r['us']:9.1f}  {r['name']}")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--harness", default=".gpu_carry/bench")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cprofile", type=int, default=0, help="then profile one generate per case: top N functions")
+    ap.add_argument("--kernels", type=int, default=0,
+                    help="then profile the GPU kernels of a 1- and a 32-token generate per case: top N per step")
+    ap.add_argument("--one-stream", action="store_true",
+                    help="add a third case: the same adapters compiled with UNIPEFT_STREAMS=0 (routed delta after "
+                         "the base GEMM on one stream), timed in turn with the others in this process")
     ap.add_argument("--out", default="decode_probe.json")
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
@@ -80,20 +125,28 @@ def main() -> None:
     h.B, h.T = 32, 256
     names = [f"a{k}" if k else "default" for k in range(32)]
     merged = h.make_model().eval()
-    am = unipeft.attach(h.make_model().eval(), "lora", r=16, alpha=32, targets=SITES)
-    for k in range(1, 32):
-        am.add(f"a{k}", "lora", r=16, alpha=32, targets=SITES)
-    with torch.no_grad():
-        for n, p in am.named_parameters():
-            if ".up.weight" in n:
-                p.normal_(0, 0.01)
-    am.eval()
+    def adapted():
+        am = unipeft.attach(h.make_model().eval(), "lora", r=16, alpha=32, targets=SITES)
+        for k in range(1, 32):
+            am.add(f"a{k}", "lora", r=16, alpha=32, targets=SITES)
+        with torch.no_grad():
+            for n, p in am.named_parameters():
+                if ".up.weight" in n:
+                    p.normal_(0, 0.01)
+        return am.eval()
+
+    am = adapted()
     x = torch.randint(0, h.VOCAB, (32, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    cases = (("merged", merged, merged, None), ("unipeft", am, am.model, names))
-    for _, model, inner, n in cases:  # compile and record the graphs (two generates), then wrap the compiled call
+    cases = [("merged", merged, merged, None), ("unipeft", am, am.model, names)]
+    if args.one_stream:
+        one = adapted()
+        cases.append(("unipeft_one_stream", one, one.model, names))
+    for case, model, inner, n in cases:  # compile and record the graphs (two generates), then wrap the compiled call
+        os.environ["UNIPEFT_STREAMS"] = "0" if case == "unipeft_one_stream" else "1"  # (read while tracing)
         for _ in range(2):
             _generate(model, x, 32, n)
         inner._compiled_call = StepTimer(inner._compiled_call)
+    os.environ["UNIPEFT_STREAMS"] = "1"
     rows = []
     for i in range(args.rounds):
         for case, model, inner, n in cases:
@@ -120,20 +173,30 @@ def main() -> None:
                                    tottime_ms=round(v[2] * 1e3, 2), cumtime_ms=round(v[3] * 1e3, 2))
                               for k, v in top]
             print(case, json.dumps(profiles[case][:12], indent=0), flush=True)
+    kernels = {case: _kernels(model, x, n, args.kernels) for case, model, _, n in cases} if args.kernels else {}
     summary = {}
-    for case in ("merged", "unipeft"):
+    for case in [c[0] for c in cases]:
         rs = [r for r in rows if r["case"] == case]
         summary[case] = {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in
                          ("prefill_ms", "generate_32_ms", "per_step_ms", "host_ms_median", "gpu_ms_median")}
+    for case in summary:  # each adapted case against the merged model of the same round
+        if case != "merged":
+            pairs = [(r, m) for r in rows if r["case"] == case for m in rows
+                     if m["case"] == "merged" and m["round"] == r["round"]]
+            for k in ("generate_32_ms", "per_step_ms", "gpu_ms_median"):
+                ratios = sorted(r[k] / m[k] for r, m in pairs)
+                summary[case][k.replace("_ms", "").replace("_median", "") + "_ratio_median"] = \
+                    round(ratios[len(ratios) // 2], 3)
     result = dict(meta=dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                             unipeft=os.path.dirname(unipeft.__file__)), rows=rows, summary=summary,
-                  profiles=profiles)
+                  profiles=profiles, kernels=kernels)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{'':8} {'prefill':>8} {'gen 32':>8} {'per step':>9} {'call host':>10} {'call GPU':>9}")
     for case, s in summary.items():
-        print(f"{case:8} {s['prefill_ms']:>8} {s['generate_32_ms']:>8} {s['per_step_ms']:>9} "
-              f"{s['host_ms_median']:>10.3f} {s['gpu_ms_median']:>9.3f}")
+        print(f"{case[:8]:8} {s['prefill_ms']:>8} {s['generate_32_ms']:>8} {s['per_step_ms']:>9} "
+              f"{s['host_ms_median']:>10.3f} {s['gpu_ms_median']:>9.3f}  "
+              + " ".join(f"{k}={v}" for k, v in s.items() if k.endswith("ratio_median")))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Plot the perf_vs_peft.py ratios against the performance targets: bench/results/*.json → docs/perf_vs_peft.png.
 Each bar is the latest file's ratio; where a file timed the contender and its reference in turn (LoRA training with
 `perf_vs_peft.py --repeats`, the `decode` case), the median of the per-round ratios. Files whose meta says
-`"plot": false` are skipped: A/B runs of code before a change, or of a change that was reverted.
+`"plot": false` are skipped: A/B runs of code before a change, or of a change that was reverted; cases a file's
+meta lists in `"plot_skip"` are skipped for that file (its `"note"` says why).
 
 Usage: python bench/plot_perf.py [--results bench/results] [--out docs/perf_vs_peft.png]
 """
@@ -46,8 +47,9 @@ def main() -> None:
         if record.get("meta", {}).get("plot") is False:
             continue  # an A/B run of code that is not the current code (its description says which)
         data = record["rows"]
-        rows = {r["case"]: r["step_ms"] for r in data if "step_ms" in r}
-        rounds = {r["case"]: r["rounds_ms"] for r in data if "rounds_ms" in r}
+        skip = set(record.get("meta", {}).get("plot_skip", ()))  # cases a file's note says not to plot (and why)
+        rows = {r["case"]: r["step_ms"] for r in data if "step_ms" in r and r["case"] not in skip}
+        rounds = {r["case"]: r["rounds_ms"] for r in data if "rounds_ms" in r and r["case"] not in skip}
         for _, case, ref, _ in PAIRS:
             for who in ("unipeft", "peft"):
                 name = case.format(who=who)

@@ -85,6 +85,69 @@ def _probe(label: str, d_in: int, d_out: int, b: int, n: int, r: int, sweep_: bo
     return row
 
 
+def _layer_probe(b: int, n: int, r: int, layers: int = 8) -> dict:
+    """A decoding layer's seven projections as in the model, with each layer's own weights and stacks (`layers` of
+    them, more than L2 holds: every read comes from DRAM, as in a decoding step): GPU µs per layer (every layer's
+    calls captured in one CUDA graph) of the base GEMMs alone, with `routed_lora` after each GEMM (one stream), and
+    with `routed_linear` (the delta on a second stream beside the GEMM; without the add, which a compiled step
+    fuses into the next kernel, and with it as its own launch). Checks routed_linear replayed from a graph against
+    the fp32 formula."""
+    dt, dev = torch.bfloat16, "cuda"
+    dims = ((2048, 2048),) * 4 + ((2048, 5632),) * 2 + ((5632, 2048),)
+
+    def build():
+        return [(torch.randn(b, 1, d_in, device=dev, dtype=dt), torch.randn(d_out, d_in, device=dev, dtype=dt) * 0.02,
+                 torch.randn(n + 1, r, d_in, device=dev, dtype=dt) * 0.02,
+                 torch.randn(n + 1, d_out, r, device=dev, dtype=dt) * 0.02) for d_in, d_out in dims]
+
+    stack = [build() for _ in range(layers)]
+    slots = torch.randperm(n, device=dev)[:b] if b <= n else torch.randint(0, n + 1, (b,), device=dev)
+    linear = torch.nn.functional.linear
+
+    def base():
+        for layer in stack:
+            for x, w, _, _ in layer:
+                linear(x, w)
+
+    def one_stream():
+        for layer in stack:
+            for x, w, a, bb in layer:
+                routed_kernels.routed_lora(linear(x, w), x, a, bb, slots)
+
+    def side():
+        for layer in stack:
+            for x, w, a, bb in layer:
+                routed_kernels.routed_linear(x, w, None, a, bb, slots)
+
+    def side_add():
+        for layer in stack:
+            for x, w, a, bb in layer:
+                y, d = routed_kernels.routed_linear(x, w, None, a, bb, slots)
+                y + d
+
+    errs = []  # routed_linear captured in a graph and replayed, against the fp32 formula
+    for x, w, a, bb in stack[0]:
+        outs = []
+        graph = torch.cuda.CUDAGraph()
+        routed_kernels.routed_linear(x, w, None, a, bb, slots)  # (compiles the kernels outside the capture)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            outs.append(routed_kernels.routed_linear(x, w, None, a, bb, slots))
+        x.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        y, d = outs[0]
+        ref = torch.einsum("btr,bnr->btn", torch.einsum("btk,brk->btr", x.float(), a[slots].float()),
+                           bb[slots].float())
+        errs.append(max((y.float() - linear(x.float(), w.float())).abs().max().item(),
+                        (d.float() - ref).abs().max().item()))
+    per = lambda fn: round(_time([fn], reps=1) / layers, 2)  # noqa: E731 (one call = every layer)
+    row = dict(layers=layers, graph_replay_max_abs_err=round(max(errs), 5), base_us=per(base),
+               one_stream_us=per(one_stream), side_stream_us=per(side), side_stream_add_us=per(side_add))
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="routed.json")
@@ -92,10 +155,21 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--layer", action="store_true", help="only the per-layer comparison (one stream / two)")
     args = ap.parse_args()
     torch.manual_seed(0)
     n, r, b = args.adapters, args.rank, args.rows
     results = []
+    if args.layer:
+        with torch.no_grad():
+            row = _layer_probe(b, n, r)
+        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=b, adapters=n, rank=r)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, layer=row), f, indent=1)
+        print("| per layer µs | base GEMMs | + routed_lora, one stream | + delta on a side stream | same + add |")
+        print("| | " + " | ".join(str(row[k]) for k in ("base_us", "one_stream_us", "side_stream_us",
+                                                       "side_stream_add_us")) + " |")
+        return
     with torch.no_grad():
         for label, (d_in, d_out) in SHAPES.items():
             row = _probe(label, d_in, d_out, b, n, r, args.sweep)

@@ -11,6 +11,9 @@ traced the per-routing path instead of the shared stacks; and that path cached r
 (layer.Routing), which the next CUDA-graph replay overwrote. Replacing adapter B's Parameters (A and B scaled by
 2, so ΔW by 4) must change exactly the rows routed to "b".
 
+Since the twenty-third session it also checks the two-stream projections of a CUDA-graphed decode
+(`graphed_two_streams`): the op ran, and an fp32 static-cache generate gives the eager generate's tokens.
+
 Usage (GPU machine): PYTHONPATH=src NAMES=a,b,__base__,b python3 bench/static_decode_check.py
 """
 
@@ -74,12 +77,43 @@ def routed_static_decode(cfg, names: list[str]) -> dict:
     return out
 
 
+def graphed_two_streams(cfg, names: list[str]) -> dict:
+    """The CUDA-graphed decode's two-stream projections (routed_kernels.routed_linear): how many times the op ran
+    its GEMM (it runs while the graphs are recorded, then replays), and whether a static-cache generate in fp32 gives
+    the tokens of the eager dynamic-cache generate (the per-row bmm reference) in every row."""
+    from unipeft import routed_kernels
+
+    am = unipeft.attach(T.LlamaForCausalLM(cfg).to("cuda").eval(), "lora", name="a")
+    am.add("b", "lora")
+    _nudge(am, "a")
+    _nudge(am, "b")
+    ids = torch.randint(0, cfg.vocab_size, (len(names), 16), device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+              pad_token_id=0, adapter_names=names)
+    calls, real = [], routed_kernels._linear
+    routed_kernels._linear = lambda *a: calls.append(1) or real(*a)
+    out = {}
+    try:
+        with torch.no_grad():
+            eager = am.generate(input_ids=ids, **kw)
+            static = [am.generate(input_ids=ids, cache_implementation="static", **kw) for _ in range(3)]
+        out["two_stream_op_calls"] = len(calls)
+        out["static_equals_eager_rows"] = [bool(torch.equal(static[-1][i], eager[i])) for i in range(len(names))]
+        out["static_runs_agree"] = all(torch.equal(s, static[0]) for s in static)
+    except Exception as e:  # (a measurement: report, do not stop)
+        out["two_stream_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        routed_kernels._linear = real
+    return out
+
+
 def main() -> None:
     torch.manual_seed(0)
     cfg = T.LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128)
     out = dora_unmerge_after_move(cfg)
     out.update(routed_static_decode(cfg, os.environ.get("NAMES", "a,b,__base__,b").split(",")))
+    out.update(graphed_two_streams(cfg, os.environ.get("NAMES", "a,b,__base__,b").split(",")))
     print(json.dumps(out, indent=1))
     with open(os.path.join(os.environ.get("OUT", "."), "gpu_fix_check.json"), "w") as f:
         json.dump(out, f, indent=1)

@@ -417,6 +417,41 @@ def test_routed_lora_reads_strided_stacks_and_y() -> None:
     torch.testing.assert_close(got.double(), _routed_expected(y, x, a_stack, b_stack, slots), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("t", [1, 3])
+def test_routed_delta_alone_matches_the_formula(t: int) -> None:
+    """The expand without y (routed_linear's side-stream half): its output is the delta (x·A_sᵀ)·B_sᵀ alone, zero on
+    the base's slot, from the same two kernels."""
+    d_in, d_out = routed_kernels.ROUTED_BK + 30, routed_kernels.ROUTED_BN + 44
+    y, x, a_stack, b_stack, slots = _routed_operands(6, t, d_in, d_out, 6, 4, seed=10 + t)
+    part, delta = routed_kernels._buffers(x, a_stack, b_stack)
+    routed_kernels._pair(None, x, a_stack, b_stack, slots, part, delta, routed_kernels._launch_routed)
+    torch.testing.assert_close(delta.double(), _routed_expected(torch.zeros_like(y), x, a_stack, b_stack, slots),
+                               rtol=1e-5, atol=1e-4)
+    assert not delta[slots == 3].any(), "rows on the zero slot get no delta"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_routed_linear_is_the_base_gemm_and_the_delta(bias: bool) -> None:
+    """routed_linear (and its custom op, which a compiled decoding step calls) returns x·Wᵀ + b and the routed delta
+    apart — their sum is routed_lora's output — for a strided x too (it is the layout a compiled graph hands over);
+    a weight that does not fit gets a clear error."""
+    y, x, a_stack, b_stack, slots = _routed_operands(4, 1, 70, 50, 4, 3, seed=11)
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(50, 70, generator=g)
+    b = torch.randn(50, generator=g) if bias else None
+    base = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    delta = _routed_expected(torch.zeros_like(y), x, a_stack, b_stack, slots)
+    for got_y, got_delta in (routed_kernels.routed_linear(x, w, b, a_stack, b_stack, slots),
+                             torch.ops.unipeft.routed_linear(x, w, b, a_stack, b_stack, slots)):
+        assert got_y.shape == got_delta.shape == (4, 1, 50)
+        torch.testing.assert_close(got_y.double(), base, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got_delta.double(), delta, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit"):
+        routed_kernels.routed_linear(x, w[:, :-1], b, a_stack, b_stack, slots)
+    with pytest.raises(ValueError, match="shapes/dtypes disagree"):
+        routed_kernels.routed_linear(x, w, b, a_stack, b_stack, slots.int())
+
+
 def test_routed_op_is_registered_and_checks_operands() -> None:
     """The custom op torch.compile graphs call (`unipeft::routed_lora`) gives the same numbers; mismatched shapes,
     dtypes or slot types get a clear error."""
@@ -478,12 +513,15 @@ def _as_compiled(fn):
     return run
 
 
+@pytest.mark.parametrize("streams", ["1", "0"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_routed_generate_through_the_kernel(shared: bool, monkeypatch) -> None:
-    """A routed greedy `generate` whose decoding steps (one token per row) run the routed kernel — from the
+def test_routed_generate_through_the_kernel(shared: bool, streams: str, monkeypatch) -> None:
+    """A routed greedy `generate` whose decoding steps (one token per row) run the routed kernels — from the
     per-routing stacks, or from the shared ones (`prepare_routing`) — as a compiled call does, equals the reference
-    path's (UNIPEFT_FUSED=0). Adapters of three ranks, one on more projections and one on fewer; rows on the base and
-    repeated adapters."""
+    path's (UNIPEFT_FUSED=0): from the shared stacks of a CUDA-graphed decode as the base GEMM and the delta side by
+    side (`routed_linear`, summed by the layer), else — and with UNIPEFT_STREAMS=0 — as `routed_lora` after the base
+    GEMM. Adapters of three ranks, one on more projections and one on fewer; rows on the base and repeated
+    adapters."""
     from conftest import inputs, tiny_model
     from test_engine import randomize
 
@@ -511,9 +549,12 @@ def test_routed_generate_through_the_kernel(shared: bool, monkeypatch) -> None:
         monkeypatch.setattr(routed_kernels, "routed_available", lambda x, a=None: (
             not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] <= routed_kernels.ROUTED_MAX_TOKENS
             and (a is None or a.shape[1] <= 64)))
+        monkeypatch.setenv("UNIPEFT_STREAMS", streams)
+        monkeypatch.setattr(routed, "graphed_decoding", lambda model, kwargs: True)  # (as a static-cache generate)
         launches = []
-        real = routed_kernels.routed_lora
-        monkeypatch.setattr(routed_kernels, "routed_lora", lambda *args: launches.append(args[1].shape) or real(*args))
+        called = "routed_linear" if streams == "1" and shared else "routed_lora"  # (two streams: shared stacks only)
+        real, x_at = getattr(routed_kernels, called), 0 if called == "routed_linear" else 1
+        monkeypatch.setattr(routed_kernels, called, lambda *args: launches.append(args[x_at].shape) or real(*args))
         shared_out = []
         real_shared = _as_compiled(routed.shared_lora)
         monkeypatch.setattr(routed, "shared_lora", lambda *args: shared_out.append(real_shared(*args)) or

@@ -14,7 +14,7 @@ from test_engine import MERGEABLE, PRESETS, ZERO_INIT, randomize
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import unipeft
-from unipeft import routed
+from unipeft import routed, routed_kernels
 from unipeft.layer import BASE
 
 SENTENCES = ["A gorgeous, witty, seductive movie.", "The plot is paper-thin and the acting is worse.",
@@ -191,7 +191,8 @@ def test_save_load_fresh_process_real(which: str, tmp_path: Path, request) -> No
 
 def test_routed_generate_with_shared_stacks_on_smollm2(smollm2, monkeypatch) -> None:
     """Three LoRA adapters (ranks 8, 4, 16; different projections) and the base, one per row of a greedy `generate`
-    through the shared stacks: each row's tokens are those of that row generated alone with its adapter active."""
+    through the shared stacks: each row's tokens are those of that row generated alone with its adapter active, and
+    those of the decoding steps run as a CUDA-graphed compiled call runs them (`routed_kernels.routed_linear`)."""
     model, tok, _ = smollm2
     torch.manual_seed(0)  # (A's initialization: with these weights every row generates other tokens)
     am = unipeft.attach(model, "lora", r=8)
@@ -211,6 +212,28 @@ def test_routed_generate_with_shared_stacks_on_smollm2(smollm2, monkeypatch) -> 
             monkeypatch.setattr(routed, "shared_lora", lambda *a: took.append(real(*a)) or took[-1])
             mixed = am.generate(**enc, adapter_names=names, **kw)
             assert len(took) == 4 * len(am._wrappers) and all(t is not None for t in took), "the stacks served all"
+            monkeypatch.undo()
+            # The decoding steps as a CUDA-graphed compiled call runs them: each projection's GEMM and routed delta
+            # from `routed_linear` (its CPU path, the gathered-rows reference), summed by the layer.
+            side = []
+            real_side = routed_kernels.routed_linear
+            monkeypatch.setattr(routed_kernels, "routed_linear", lambda *a: side.append(1) or real_side(*a))
+            monkeypatch.setattr(routed, "graphed_decoding", lambda model, kwargs: True)
+            monkeypatch.setattr(routed_kernels, "routed_available", lambda x, a=None: x.dim() == 3 and x.shape[1] == 1)
+            monkeypatch.setenv("TRITON_INTERPRET", "0")  # (the reference, not the kernels in the interpreter)
+
+            def compiled(*args):
+                real_flag = torch.compiler.is_compiling
+                torch.compiler.is_compiling = lambda: True
+                try:
+                    return real(*args)
+                finally:
+                    torch.compiler.is_compiling = real_flag
+            monkeypatch.setattr(routed, "shared_lora", lambda layer, x, slots: (compiled if x.shape[1] == 1 else real)(
+                layer, x, slots))
+            graphed = am.generate(**enc, adapter_names=names, **kw)
+            assert len(side) == 3 * len(am._wrappers), "every projection of every decoding step on the two-stream op"
+            assert torch.equal(graphed, mixed)
             monkeypatch.undo()
             for row, name in enumerate(names):
                 if name == BASE:

@@ -549,3 +549,41 @@ def test_compiled_layers_guard_no_shared_routing_object(caplog) -> None:
     lines = [ln for ln in text.splitlines() if "LAMBDA_GUARD" in ln]
     shared = [ln for ln in lines if any(f".{a} is " in ln for a in ("routing", "route", "slots"))]
     assert not shared, shared[:3]
+
+
+def test_graphed_decoding_is_a_static_cache_compiled_into_cuda_graphs() -> None:
+    """Two streams per projection only where the decoding steps replay CUDA graphs: a static cache with
+    transformers' default compile config ("reduce-overhead") or "max-autotune"; not a dynamic cache, another mode,
+    or CUDA graphs turned off in the options."""
+    model = tiny_model("llama")
+    static = {"cache_implementation": "static"}
+    assert routed.graphed_decoding(model, static)
+    assert not routed.graphed_decoding(model, {})
+    assert routed.graphed_decoding(model, {**static, "compile_config": CompileConfig(mode="max-autotune")})
+    assert not routed.graphed_decoding(model, {**static, "compile_config": CompileConfig(mode="default")})
+    off = CompileConfig(options={"triton.cudagraphs": False})
+    assert not routed.graphed_decoding(model, {**static, "compile_config": off})
+
+
+def test_graphed_flag_is_published_for_generate_calls_only_and_reset_after(monkeypatch) -> None:
+    """hand_over publishes GRAPHED for a generate call with shared stacks (as the layers see it during the call) and
+    sets it back when the call returns; a plain forward call never sets it."""
+    am = unipeft.attach(tiny_model("llama").eval(), "lora", r=4)
+    am.add("b", "lora", r=4)
+    am.eval()
+    assert am.prepare_routing() == len(am._wrappers)
+    key = int(am.__dict__["_route_key"])
+    seen = []
+    real = routed.shared_lora
+    monkeypatch.setattr(routed, "shared_lora", lambda layer, x, slots: seen.append(routed.GRAPHED[key])
+                        or real(layer, x, slots))
+    ids = inputs(batch=2, seq=4)["input_ids"]
+    with torch.no_grad():
+        am(input_ids=ids, adapter_names=["b", "default"])
+        assert seen and not any(seen)
+        seen.clear()
+        monkeypatch.setattr(routed, "graphed_decoding", lambda model, kwargs: True)
+        am.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                    pad_token_id=0, adapter_names=["b", "default"])
+    assert seen and all(seen)
+    assert routed.GRAPHED[key] is False and routed.CURRENT[key] is None

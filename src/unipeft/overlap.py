@@ -59,13 +59,15 @@ def enabled() -> bool:
     return not envflags.off("UNIPEFT_STREAMS")
 
 
-def _lane(t: torch.Tensor) -> _Lane | None:
+def _lane(t: torch.Tensor, capture: bool = False) -> _Lane | None:
     """The lane of t's device, or None when the products run on the current stream: off the GPU, switched off,
-    while a CUDA graph is being captured (torch.compile's "reduce-overhead" mode: the graph's private memory pool
-    serves the capturing stream only, so a side stream's buffers would not be the graph's), and when t is not on the
-    current device (`torch.cuda.set_stream` switches the current device to the stream's; autograd runs a device's
-    backward with that device current, so this is only a guard)."""
-    if not t.is_cuda or not enabled() or torch.cuda.is_current_stream_capturing():
+    while a CUDA graph is being captured unless `capture` (torch.compile's "reduce-overhead" mode: the graph's
+    private memory pool serves the capturing stream only, so buffers a side stream allocates — cuBLAS's workspace
+    for the backward's GEMMs — would not be the graph's; routed decoding's side stream launches Triton kernels
+    only, into buffers allocated before the fork, and joins the capture), and when t is not on the current device
+    (`torch.cuda.set_stream` switches the current device to the stream's; autograd runs a device's backward with
+    that device current, so this is only a guard)."""
+    if not t.is_cuda or not enabled() or (not capture and torch.cuda.is_current_stream_capturing()):
         return None
     index = t.get_device()
     if index != torch.cuda.current_device():

@@ -22,7 +22,11 @@ to find each row's weights, picked per call:
     The slots are published for the duration of an AdaptedModel call (`routed.CURRENT`); a call that bypasses it
     (`am.model(...)`) routes through the per-routing path, which checks the weights' versions itself. Compile the
     inner model (`am.model`, as transformers does for a static cache), not the AdaptedModel: its routing setup
-    runs outside the compiled region only then.
+    runs outside the compiled region only then. Where the compiled decoding steps replay CUDA graphs (a static-cache
+    generate in transformers' default compile mode: `GRAPHED`), each projection runs its frozen GEMM and the routed
+    delta on two streams (`side_by_side`): at 32 rows the delta's latency-bound kernels hide beside the GEMM,
+    whose tiles leave most of the GPU idle (static decoding 1.56× → 1.35× the merged model's GPU time a step on
+    the H200, bench/results/decode_7_ab_streams.json).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import compose, fused, routed_kernels
+from . import compose, fused, overlap, routed_kernels
 from .errors import UnipeftError
 from .functions import SiteAdapter
 
@@ -50,6 +54,13 @@ from .functions import SiteAdapter
 #: a key of an int subclass — the lookup gave None in the trace, so a static-cache generate's compiled decoding ran
 #: the per-routing path instead of the shared stacks (bench/results/gpu_fix_check_2_*.json).
 CURRENT: dict[int, torch.Tensor | None] = {}
+#: per model key (as CURRENT): whether the current call's compiled decoding steps replay CUDA graphs — a static-cache
+#: generate that transformers compiles in a CUDA-graph mode ("reduce-overhead", its default). Only then do the
+#: shared stacks' projections run the base GEMM and the routed delta on two streams (`side_by_side`): the opaque
+#: op that switches streams runs its Python once, when the graph is recorded, where a compiled call without graphs
+#: would run it at every step (the two-launch Triton op it replaces is launched from the compiled code itself).
+#: Published and reset with CURRENT; a traced call reads it once, as a constant (guarded by value).
+GRAPHED: dict[int, bool] = {}
 _KEYS = itertools.count()
 
 
@@ -261,6 +272,10 @@ def shared_lora(layer, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | N
         if per_row.device != x.device:  # (a model split across devices)
             per_row = per_row.to(x.device)
         rows = (cached[1], slots, batch, per_row)
+    if compiling and GRAPHED.get(layer.route, False):
+        out = side_by_side(layer, x, a_stack, b_stack, rows[3])
+        if out is not None:
+            return out
     y = fused.base_output(layer._modules["base_layer"], x)
     dtype = a_stack.dtype
     if compiling:
@@ -280,6 +295,24 @@ def shared_lora(layer, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | N
     return torch.baddbmm(y.to(dtype), xa, b_rows).to(y.dtype)
 
 
+def side_by_side(layer, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                 rows: torch.Tensor) -> torch.Tensor | None:
+    """A CUDA-graphed decoding step's projection output (see GRAPHED) as the frozen GEMM and the routed delta side
+    by side on two streams (routed_kernels.routed_linear), added here — the compiler fuses the add into the next
+    kernel — or None when that does not apply: a base other than a hook-free nn.Linear in x's dtype, streams
+    switched off (UNIPEFT_STREAMS=0), or a call the routed kernels do not take. The base GEMM then runs as before,
+    followed by `routed_lora`'s two launches on the same stream."""
+    base = layer._modules["base_layer"]
+    if type(base) is not nn.Linear or not overlap.enabled() or not routed_kernels.routed_available(x, a_stack) \
+            or not fused._unhooked(base):
+        return None
+    weight = base._parameters["weight"]
+    if weight.dtype != x.dtype:
+        return None
+    y, delta = routed_kernels.routed_linear(x, weight, base._parameters["bias"], a_stack, b_stack, rows)
+    return y + delta
+
+
 # -- the model's side ----------------------------------------------------------------------------------------------
 def hand_over(am, adapter_names: list | None, args: tuple, kwargs: dict, generating: bool = False):
     """Check `adapter_names` against the model and the batch, and hand the call's Routing (None: no routing) to
@@ -287,6 +320,7 @@ def hand_over(am, adapter_names: list | None, args: tuple, kwargs: dict, generat
     from .layer import BASE, Routing  # (at call time: layer imports this module)
 
     routing = slot_tensor = None
+    graphed = False
     if adapter_names is not None:
         names = list(adapter_names)
         for n in names:
@@ -310,6 +344,7 @@ def hand_over(am, adapter_names: list | None, args: tuple, kwargs: dict, generat
         if shared is not None and (generating or not torch.is_grad_enabled()) \
                 and not torch.compiler.is_compiling() and all(isinstance(n, str) for n in names):
             slot_tensor = slots(am, names, args, kwargs)
+            graphed = generating and graphed_decoding(am.model, kwargs)
     elif not am.__dict__.get("_routed", False):
         # No layer holds a routing: nothing to clear. Touching every layer here would also cost a compiled call
         # a replayed write per layer and an identity guard per layer (each reached from both `_wrappers` and
@@ -318,7 +353,7 @@ def hand_over(am, adapter_names: list | None, args: tuple, kwargs: dict, generat
     for w in am._wrappers.values():  # (a plain attribute: nn.Module.__setattr__'s checks cost ~1 µs per layer
         w.__dict__["routing"] = routing  # per call on a host-bound step)
     am.__dict__["_routed"] = routing is not None  # (a Routing stays on the layers until the next call)
-    publish(am, slot_tensor)
+    publish(am, slot_tensor, graphed)
     return routing
 
 
@@ -330,8 +365,10 @@ def prepare(am, enable: bool = True) -> int:
     if key is None:
         key = am.__dict__["_route_key"] = RouteKey(next(_KEYS))
         weakref.finalize(am, CURRENT.__setitem__, int(key), None)  # (a deleted model's slots go with it)
+        weakref.finalize(am, GRAPHED.__setitem__, int(key), False)
     slot_key = int(key)  # (the plain int the table and the layers use, see CURRENT)
     CURRENT[slot_key] = None
+    GRAPHED[slot_key] = False
     am.__dict__["_shared_watch"] = None
     if not enable:
         for w in am._wrappers.values():
@@ -358,13 +395,31 @@ def _watch(am) -> None:
     am.__dict__["_shared_watch"] = tuple(tuple(x for snap in snaps for x in snap[i]) for i in range(3))
 
 
-def publish(am, slots: torch.Tensor | None) -> None:
-    """This call's slots for the model's layers (None: the call does not use the shared stacks)."""
+def publish(am, slots: torch.Tensor | None, graphed: bool = False) -> None:
+    """This call's slots for the model's layers (None: the call does not use the shared stacks), and whether its
+    compiled decoding steps replay CUDA graphs (GRAPHED)."""
     key = am.__dict__.get("_route_key")
     if key is not None:
         slot_key = int(key)
         if CURRENT.get(slot_key) is not slots:
             CURRENT[slot_key] = slots
+        if GRAPHED.get(slot_key) is not graphed:
+            GRAPHED[slot_key] = graphed
+
+
+def graphed_decoding(model: nn.Module, kwargs: dict) -> bool:
+    """Whether a generate call's decoding steps are compiled into CUDA graphs: a static cache (`static_cache`) and
+    transformers' compile config (the call's `compile_config`, else the generation config's, else its default) in
+    mode "reduce-overhead" (the default) or "max-autotune", with CUDA graphs not turned off in its options."""
+    if not static_cache(model, kwargs):
+        return False
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    compile_config = kwargs.get("compile_config") or getattr(config, "compile_config", None)
+    if compile_config is None:
+        return True  # (transformers' default CompileConfig: "reduce-overhead")
+    options = getattr(compile_config, "options", None) or {}
+    return getattr(compile_config, "mode", None) in ("reduce-overhead", "max-autotune") \
+        and options.get("triton.cudagraphs", True) is not False
 
 
 def slots(am, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:

@@ -8,6 +8,11 @@ routed_lora:  each row's delta (x·A_sᵀ)·B_sᵀ read from the stacked adapter
   compiled with CUDA graphs); eager decoding is host-bound and a Triton launch costs more host time than the two
   aten launches it replaces. Under torch.compile this is the custom op `unipeft::routed_lora`; launches share
   kernels.py's cache of compiled kernels. Tests run the kernels under `TRITON_INTERPRET=1` on CPU.
+routed_linear: the frozen GEMM and the same two launches (writing the delta alone) side by side on two CUDA streams,
+  for decoding steps replayed from CUDA graphs (routed.GRAPHED): the delta's kernels run beside the GEMM instead of
+  after it, and the layer's add of the two fuses into the next compiled kernel. Per decoding layer of the benchmark
+  model (bench/routed_probe.py --layer, routed_6_layer_streams.json): 98.4 µs one stream against 72.5 µs two
+  (the seven base GEMMs alone: 54.1 µs). The opaque op `unipeft::routed_linear`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import contextlib
 
 import torch
 
-from . import envflags
+from . import envflags, overlap
 from .kernels import _DTYPES, _HAS_OP, _HAS_TRITON, _cdiv, _int_spec, _kernel, _launch, _next_power_of_2
 
 tl = None  # triton.language, bound by kernels._kernel on first use (the interpreter patches it in these globals)
@@ -38,8 +43,9 @@ def _shrink_kernel(x_ptr, a_ptr, slot_ptr, part_ptr, D_IN, R, T, KS, sxn, sxd, s
 
 
 def _expand_kernel(y_ptr, b_ptr, slot_ptr, part_ptr, out_ptr, D_OUT, R, T, KS, syn, syd, sbs, sbn, sbr, son, sod,
-                   BN: tl.constexpr, BR: tl.constexpr, KP: tl.constexpr):
-    """Token row m = pid0, output columns [pid1·BN, +BN): out = y + (Σ parts)·B_sᵀ, B_s read from the stack."""
+                   BN: tl.constexpr, BR: tl.constexpr, KP: tl.constexpr, HAS_Y: tl.constexpr):
+    """Token row m = pid0, output columns [pid1·BN, +BN): out = y + (Σ parts)·B_sᵀ (without y: the delta alone),
+    B_s read from the stack."""
     m = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + m // T)
     rr = tl.arange(0, BR)
@@ -50,9 +56,10 @@ def _expand_kernel(y_ptr, b_ptr, slot_ptr, part_ptr, out_ptr, D_OUT, R, T, KS, s
     mn = rn < D_OUT
     bt = tl.load(b_ptr + slot * sbs + rn[:, None] * sbn + rr[None, :] * sbr, mask=mn[:, None] & (rr[None, :] < R),
                  other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + m * syn + rn * syd, mask=mn, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * son + rn * sod, (y + tl.sum(bt * xa[None, :], axis=1)).to(out_ptr.dtype.element_ty),
-             mask=mn)
+    delta = tl.sum(bt * xa[None, :], axis=1)
+    if HAS_Y:
+        delta += tl.load(y_ptr + m * syn + rn * syd, mask=mn, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * son + rn * sod, delta.to(out_ptr.dtype.element_ty), mask=mn)
 
 
 #: block sizes (bench/routed_probe.py --sweep on the H200): input columns per shrink program, output columns per
@@ -87,11 +94,15 @@ def routed_lora(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack
 
 
 def _check_routed(y, x, a_stack, b_stack, slots) -> None:
+    _check_shapes(tuple(y.shape), y.dtype, x, a_stack, b_stack, slots, "routed_lora")
+
+
+def _check_shapes(y_shape: tuple, y_dtype: torch.dtype, x, a_stack, b_stack, slots, who: str) -> None:
     (bsz, t, d_in), (n, r, _) = x.shape, a_stack.shape
-    if (a_stack.shape[2] != d_in or b_stack.shape[0] != n or b_stack.shape[2] != r or y.shape[:2] != (bsz, t)
-            or y.shape[2] != b_stack.shape[1] or slots.shape != (bsz,) or slots.dtype != torch.long
-            or not (x.dtype == y.dtype == a_stack.dtype == b_stack.dtype)):
-        raise ValueError(f"routed_lora: shapes/dtypes disagree: y {tuple(y.shape)} {y.dtype}, x {tuple(x.shape)} "
+    if (a_stack.shape[2] != d_in or b_stack.shape[0] != n or b_stack.shape[2] != r or y_shape[:2] != (bsz, t)
+            or y_shape[2] != b_stack.shape[1] or slots.shape != (bsz,) or slots.dtype != torch.long
+            or not (x.dtype == y_dtype == a_stack.dtype == b_stack.dtype)):
+        raise ValueError(f"{who}: shapes/dtypes disagree: y {y_shape} {y_dtype}, x {tuple(x.shape)} "
                          f"{x.dtype}, A stack {tuple(a_stack.shape)} {a_stack.dtype}, B stack "
                          f"{tuple(b_stack.shape)} {b_stack.dtype}, slots {tuple(slots.shape)} {slots.dtype}")
 
@@ -100,19 +111,92 @@ def _routed(y, x, a_stack, b_stack, slots, launch) -> torch.Tensor:
     """Two launches: the shrink split over input columns (rows × d_in/BK programs, each one A chunk: a single
     program looping over all of d_in is latency-bound, 5–10 µs per projection), its fp32 parts summed by the
     expand, which adds (x·Aᵀ)·Bᵀ to y (rows × d_out/BN programs)."""
+    part, out = _buffers(x, a_stack, b_stack)
+    _pair(y, x, a_stack, b_stack, slots, part, out, launch)
+    return out
+
+
+def _buffers(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shrink's fp32 partial sums (rows, d_in/BK, BR) and the output (B, T, d_out), in x's dtype."""
     bsz, t, d_in = x.shape
-    r, d_out = a_stack.shape[1], y.shape[2]
-    x2, y2 = x.reshape(bsz * t, d_in), y.reshape(bsz * t, d_out)
-    rows, br, ks = bsz * t, max(16, _next_power_of_2(r)), _cdiv(d_in, ROUTED_BK)
-    part = torch.empty((rows, ks, br), device=x.device, dtype=torch.float32)
-    out = torch.empty((bsz, t, d_out), device=y.device, dtype=y.dtype)
-    out2 = out.view(rows, d_out)
+    br = max(16, _next_power_of_2(a_stack.shape[1]))
+    part = torch.empty((bsz * t, _cdiv(d_in, ROUTED_BK), br), device=x.device, dtype=torch.float32)
+    return part, torch.empty((bsz, t, b_stack.shape[1]), device=x.device, dtype=x.dtype)
+
+
+def _pair(y, x, a_stack, b_stack, slots, part, out, launch) -> None:
+    """The two launches into `out`: y + Δ, or Δ alone when y is None."""
+    bsz, t, d_in = x.shape
+    rows, ks, br = part.shape
+    r, d_out = a_stack.shape[1], out.shape[2]
+    x2, out2 = x.reshape(rows, d_in), out.view(rows, d_out)
+    y2 = out2 if y is None else y.reshape(rows, d_out)  # (not read without y)
     launch(_shrink_kernel, (rows, ks, 1), (x2, a_stack, slots, part, d_in, r, t, ks, *x2.stride(), *a_stack.stride(),
                                            ROUTED_BK, br), ("BK", "BR"))
     launch(_expand_kernel, (rows, _cdiv(d_out, ROUTED_BN), 1),
            (y2, b_stack, slots, part, out2, d_out, r, t, ks, *y2.stride(), *b_stack.stride(), *out2.stride(),
-            ROUTED_BN, br, _next_power_of_2(ks)), ("BN", "BR", "KP"))
-    return out
+            ROUTED_BN, br, _next_power_of_2(ks), y is not None), ("BN", "BR", "KP", "HAS_Y"))
+
+
+def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,
+                  b_stack: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x·Wᵀ + bias, Δ) with Δ as in `routed_lora` — the frozen GEMM and the per-row LoRA delta side by side: on
+    the GPU the delta's two launches run on a second stream beside the GEMM (at 32 decoding rows cuBLAS's tiles
+    leave most SMs idle, and the delta's kernels are latency-bound, so they cost little more than the GEMM alone;
+    overlap.py's lane, whose fork and join a CUDA graph records as graph edges: a static-cache `generate`'s
+    compiled decoding steps). The caller adds the two: under torch.compile that add fuses into whatever reads the
+    projection's output next (RoPE, the cache write, the residual add, SwiGLU), so it costs no launch either.
+    Under torch.compile this is the opaque custom op `unipeft::routed_linear`."""
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] != b_stack.shape[1] \
+            or weight.dtype != x.dtype:
+        raise ValueError(f"routed_linear: weight {tuple(weight.shape)} {weight.dtype} does not fit x "
+                         f"{tuple(x.shape)} {x.dtype} and B stack {tuple(b_stack.shape)}")
+    _check_shapes((*x.shape[:2], weight.shape[0]), weight.dtype, x, a_stack, b_stack, slots, "routed_linear")
+    if torch.compiler.is_compiling():
+        return torch.ops.unipeft.routed_linear(x, weight, bias, a_stack, b_stack, slots)
+    return _routed_linear(x, weight, bias, a_stack, b_stack, slots)
+
+
+def _routed_linear(x, weight, bias, a_stack, b_stack, slots) -> tuple[torch.Tensor, torch.Tensor]:
+    lane = overlap._lane(x, capture=True) if _HAS_TRITON and x.is_cuda else None
+    if lane is None:  # one stream, in order (off the GPU: the gathered-rows reference, or Triton's interpreter)
+        y = _linear(x, weight, bias)
+        if _HAS_TRITON and (x.is_cuda or envflags.raw("TRITON_INTERPRET") in ("1", b"1")):
+            part, delta = _buffers(x, a_stack, b_stack)
+            _pair(None, x, a_stack, b_stack, slots, part, delta, _launch_routed)
+            return y, delta
+        xa = torch.bmm(x, a_stack.index_select(0, slots).transpose(1, 2))
+        return y, torch.bmm(xa, b_stack.index_select(0, slots).transpose(1, 2))
+    main = overlap._main_stream(x.get_device())
+    part, delta = _buffers(x, a_stack, b_stack)  # (on the main stream, before the fork: see overlap.py)
+    lane.fork.record(main)
+    lane.side.wait_event(lane.fork)
+    torch.cuda.set_stream(lane.side)
+    try:
+        _pair(None, x, a_stack, b_stack, slots, part, delta, _launch_routed)
+        lane.join.record(lane.side)
+    finally:
+        torch.cuda.set_stream(main)
+    y = _linear(x, weight, bias)
+    main.wait_event(lane.join)
+    return y, delta  # (part is freed after the join: its block's next main-stream use comes after the side's)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x·Wᵀ + bias as one 2-D GEMM on rows with unit stride, as a compiled graph issues it: F.linear on the 3-D
+    input the compiler hands an opaque op (its strides are the producer's) chose a 4× slower cuBLAS kernel for one
+    projection per layer on the H200 (bench/results/decode_5_streams1.json)."""
+    d_in, d_out = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, d_in)
+    if x2.stride(1) != 1 or (x2.stride(0) != d_in and x2.shape[0] > 1):
+        x2 = x2.contiguous()
+    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    return y.view(*x.shape[:-1], d_out)
+
+
+def _routed_linear_fake(x, weight, bias, a_stack, b_stack, slots):
+    shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
 
 
 def _launch_routed(fn, grid: tuple[int, int, int], args: tuple, names: tuple[str, ...]) -> None:
@@ -136,3 +220,11 @@ def _routed_op(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack:
 
 if _HAS_OP:
     torch.library.triton_op("unipeft::routed_lora", _routed_op, mutates_args=())
+
+# An opaque op, not a triton_op: it switches streams, which a traced Triton op cannot. Registered through
+# torch.library.Library like overlap.py's (less host time per call than the custom_op decorator).
+_LIB = torch.library.Library("unipeft", "FRAGMENT")
+_LIB.define("routed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a_stack, Tensor b_stack, Tensor slots) "
+            "-> (Tensor, Tensor)")
+_LIB.impl("routed_linear", _routed_linear, "CompositeExplicitAutograd")
+torch.library.register_fake("unipeft::routed_linear", _routed_linear_fake, lib=_LIB)
