@@ -158,6 +158,8 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _routed_linear(x, weight, bias, a_stack, b_stack, slots) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = x.reshape(-1, x.shape[-1])  # (a copy, where one is needed, made here on the main stream, not on the side's)
+    x = (x2 if x2.stride(1) == 1 else x2.contiguous()).view(x.shape)
     lane = overlap._lane(x, capture=True) if _HAS_TRITON and x.is_cuda else None
     if lane is None:  # one stream, in order (off the GPU: the gathered-rows reference, or Triton's interpreter)
         y = _linear(x, weight, bias)
@@ -185,7 +187,7 @@ def _routed_linear(x, weight, bias, a_stack, b_stack, slots) -> tuple[torch.Tens
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x·Wᵀ + bias as one 2-D GEMM on rows with unit stride, as a compiled graph issues it: F.linear on the 3-D
     input the compiler hands an opaque op (its strides are the producer's) chose a 4× slower cuBLAS kernel for one
-    projection per layer on the H200 (bench/results/decode_5_streams1.json)."""
+    projection per layer on the H200 (bench/results/decode_5_streams_slow_gemm.json)."""
     d_in, d_out = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, d_in)
     if x2.stride(1) != 1 or (x2.stride(0) != d_in and x2.shape[0] > 1):
