@@ -79,9 +79,11 @@ def routed_static_decode(cfg, names: list[str]) -> dict:
 
 def graphed_two_streams(cfg, names: list[str]) -> dict:
     """The CUDA-graphed decode's two-stream projections (routed_kernels.routed_linear): how many times the op ran
-    its GEMM (it runs while the graphs are recorded, then replays), and whether a static-cache generate in fp32 gives
-    the tokens of the eager dynamic-cache generate (the per-row bmm reference) in every row."""
-    from unipeft import routed_kernels
+    its GEMM and how many of those runs forked to the side stream (both only while the graphs are warmed up and
+    recorded: replays run no Python), and whether a static-cache generate in fp32 gives the tokens of the eager
+    dynamic-cache generate (the per-row bmm reference) in every row. (gpu_fix_check_4/5.json, from the first
+    version, count the GEMM runs only, as "two_stream_op_calls".)"""
+    from unipeft import overlap, routed_kernels
 
     am = unipeft.attach(T.LlamaForCausalLM(cfg).to("cuda").eval(), "lora", name="a")
     am.add("b", "lora")
@@ -92,18 +94,26 @@ def graphed_two_streams(cfg, names: list[str]) -> dict:
               pad_token_id=0, adapter_names=names)
     calls, real = [], routed_kernels._linear
     routed_kernels._linear = lambda *a: calls.append(1) or real(*a)
+    forks, real_lane = [], overlap._lane
+
+    def counted_lane(t, capture=False):
+        lane = real_lane(t, capture)
+        if lane is not None and capture:
+            forks.append(1)
+        return lane
+    overlap._lane = counted_lane
     out = {}
     try:
         with torch.no_grad():
             eager = am.generate(input_ids=ids, **kw)
             static = [am.generate(input_ids=ids, cache_implementation="static", **kw) for _ in range(3)]
-        out["two_stream_op_calls"] = len(calls)
+        out["routed_linear_calls"], out["side_stream_forks"] = len(calls), len(forks)
         out["static_equals_eager_rows"] = [bool(torch.equal(static[-1][i], eager[i])) for i in range(len(names))]
         out["static_runs_agree"] = all(torch.equal(s, static[0]) for s in static)
     except Exception as e:  # (a measurement: report, do not stop)
         out["two_stream_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     finally:
-        routed_kernels._linear = real
+        routed_kernels._linear, overlap._lane = real, real_lane
     return out
 
 

@@ -513,15 +513,15 @@ def _as_compiled(fn):
     return run
 
 
-@pytest.mark.parametrize("streams", ["1", "0"])
+@pytest.mark.parametrize("path", ["graphed", "streams_off", "not_graphed"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_routed_generate_through_the_kernel(shared: bool, streams: str, monkeypatch) -> None:
+def test_routed_generate_through_the_kernel(shared: bool, path: str, monkeypatch) -> None:
     """A routed greedy `generate` whose decoding steps (one token per row) run the routed kernels — from the
     per-routing stacks, or from the shared ones (`prepare_routing`) — as a compiled call does, equals the reference
     path's (UNIPEFT_FUSED=0): from the shared stacks of a CUDA-graphed decode as the base GEMM and the delta side by
-    side (`routed_linear`, summed by the layer), else — and with UNIPEFT_STREAMS=0 — as `routed_lora` after the base
-    GEMM. Adapters of three ranks, one on more projections and one on fewer; rows on the base and repeated
-    adapters."""
+    side (`routed_linear`, summed by the layer), else — per-routing stacks, UNIPEFT_STREAMS=0, or a decode that is
+    not graphed — as `routed_lora` after the base GEMM, and then never through `routed_linear`. Adapters of three
+    ranks, one on more projections and one on fewer; rows on the base and repeated adapters."""
     from conftest import inputs, tiny_model
     from test_engine import randomize
 
@@ -549,12 +549,16 @@ def test_routed_generate_through_the_kernel(shared: bool, streams: str, monkeypa
         monkeypatch.setattr(routed_kernels, "routed_available", lambda x, a=None: (
             not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] <= routed_kernels.ROUTED_MAX_TOKENS
             and (a is None or a.shape[1] <= 64)))
-        monkeypatch.setenv("UNIPEFT_STREAMS", streams)
-        monkeypatch.setattr(routed, "graphed_decoding", lambda model, kwargs: True)  # (as a static-cache generate)
-        launches = []
-        called = "routed_linear" if streams == "1" and shared else "routed_lora"  # (two streams: shared stacks only)
+        monkeypatch.setenv("UNIPEFT_STREAMS", "0" if path == "streams_off" else "1")
+        # (as a static-cache generate compiled into CUDA graphs, or not)
+        monkeypatch.setattr(routed, "graphed_decoding", lambda model, kwargs: path != "not_graphed")
+        launches, unwanted = [], []
+        called = "routed_linear" if path == "graphed" and shared else "routed_lora"  # (two streams: shared only)
+        other = "routed_lora" if called == "routed_linear" else "routed_linear"
         real, x_at = getattr(routed_kernels, called), 0 if called == "routed_linear" else 1
         monkeypatch.setattr(routed_kernels, called, lambda *args: launches.append(args[x_at].shape) or real(*args))
+        real_other = getattr(routed_kernels, other)
+        monkeypatch.setattr(routed_kernels, other, lambda *args: unwanted.append(1) or real_other(*args))
         shared_out = []
         real_shared = _as_compiled(routed.shared_lora)
         monkeypatch.setattr(routed, "shared_lora", lambda *args: shared_out.append(real_shared(*args)) or
@@ -564,6 +568,7 @@ def test_routed_generate_through_the_kernel(shared: bool, streams: str, monkeypa
         got = am.generate(input_ids=ids, **kw)
     assert all(s[1] == 1 for s in launches), "only decoding steps (one token per row) run the kernel"
     assert len(launches) == (steps - 1) * len(am._wrappers), "every adapted projection at every decoding step"
+    assert not unwanted, f"{other} never runs on this path"
     if shared:
         assert len(shared_out) == steps * len(am._wrappers) and all(o is not None for o in shared_out)
     else:

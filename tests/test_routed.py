@@ -339,6 +339,8 @@ def test_static_cache_detection() -> None:
     assert not routed.static_cache(model, {"cache_implementation": "dynamic"})
     assert routed.static_cache(model, {"generation_config": GenerationConfig(cache_implementation="static")})
     assert routed.static_cache(model, {"past_key_values": StaticCache(config=model.config, max_cache_len=16)})
+    assert routed.static_cache(model, {"cache": StaticCache(config=model.config, max_cache_len=16)})
+    assert not routed.static_cache(model, {"cache": DynamicCache(config=model.config)})
     assert not routed.static_cache(model, {"past_key_values": DynamicCache(config=model.config)})
     model.generation_config.cache_implementation = "static"
     assert routed.static_cache(model, {})
@@ -553,16 +555,22 @@ def test_compiled_layers_guard_no_shared_routing_object(caplog) -> None:
 
 def test_graphed_decoding_is_a_static_cache_compiled_into_cuda_graphs() -> None:
     """Two streams per projection only where the decoding steps replay CUDA graphs: a static cache with
-    transformers' default compile config ("reduce-overhead") or "max-autotune"; not a dynamic cache, another mode,
-    or CUDA graphs turned off in the options."""
+    transformers' default compile config ("reduce-overhead"), "max-autotune", Inductor's graphs asked for in the
+    options instead of a mode, or the "cudagraphs" backend; not a dynamic cache, compilation disabled, a mode
+    without graphs, no mode and no graphs in the options, or another backend."""
     model = tiny_model("llama")
     static = {"cache_implementation": "static"}
+
+    def graphed(**config) -> bool:
+        return routed.graphed_decoding(model, {**static, "compile_config": CompileConfig(**config)})
     assert routed.graphed_decoding(model, static)
+    assert routed.graphed_decoding(model, {"cache": StaticCache(config=model.config, max_cache_len=16)})
     assert not routed.graphed_decoding(model, {})
-    assert routed.graphed_decoding(model, {**static, "compile_config": CompileConfig(mode="max-autotune")})
-    assert not routed.graphed_decoding(model, {**static, "compile_config": CompileConfig(mode="default")})
-    off = CompileConfig(options={"triton.cudagraphs": False})
-    assert not routed.graphed_decoding(model, {**static, "compile_config": off})
+    assert not routed.graphed_decoding(model, {**static, "disable_compile": True})
+    assert graphed() and graphed(mode="max-autotune") and graphed(backend="cudagraphs", mode=None)
+    assert graphed(mode=None, options={"triton.cudagraphs": True})
+    assert not graphed(mode="default") and not graphed(mode="max-autotune-no-cudagraphs")
+    assert not graphed(mode=None, options={"max_autotune": True}) and not graphed(backend="eager")
 
 
 def test_graphed_flag_is_published_for_generate_calls_only_and_reset_after(monkeypatch) -> None:
@@ -578,12 +586,37 @@ def test_graphed_flag_is_published_for_generate_calls_only_and_reset_after(monke
     monkeypatch.setattr(routed, "shared_lora", lambda layer, x, slots: seen.append(routed.GRAPHED[key])
                         or real(layer, x, slots))
     ids = inputs(batch=2, seq=4)["input_ids"]
+    monkeypatch.setattr(routed, "graphed_decoding", lambda model, kwargs: True)  # (as a static-cache generate)
     with torch.no_grad():
         am(input_ids=ids, adapter_names=["b", "default"])
-        assert seen and not any(seen)
+        assert seen and not any(seen), "a plain call is no graphed decode"
         seen.clear()
-        monkeypatch.setattr(routed, "graphed_decoding", lambda model, kwargs: True)
         am.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
                     pad_token_id=0, adapter_names=["b", "default"])
     assert seen and all(seen)
     assert routed.GRAPHED[key] is False and routed.CURRENT[key] is None
+
+
+def test_side_by_side_is_the_gemm_plus_the_delta_and_leaves_autocast_alone(monkeypatch) -> None:
+    """`side_by_side` (a graphed decode's projection) returns x·Wᵀ + Δ from the shared stacks; it declines — the
+    one-stream path runs instead — under autocast (the op's GEMM would not follow it) and with UNIPEFT_STREAMS=0."""
+    am = unipeft.attach(tiny_model("llama").eval(), "lora", r=4)
+    am.add("b", "lora", r=4)
+    randomize(am, "b", seed=3, std=0.3)
+    am.eval()
+    assert am.prepare_routing() == len(am._wrappers)
+    layer = next(iter(am._wrappers.values()))
+    monkeypatch.setattr(routed.routed_kernels, "routed_available", lambda x, a=None: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # (the op's CPU reference)
+    a_stack, b_stack = layer.__dict__[routed.SHARED][2:4]
+    x = torch.randn(3, 1, a_stack.shape[2])
+    rows = torch.tensor([1, 0, 2])  # b, default, the base's zero slot
+    w = layer.base_layer.weight
+    want = x @ w.T + torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, a_stack[rows]), b_stack[rows])
+    with torch.no_grad():
+        torch.testing.assert_close(routed.side_by_side(layer, x, a_stack, b_stack, rows), want, rtol=1e-5,
+                                   atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert routed.side_by_side(layer, x, a_stack, b_stack, rows) is None
+        monkeypatch.setenv("UNIPEFT_STREAMS", "0")
+        assert routed.side_by_side(layer, x, a_stack, b_stack, rows) is None

@@ -21,7 +21,10 @@ the side stream draws no memory pool of its own — the one segment it owns is c
 (32 MiB on the H200). Fork and join are one pair of events per device, made once (a wait takes the record queued
 just before it): the first version made two events and a stream object per call, and the backward's host time of
 the benchmark step went 46.2 → 34.7 ms with this one (bench/first_steps.py; the step stayed GPU-bound at ~75 ms).
-While a CUDA graph is being captured everything stays on the capturing stream. A call signature seen before runs
+While a CUDA graph is being captured this op keeps everything on the capturing stream (routed decoding's
+`routed_kernels.routed_linear` does use the lane inside a capture: `_lane(capture=True)`). The fork and join events
+are shared per device, so two threads driving one device's lane at once could take each other's records (as with
+any code that shares CUDA events across threads): drive a device from one thread. A call signature seen before runs
 from its plan (`_Call`): the op's Python, not its kernels, was most of the compiled backward's host time.
 
 Only a compiled backward takes this path, as the opaque custom op `unipeft::lora_backward` (Inductor issues one

@@ -57,8 +57,9 @@ CURRENT: dict[int, torch.Tensor | None] = {}
 #: per model key (as CURRENT): whether the current call's compiled decoding steps replay CUDA graphs — a static-cache
 #: generate that transformers compiles in a CUDA-graph mode ("reduce-overhead", its default). Only then do the
 #: shared stacks' projections run the base GEMM and the routed delta on two streams (`side_by_side`): the opaque
-#: op that switches streams runs its Python once, when the graph is recorded, where a compiled call without graphs
-#: would run it at every step (the two-launch Triton op it replaces is launched from the compiled code itself).
+#: op that switches streams runs its Python only while a graph is warmed up and recorded, not at its replays, where
+#: a compiled call without graphs would run it at every step (the two-launch Triton op it replaces is launched from
+#: the compiled code itself).
 #: Published and reset with CURRENT; a traced call reads it once, as a constant (guarded by value).
 GRAPHED: dict[int, bool] = {}
 _KEYS = itertools.count()
@@ -299,12 +300,13 @@ def side_by_side(layer, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.T
                  rows: torch.Tensor) -> torch.Tensor | None:
     """A CUDA-graphed decoding step's projection output (see GRAPHED) as the frozen GEMM and the routed delta side
     by side on two streams (routed_kernels.routed_linear), added here — the compiler fuses the add into the next
-    kernel — or None when that does not apply: a base other than a hook-free nn.Linear in x's dtype, streams
-    switched off (UNIPEFT_STREAMS=0), or a call the routed kernels do not take. The base GEMM then runs as before,
-    followed by `routed_lora`'s two launches on the same stream."""
+    kernel — or None when that does not apply: a base other than a hook-free nn.Linear in x's dtype, autocast on
+    (the op's GEMM would not follow it), streams switched off (UNIPEFT_STREAMS=0), or a call the routed kernels do
+    not take. The caller then runs the base GEMM and adds the delta on one stream as before (`routed_lora`'s two
+    launches, or the gathered rows' batched GEMMs)."""
     base = layer._modules["base_layer"]
     if type(base) is not nn.Linear or not overlap.enabled() or not routed_kernels.routed_available(x, a_stack) \
-            or not fused._unhooked(base):
+            or not fused._unhooked(base) or torch.is_autocast_enabled(x.device.type):
         return None
     weight = base._parameters["weight"]
     if weight.dtype != x.dtype:
@@ -408,18 +410,27 @@ def publish(am, slots: torch.Tensor | None, graphed: bool = False) -> None:
 
 
 def graphed_decoding(model: nn.Module, kwargs: dict) -> bool:
-    """Whether a generate call's decoding steps are compiled into CUDA graphs: a static cache (`static_cache`) and
-    transformers' compile config (the call's `compile_config`, else the generation config's, else its default) in
-    mode "reduce-overhead" (the default) or "max-autotune", with CUDA graphs not turned off in its options."""
+    """Whether a generate call's decoding steps are compiled into CUDA graphs: a static cache (`static_cache`),
+    compilation not disabled (`disable_compile`), and transformers' compile config (the call's `compile_config`,
+    else the generation config's, else its default, "reduce-overhead" with Inductor) with graphs: Inductor in mode
+    "reduce-overhead" or "max-autotune", or with no mode and `options={"triton.cudagraphs": True}` (torch.compile
+    takes a mode or options, not both), or the "cudagraphs" backend. A wrong answer costs speed, not results."""
     if not static_cache(model, kwargs):
         return False
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if kwargs.get("disable_compile", getattr(config, "disable_compile", False)):
+        return False
     compile_config = kwargs.get("compile_config") or getattr(config, "compile_config", None)
     if compile_config is None:
-        return True  # (transformers' default CompileConfig: "reduce-overhead")
-    options = getattr(compile_config, "options", None) or {}
-    return getattr(compile_config, "mode", None) in ("reduce-overhead", "max-autotune") \
-        and options.get("triton.cudagraphs", True) is not False
+        return True  # (transformers' default CompileConfig)
+    backend, mode = getattr(compile_config, "backend", "inductor"), getattr(compile_config, "mode", None)
+    if backend == "cudagraphs":
+        return True
+    if backend != "inductor":
+        return False
+    if mode is None:
+        return bool((getattr(compile_config, "options", None) or {}).get("triton.cudagraphs", False))
+    return mode in ("reduce-overhead", "max-autotune")
 
 
 def slots(am, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
@@ -449,8 +460,9 @@ def _moved(am) -> bool:
 
 
 def static_cache(model: nn.Module, kwargs: dict) -> bool:
-    """Whether a generate call decodes with a compilable (static) cache — transformers compiles those steps."""
-    cache = kwargs.get("past_key_values")
+    """Whether a generate call decodes with a compilable (static) cache — transformers compiles those steps. (A cache
+    object comes as `cache=`, transformers 5's name, or `past_key_values=`, the older one.)"""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None:
         return bool(getattr(cache, "is_compileable", False)) and type(cache).__name__ != "DynamicCache"
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
