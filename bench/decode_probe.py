@@ -125,6 +125,7 @@ def main() -> None:
     h.B, h.T = 32, 256
     names = [f"a{k}" if k else "default" for k in range(32)]
     merged = h.make_model().eval()
+
     def adapted():
         am = unipeft.attach(h.make_model().eval(), "lora", r=16, alpha=32, targets=SITES)
         for k in range(1, 32):
