@@ -68,6 +68,21 @@ def tiny_model(family: str, *, attn: str = "sdpa", seed: int = 0, head: str = "l
     return cls[1](cls[0](**decoder))
 
 
+def as_compiled(fn):
+    """fn run as a compiled call runs it: torch.compiler.is_compiling() is True inside (the layer-side routed paths
+    take their compiled branches, the routed kernels run as their ops — eagerly here: a real torch.compile cannot
+    trace Triton on CPU, and the interpreter reads the fake tensors' data). The model's routing setup before the
+    layers runs as it does outside a compiled region."""
+    def run(*args):
+        real = torch.compiler.is_compiling
+        torch.compiler.is_compiling = lambda: True
+        try:
+            return fn(*args)
+        finally:
+            torch.compiler.is_compiling = real
+    return run
+
+
 def output_of(out) -> torch.Tensor:
     """The per-token output of any model here: logits for LMs / classifiers, the last hidden state for encoders."""
     for key in ("logits", "last_hidden_state"):

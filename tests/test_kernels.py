@@ -498,19 +498,6 @@ def test_routed_kernel_availability(monkeypatch) -> None:
         assert not routed_kernels.routed_available(x)
 
 
-def _as_compiled(fn):
-    """fn run as a compiled call runs it: torch.compiler.is_compiling() is True inside (the layer-side routed paths
-    take their compiled branches, the kernel runs as the `unipeft::routed_lora` op — eagerly here, in Triton's
-    interpreter: a real torch.compile cannot trace it on CPU, the interpreter reads the fake tensors' data). The
-    model's routing setup before the layers runs as it does outside a compiled region."""
-    def run(*args):
-        real = torch.compiler.is_compiling
-        torch.compiler.is_compiling = lambda: True
-        try:
-            return fn(*args)
-        finally:
-            torch.compiler.is_compiling = real
-    return run
 
 
 @pytest.mark.parametrize("path", ["graphed", "streams_off", "not_graphed"])
@@ -522,7 +509,7 @@ def test_routed_generate_through_the_kernel(shared: bool, path: str, monkeypatch
     side (`routed_linear`, summed by the layer), else — per-routing stacks, UNIPEFT_STREAMS=0, or a decode that is
     not graphed — as `routed_lora` after the base GEMM, and then never through `routed_linear`. Adapters of three
     ranks, one on more projections and one on fewer; rows on the base and repeated adapters."""
-    from conftest import inputs, tiny_model
+    from conftest import as_compiled, inputs, tiny_model
     from test_engine import randomize
 
     import unipeft
@@ -545,7 +532,7 @@ def test_routed_generate_through_the_kernel(shared: bool, path: str, monkeypatch
         base = am.generate(input_ids=ids, **{**kw, "adapter_names": ["__base__"] * len(names)})
         assert [torch.equal(reference[i], base[i]) for i in range(len(names))] == [n == "__base__" for n in names]
         monkeypatch.setenv("UNIPEFT_FUSED", "1")
-        monkeypatch.setattr(routed, "lora", _as_compiled(routed.lora))
+        monkeypatch.setattr(routed, "lora", as_compiled(routed.lora))
         monkeypatch.setattr(routed_kernels, "routed_available", lambda x, a=None: (
             not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] <= routed_kernels.ROUTED_MAX_TOKENS
             and (a is None or a.shape[1] <= 64)))
@@ -560,7 +547,7 @@ def test_routed_generate_through_the_kernel(shared: bool, path: str, monkeypatch
         real_other = getattr(routed_kernels, other)
         monkeypatch.setattr(routed_kernels, other, lambda *args: unwanted.append(1) or real_other(*args))
         shared_out = []
-        real_shared = _as_compiled(routed.shared_lora)
+        real_shared = as_compiled(routed.shared_lora)
         monkeypatch.setattr(routed, "shared_lora", lambda *args: shared_out.append(real_shared(*args)) or
                             shared_out[-1])
         if shared:

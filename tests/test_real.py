@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import as_compiled
 from test_engine import MERGEABLE, PRESETS, ZERO_INIT, randomize
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -221,14 +222,7 @@ def test_routed_generate_with_shared_stacks_on_smollm2(smollm2, monkeypatch) -> 
             monkeypatch.setattr(routed, "graphed_decoding", lambda model, kwargs: True)
             monkeypatch.setattr(routed_kernels, "routed_available", lambda x, a=None: x.dim() == 3 and x.shape[1] == 1)
             monkeypatch.setenv("TRITON_INTERPRET", "0")  # (the reference, not the kernels in the interpreter)
-
-            def compiled(*args):
-                real_flag = torch.compiler.is_compiling
-                torch.compiler.is_compiling = lambda: True
-                try:
-                    return real(*args)
-                finally:
-                    torch.compiler.is_compiling = real_flag
+            compiled = as_compiled(real)
             monkeypatch.setattr(routed, "shared_lora", lambda layer, x, slots: (compiled if x.shape[1] == 1 else real)(
                 layer, x, slots))
             graphed = am.generate(**enc, adapter_names=names, **kw)
