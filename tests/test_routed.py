@@ -620,3 +620,32 @@ def test_side_by_side_is_the_gemm_plus_the_delta_and_leaves_autocast_alone(monke
             assert routed.side_by_side(layer, x, a_stack, b_stack, rows) is None
         monkeypatch.setenv("UNIPEFT_STREAMS", "0")
         assert routed.side_by_side(layer, x, a_stack, b_stack, rows) is None
+
+
+def test_routed_calls_rewrite_one_slot_tensor_per_row_count(monkeypatch) -> None:
+    """Every routed call of a model with shared stacks hands its layers the same slot tensor for the same number of
+    rows, its values rewritten in place and its address marked static: a compiled call reads the slots as a static
+    input, and Inductor's CUDA-graph trees record a graph again whenever a static input moves (on the GPU a fresh
+    tensor per call re-recorded a static-cache generate's first decoding step at every generate, keeping every
+    graph: bench/results/churn_1.json). The eager rows gathered for one call are not reused by the next."""
+    am = _model()
+    assert am.prepare_routing() == len(am._wrappers)
+    first: list[tuple[torch.Tensor, list[int]]] = []
+    real = routed.shared_lora
+
+    def spy(layer, x, slots):
+        if not first or first[-1][0] is not slots or first[-1][1] != slots.tolist():
+            first.append((slots, slots.tolist()))
+        return real(layer, x, slots)
+
+    monkeypatch.setattr(routed, "shared_lora", spy)
+    order = am.__dict__["_shared"]
+    with torch.no_grad():
+        for names in MIXES:
+            am(**inputs(batch=4, seq=5), adapter_names=names)
+        am(**inputs(batch=2, seq=5), adapter_names=["c", BASE])
+    assert [values for _, values in first] == [[order.get(n, len(order)) for n in names]
+                                               for names in (*MIXES, ["c", BASE])]
+    assert len({id(t) for t, _ in first[:len(MIXES)]}) == 1, "one tensor for every call of 4 rows"
+    assert first[-1][0] is not first[0][0] and first[-1][0].shape == (2,)
+    assert all(hasattr(t, "_dynamo_static_input_type") for t, _ in first), "marked static for CUDA-graph trees"

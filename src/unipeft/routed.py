@@ -12,7 +12,8 @@ to find each row's weights, picked per call:
     kernels on the GPU (routed_kernels.routed_lora) that read each row's A and B from the stacks by slot, no copies.
   shared stacks (`AdaptedModel.prepare_routing()`; a static-cache `generate` prepares them itself)
     every adapter of the model stacked once per projection, slot i = the i-th adapter, zeros where an adapter skips
-    a projection. A call then hands the layers one slot tensor (B,) and nothing else that depends on the mix, so
+    a projection. A call then hands the layers one slot tensor (B,) — the same tensor at every call of B rows,
+    rewritten in place (`_slot_buffer`) — and nothing else that depends on the mix, so
     a new mix copies no weights, and a compiled model — a static-cache `generate` compiles its decoding steps —
     traces once for every mix instead of once per mix (the per-routing path's Python reads the adapter names).
     The stacks are refreshed in place when an adapter weight changes (checked once per routed call by the tensors'
@@ -266,30 +267,32 @@ def shared_lora(layer, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | N
         return None
     compiling = torch.compiler.is_compiling()
     rows = None if compiling else layer.__dict__.get(ROWS)
-    if rows is None or rows[0] is not cached[1] or rows[1] is not slots or rows[2] != batch:
-        # eager: cached per call — keyed by its slot tensor, the batch, and the stacks' version record (replaced at
-        # every refill)
+    version = None if compiling else slots._version
+    if rows is None or rows[0] is not cached[1] or rows[1] is not slots or rows[2] != batch or rows[3] != version:
+        # eager: cached per call — keyed by its slot tensor and that tensor's version (one tensor per model and row
+        # count, rewritten in place at each call: _slot_buffer), the batch, and the stacks' version record (replaced
+        # at every refill)
         per_row = slots if batch == n else slots.repeat_interleave(batch // n)  # (beam search expands rows)
         if per_row.device != x.device:  # (a model split across devices)
             per_row = per_row.to(x.device)
-        rows = (cached[1], slots, batch, per_row)
+        rows = (cached[1], slots, batch, version, per_row)
     if compiling and GRAPHED.get(layer.route, False):
-        out = side_by_side(layer, x, a_stack, b_stack, rows[3])
+        out = side_by_side(layer, x, a_stack, b_stack, rows[4])
         if out is not None:
             return out
     y = fused.base_output(layer._modules["base_layer"], x)
     dtype = a_stack.dtype
     if compiling:
         if y.dtype == x.dtype == dtype and routed_kernels.routed_available(x, a_stack):
-            return routed_kernels.routed_lora(y, x, a_stack, b_stack, rows[3])
-        a_rows = a_stack.index_select(0, rows[3]).transpose(1, 2)
-        b_rows = b_stack.index_select(0, rows[3]).transpose(1, 2)
+            return routed_kernels.routed_lora(y, x, a_stack, b_stack, rows[4])
+        a_rows = a_stack.index_select(0, rows[4]).transpose(1, 2)
+        b_rows = b_stack.index_select(0, rows[4]).transpose(1, 2)
     else:
-        if len(rows) == 4:
-            rows = (*rows, a_stack.index_select(0, rows[3]).transpose(1, 2),
-                    b_stack.index_select(0, rows[3]).transpose(1, 2))
+        if len(rows) == 5:
+            rows = (*rows, a_stack.index_select(0, rows[4]).transpose(1, 2),
+                    b_stack.index_select(0, rows[4]).transpose(1, 2))
             layer.__dict__[ROWS] = rows
-        a_rows, b_rows = rows[4], rows[5]
+        a_rows, b_rows = rows[5], rows[6]
     xa = torch.bmm(x if x.dtype == dtype else x.to(dtype), a_rows)
     if y.dtype == dtype:
         return y.baddbmm_(xa, b_rows)
@@ -445,7 +448,29 @@ def slots(am, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
         _watch(am)
     shared = am.__dict__["_shared"]
     device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-    return torch.tensor([shared.get(n, len(shared)) for n in names], dtype=torch.long, device=device)
+    return _slot_buffer(am, [shared.get(n, len(shared)) for n in names], device)
+
+
+def _slot_buffer(am, values: list[int], device: torch.device | None) -> torch.Tensor:
+    """The model's slot tensor for this many rows on this device, its values set to `values` in place.
+
+    One tensor per (device, rows), kept for the model's life: a compiled call reads the slots from a global
+    (CURRENT), which dynamo takes as a static input, and Inductor's CUDA-graph trees record a step's graph again
+    whenever a static input's address changes. A fresh tensor per call had every static-cache generate record its
+    first decoding step anew and keep that graph, so each step's replay first checked every graph recorded so far
+    (bench/results/churn_1.json: one more per generate, the generate slower as they accumulate). The in-place copy
+    bumps the tensor's version counter, which keeps the eager per-call row cache (ROWS) apart between calls."""
+    buffers = am.__dict__.setdefault("_slot_buffers", {})
+    key = (device, len(values))
+    buf = buffers.get(key)
+    if buf is None:
+        with torch.inference_mode(False):  # (made under inference_mode it could not be written outside it)
+            buf = torch.empty(len(values), dtype=torch.long, device=device)
+        if hasattr(torch, "_dynamo"):
+            torch._dynamo.mark_static_address(buf)
+        buffers[key] = buf
+    buf.copy_(torch.tensor(values, dtype=torch.long))
+    return buf
 
 
 def _moved(am) -> bool:
