@@ -9,7 +9,8 @@ times 1-token static-cache generates and splits each into the lead (call → emb
 (embedding → lm_head) and the tail; then times `_fresh` alone, with its tensors warm in the CPU's caches.
 
 Usage:
-    PYTHONPATH=src python3 bench/routed_lead_probe.py [--adapters 32] --out lead.json
+    PYTHONPATH=src python3 bench/routed_lead_probe.py [--adapters 32] [--rows 32] [--named 32] --out lead.json
+    (--adapters: adapters the model holds; --named: distinct adapters a call names, cycled over its --rows rows)
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def _median_ms(values: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--named", type=int, default=0, help="distinct adapters per call (default: min(rows, adapters))")
     ap.add_argument("--runs", type=int, default=12)
     ap.add_argument("--out", default="routed_lead.json")
     args = ap.parse_args()
@@ -53,10 +56,12 @@ def main() -> None:
     for k in range(1, args.adapters):
         am.add(f"a{k}", "lora", r=16, alpha=32, targets=SITES)
     am.eval()
-    names = [f"a{k}" if k else "default" for k in range(args.adapters)]
-    x = torch.randint(0, 256, (args.adapters, 4))
+    named = args.named or min(args.rows, args.adapters)
+    names = [f"a{k % named}" if k % named else "default" for k in range(args.rows)]
+    x = torch.randint(0, 256, (args.rows, 4))
     marks: dict[str, float] = {}
-    result: dict[str, object] = {"adapters": args.adapters, "torch": torch.__version__}
+    result: dict[str, object] = {"adapters": args.adapters, "rows": args.rows, "named": named,
+                                 "torch": torch.__version__}
     for label, model, inner, kw in (("merged", merged, merged, {}),
                                     ("unipeft", am, am.model, {"adapter_names": names})):
         def first(*_) -> None:  # (a pre-hook that returns a value replaces the module's input)
@@ -83,10 +88,9 @@ def main() -> None:
             h.remove()
         result[label] = dict(lead_ms=_median_ms(leads), forward_ms=_median_ms(forwards), tail_ms=_median_ms(tails))
         print(label, result[label], flush=True)
-    watch = am.__dict__["_shared_watch"]
-    result["fresh_check_tensors"] = len(watch[1])
-    result["fresh_check_warm_ms"] = round(timeit.timeit(lambda: routed._fresh(watch), number=50) / 50 * 1e3, 3)
-    print("fresh check, warm caches:", result["fresh_check_warm_ms"], "ms over", len(watch[1]), "tensors")
+    slots = (x,)
+    result["slots_warm_ms"] = round(timeit.timeit(lambda: routed.slots(am, names, slots, {}), number=50) / 50 * 1e3, 3)
+    print("routed.slots (the freshness check and the slot tensor), warm caches:", result["slots_warm_ms"], "ms")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -627,7 +627,8 @@ def test_routed_calls_rewrite_one_slot_tensor_per_row_count(monkeypatch) -> None
     rows, its values rewritten in place and its address marked static: a compiled call reads the slots as a static
     input, and Inductor's CUDA-graph trees record a graph again whenever a static input moves (on the GPU a fresh
     tensor per call re-recorded a static-cache generate's first decoding step at every generate, keeping every
-    graph: bench/results/churn_1.json). The eager rows gathered for one call are not reused by the next."""
+    graph: bench/results/churn_1_reasons.json). (That the eager rows gathered for one call are not reused by the
+    next, the same tensor with new values, test_shared_stacks_give_the_reference_outputs checks.)"""
     am = _model()
     assert am.prepare_routing() == len(am._wrappers)
     first: list[tuple[torch.Tensor, list[int]]] = []
@@ -649,3 +650,39 @@ def test_routed_calls_rewrite_one_slot_tensor_per_row_count(monkeypatch) -> None
     assert len({id(t) for t, _ in first[:len(MIXES)]}) == 1, "one tensor for every call of 4 rows"
     assert first[-1][0] is not first[0][0] and first[-1][0].shape == (2,)
     assert all(hasattr(t, "_dynamo_static_input_type") for t, _ in first), "marked static for CUDA-graph trees"
+
+
+def test_a_routed_call_checks_and_refreshes_only_the_adapters_it_names(monkeypatch) -> None:
+    """The freshness check before a routed call covers the adapters the call names, not every adapter the model
+    holds (its cost, paid before the call's first kernel, follows the mix). An adapter changed in place keeps its
+    old slot contents through calls that do not name it, and the first call that names it refreshes them."""
+    am = _model()
+    x = inputs(batch=4, seq=5)
+    assert am.prepare_routing() == len(am._wrappers)
+    per = {n: len(am.__dict__["_shared_watch"][n][1]) for n in am.recipes}
+    assert all(per.values())
+    checked: list[int] = []
+    real = routed._fresh
+    monkeypatch.setattr(routed, "_fresh", lambda snap: checked.append(len(snap[1])) or real(snap))
+    layer = next(w for w in am._wrappers.values() if any(True for _ in w.sites_of("default")))
+    (sa,) = layer.sites_of("default")
+    slot = am.__dict__["_shared"]["default"]
+    b_stack = _stacks(layer)[1]
+    with torch.no_grad():
+        am(**x, adapter_names=["b", BASE, "b", "c"])
+        assert sorted(checked) == sorted([per["b"], per["c"]])
+        sa.fn.up.weight.mul_(2)  # in place: a version counter moves
+        before = b_stack[slot].clone()
+        am(**x, adapter_names=["b", "c", BASE, "b"])
+        assert torch.equal(b_stack[slot], before), "not named: not refreshed"
+        names = ["default", "b", BASE, "c"]
+        out = output_of(am(**x, adapter_names=names))
+        r = sa.fn.down.weight.shape[0]
+        torch.testing.assert_close(b_stack[slot, :, :r], sa.fn.up.weight * float(sa.s), rtol=0, atol=0)
+        fills: list[object] = []
+        real_fill = routed._fill
+        monkeypatch.setattr(routed, "_fill", lambda cached, only=None: fills.append(only) or real_fill(cached, only))
+        am(**x, adapter_names=names)
+        assert not fills, "refreshed once, then seen as fresh"
+        reference = _reference(am, monkeypatch, x, names)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)

@@ -13,13 +13,13 @@ to find each row's weights, picked per call:
   shared stacks (`AdaptedModel.prepare_routing()`; a static-cache `generate` prepares them itself)
     every adapter of the model stacked once per projection, slot i = the i-th adapter, zeros where an adapter skips
     a projection. A call then hands the layers one slot tensor (B,) — the same tensor at every call of B rows,
-    rewritten in place (`_slot_buffer`) — and nothing else that depends on the mix, so
-    a new mix copies no weights, and a compiled model — a static-cache `generate` compiles its decoding steps —
-    traces once for every mix instead of once per mix (the per-routing path's Python reads the adapter names).
-    The stacks are refreshed in place when an adapter weight changes (checked once per routed call by the tensors'
-    version counters), so their addresses — which a CUDA graph records — stay put. Only LoRA-only projections
-    (one plain LoRA site per adapter, a linear base, no heads or fusions) take them, only without gradients and in
-    eval mode; anything else runs the per-routing path. Memory: one more copy of the adapters' LoRA weights.
+    rewritten in place (`_slot_buffer`) — and nothing else that depends on the mix, so a new mix copies no weights,
+    and a compiled model — a static-cache `generate` compiles its decoding steps — traces once for every mix instead
+    of once per mix (the per-routing path's Python reads the adapter names). The stacks are refreshed in place when
+    an adapter weight changes (checked at each routed call, for the adapters it names, by the tensors' version
+    counters), so their addresses — which a CUDA graph records — stay put. Only LoRA-only projections (one plain
+    LoRA site per adapter, a linear base, no heads or fusions) take them, only without gradients and in eval mode;
+    anything else runs the per-routing path. Memory: one more copy of the adapters' LoRA weights.
     The slots are published for the duration of an AdaptedModel call (`routed.CURRENT`); a call that bypasses it
     (`am.model(...)`) routes through the per-routing path, which checks the weights' versions itself. Compile the
     inner model (`am.model`, as transformers does for a static cache), not the AdaptedModel: its routing setup
@@ -211,24 +211,29 @@ def share(layer, names: tuple[str, ...]) -> bool:
     return True
 
 
-def refresh(layer) -> None:
-    """Copy changed adapter weights into this layer's shared stacks, in place (their addresses stay); rebuild them if
-    the model moved to another device or dtype since (`am.to(...)` changes no version counter)."""
+def refresh(layer, only: set[int] | None = None) -> None:
+    """Copy changed adapter weights into this layer's shared stacks, in place (their addresses stay) — those of the
+    slots in `only`, or every adapter whose weights changed; rebuild them if the model moved to another device or
+    dtype since (`am.to(...)` changes no version counter)."""
     cached = layer.__dict__.get(SHARED)
     if cached is None:
         return
     weight = layer.base_layer.weight
     if cached[2].device != weight.device or cached[2].dtype != weight.dtype:
         share(layer, cached[0][0])
-    elif not _fresh(cached[1]):
-        _fill(cached)
+    elif only is not None or not _fresh(cached[1]):
+        _fill(cached, only)
 
 
-def _fill(cached: list) -> None:
+def _fill(cached: list, only: set[int] | None = None) -> None:
+    """Copy the adapters' A and s·B into their slots (all, or the slots in `only`), then record a new snapshot of the
+    layer's stacked tensors — a new object, which also retires the eager rows gathered from the old contents."""
     _, _, a_stack, b_stack, present = cached
     snap = _snapshot([sa for _, sa in present])
     with torch.no_grad():
         for i, sa in present:
+            if only is not None and i not in only:
+                continue
             a, b = sa.fn.down.weight, sa.fn.up.weight
             r = a.shape[0]
             a_stack[i, :r].copy_(a)
@@ -393,11 +398,25 @@ def prepare(am, enable: bool = True) -> int:
     return count
 
 
-def _watch(am) -> None:
-    """Every stacked tensor of the model's shared stacks in one snapshot, compared as one flat list per call (a loop
-    per layer cost 1.4 ms per call at 112 projections × 32 adapters on the CPU machine)."""
-    snaps = [w.__dict__[SHARED][1] for w in am._wrappers.values() if w.__dict__.get(SHARED) is not None]
-    am.__dict__["_shared_watch"] = tuple(tuple(x for snap in snaps for x in snap[i]) for i in range(3))
+def _watch(am, names: list[str] | None = None) -> None:
+    """Per adapter, its stacked tensors across all the model's shared stacks in one snapshot (`_snapshot`), compared
+    as one flat list when a call names the adapter (a loop per layer cost 1.4 ms per call at 112 projections × 32
+    adapters on the CPU machine). Per adapter, so that a call checks the adapters it names and no others: the
+    check's cost follows the mix, not the number of adapters the model holds (7,168 tensors for 32 adapters here;
+    done before the call's first kernel, so nothing hides it: bench/routed_lead_probe.py). `names`: re-snapshot
+    only these, after their slots were refilled."""
+    order = am.__dict__["_shared"]
+    by_slot: dict[int, list[SiteAdapter]] = {}
+    for w in am._wrappers.values():
+        cached = w.__dict__.get(SHARED)
+        if cached is not None:
+            for i, sa in cached[4]:
+                by_slot.setdefault(i, []).append(sa)
+    watch = {} if names is None else dict(am.__dict__["_shared_watch"])
+    for n, i in order.items():
+        if names is None or n in names:
+            watch[n] = _snapshot(by_slot.get(i, []))
+    am.__dict__["_shared_watch"] = watch
 
 
 def publish(am, slots: torch.Tensor | None, graphed: bool = False) -> None:
@@ -438,14 +457,19 @@ def graphed_decoding(model: nn.Module, kwargs: dict) -> bool:
 
 def slots(am, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
     """Each row's slot in the shared stacks (the base's: one past the last adapter), after bringing the stacks up to
-    date: rebuilt if adapters were added, removed, activated or merged since, refreshed in place if a weight changed."""
+    date: rebuilt if adapters were added, removed, activated or merged since; the slots of the adapters this call
+    names refreshed in place if their weights changed (an adapter no call names stays as it was until one does)."""
     watch = am.__dict__.get("_shared_watch")
     if am.__dict__.get("_shared_dirty", False) or watch is None or _moved(am):
         prepare(am)
-    elif not _fresh(watch):
-        for w in am._wrappers.values():
-            refresh(w)
-        _watch(am)
+    else:
+        stale = [n for n in dict.fromkeys(names) if n in watch and not _fresh(watch[n])]
+        if stale:
+            order = am.__dict__["_shared"]
+            only = {order[n] for n in stale}
+            for w in am._wrappers.values():
+                refresh(w, only)
+            _watch(am, stale)
     shared = am.__dict__["_shared"]
     device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
     return _slot_buffer(am, [shared.get(n, len(shared)) for n in names], device)
@@ -456,10 +480,10 @@ def _slot_buffer(am, values: list[int], device: torch.device | None) -> torch.Te
 
     One tensor per (device, rows), kept for the model's life: a compiled call reads the slots from a global
     (CURRENT), which dynamo takes as a static input, and Inductor's CUDA-graph trees record a step's graph again
-    whenever a static input's address changes. A fresh tensor per call had every static-cache generate record its
-    first decoding step anew and keep that graph, so each step's replay first checked every graph recorded so far
-    (bench/results/churn_1.json: one more per generate, the generate slower as they accumulate). The in-place copy
-    bumps the tensor's version counter, which keeps the eager per-call row cache (ROWS) apart between calls."""
+    whenever a static input's address changes. A fresh tensor per call was one reason every static-cache generate
+    recorded its first decoding step anew and kept that graph (bench/results/churn_1_reasons.json; transformers'
+    own decoding inputs give another, for the merged model too; no time change was measurable, churn_3_ab_*). The
+    in-place copy bumps the tensor's version counter, which keeps the eager per-call row cache (ROWS) apart."""
     buffers = am.__dict__.setdefault("_slot_buffers", {})
     key = (device, len(values))
     buf = buffers.get(key)
