@@ -24,8 +24,6 @@ import time
 
 import torch
 
-SITES = ["q", "k", "v", "o", "gate", "up", "down"]
-
 
 class Counts:
     """Per generate: the CUDA-graph tree's warm-ups (eager runs), recordings and replays, and re-record reasons."""
@@ -77,22 +75,16 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
     import peft_baseline as h
-
-    import unipeft
+    from perf_vs_peft import _nonzero_b, _unipeft  # (the benchmark's own 32-adapter model, as its decode case)
 
     counts = Counts()
     _patch(counts, args.reasons)
     h.B, h.T = 32, 256
     names = [f"a{k}" if k else "default" for k in range(32)]
     merged = h.make_model().eval()
-    am = unipeft.attach(h.make_model().eval(), "lora", r=16, alpha=32, targets=SITES)
-    for k in range(1, 32):
-        am.add(f"a{k}", "lora", r=16, alpha=32, targets=SITES)
-    with torch.no_grad():
-        for n, p in am.named_parameters():
-            if ".up.weight" in n:
-                p.normal_(0, 0.01)
-    am.eval().prepare_routing()
+    am = _unipeft(h.make_model().eval(), 32).eval()
+    _nonzero_b(am)
+    am.prepare_routing()
     x = torch.randint(0, h.VOCAB, (32, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     rows: list[dict] = []
 
