@@ -22,8 +22,6 @@ import timeit
 
 import torch
 
-SITES = ["q", "k", "v", "o", "gate", "up", "down"]
-
 
 def _model():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,15 +45,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=12)
     ap.add_argument("--out", default="routed_lead.json")
     args = ap.parse_args()
-    import unipeft
+    from perf_vs_peft import _unipeft  # (the benchmark's adapted model: LoRA r=16 on every projection, n adapters)
+
     from unipeft import routed
 
     torch.set_num_threads(1)
     merged = _model()
-    am = unipeft.attach(_model(), "lora", r=16, alpha=32, targets=SITES)
-    for k in range(1, args.adapters):
-        am.add(f"a{k}", "lora", r=16, alpha=32, targets=SITES)
-    am.eval()
+    am = _unipeft(_model(), args.adapters).eval()
     named = args.named or min(args.rows, args.adapters)
     names = [f"a{k % named}" if k % named else "default" for k in range(args.rows)]
     x = torch.randint(0, 256, (args.rows, 4))

@@ -211,9 +211,9 @@ def share(layer, names: tuple[str, ...]) -> bool:
     return True
 
 
-def refresh(layer, only: set[int] | None = None) -> None:
-    """Copy changed adapter weights into this layer's shared stacks, in place (their addresses stay) — those of the
-    slots in `only`, or every adapter whose weights changed; rebuild them if the model moved to another device or
+def refresh(layer, only: set[int]) -> None:
+    """Copy the adapter weights of the slots in `only` (adapters whose weights changed: `slots` finds them) into this
+    layer's shared stacks, in place (their addresses stay); rebuild them if the model moved to another device or
     dtype since (`am.to(...)` changes no version counter)."""
     cached = layer.__dict__.get(SHARED)
     if cached is None:
@@ -221,15 +221,15 @@ def refresh(layer, only: set[int] | None = None) -> None:
     weight = layer.base_layer.weight
     if cached[2].device != weight.device or cached[2].dtype != weight.dtype:
         share(layer, cached[0][0])
-    elif only is not None or not _fresh(cached[1]):
+    else:
         _fill(cached, only)
 
 
 def _fill(cached: list, only: set[int] | None = None) -> None:
-    """Copy the adapters' A and s·B into their slots (all, or the slots in `only`), then record a new snapshot of the
-    layer's stacked tensors — a new object, which also retires the eager rows gathered from the old contents."""
+    """Copy the adapters' A and s·B into their slots (all, or the slots in `only`), then give the stacks a new
+    contents token (a fresh object), which retires the eager rows gathered from the old contents (ROWS). Whether
+    the adapters changed is watched per adapter across the model (`_watch`), not here."""
     _, _, a_stack, b_stack, present = cached
-    snap = _snapshot([sa for _, sa in present])
     with torch.no_grad():
         for i, sa in present:
             if only is not None and i not in only:
@@ -238,7 +238,7 @@ def _fill(cached: list, only: set[int] | None = None) -> None:
             r = a.shape[0]
             a_stack[i, :r].copy_(a)
             b_stack[i, :, :r].copy_(b * float(sa.s))
-    cached[1] = snap
+    cached[1] = object()
 
 
 def _shareable(layer, names: tuple[str, ...]) -> list[SiteAdapter | None] | None:
@@ -275,7 +275,7 @@ def shared_lora(layer, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | N
     version = None if compiling else slots._version
     if rows is None or rows[0] is not cached[1] or rows[1] is not slots or rows[2] != batch or rows[3] != version:
         # eager: cached per call — keyed by its slot tensor and that tensor's version (one tensor per model and row
-        # count, rewritten in place at each call: _slot_buffer), the batch, and the stacks' version record (replaced
+        # count, rewritten in place at each call: _slot_buffer), the batch, and the stacks' contents token (replaced
         # at every refill)
         per_row = slots if batch == n else slots.repeat_interleave(batch // n)  # (beam search expands rows)
         if per_row.device != x.device:  # (a model split across devices)
