@@ -9,7 +9,13 @@ recorded around it. transformers' loop waits for each step's tokens before it pr
 costs about the loop's own host time plus the call's host time plus the step's GPU time: each of the three counts.
 
 Usage (GPU machine):
-    PYTHONPATH=src python3 bench/decode_probe.py --harness .gpu_carry/bench [--rounds 3] [--cprofile 30] --out d.json
+    PYTHONPATH=src python3 bench/decode_probe.py --harness .gpu_carry/bench [--rounds 3] [--cprofile 30] [--split] \
+        --out d.json
+
+`--split` takes the compiled call's host time apart: the CUDA-graph tree's part (`CUDAGraphTreeManager.run`: its
+input checks, the replay, the outputs), the replay launch alone (`CUDAGraph.replay`, one cudaGraphLaunch), and
+the rest — dynamo's frame and guards and AOT's runtime wrappers — by difference; with the replayed node's input
+counts (all inputs, and those it treats as static).
 """
 
 from __future__ import annotations
@@ -47,6 +53,43 @@ class StepTimer:
         host, self.host, self.events = self.host, [], []
         return dict(calls=len(host), host_ms_median=_median(host), gpu_ms_median=_median(gpu),
                     host_ms_sum=round(sum(host), 2), gpu_ms_sum=round(sum(gpu), 2))
+
+
+class Split:
+    """Host µs per call inside the compiled call (see `--split`), by wrapping two torch methods in place."""
+
+    def __init__(self) -> None:
+        from torch._inductor import cudagraph_trees as ct
+
+        self.times: dict[str, list[float]] = {"tree_run": [], "replay": []}
+        self.inputs: list[tuple[int, int]] = []
+        split = self
+
+        def timed(key, inner):
+            def wrapped(*args, **kwargs):
+                t0 = time.perf_counter()
+                out = inner(*args, **kwargs)
+                split.times[key].append((time.perf_counter() - t0) * 1e6)
+                return out
+            return wrapped
+
+        run = ct.CUDAGraphTreeManager.run
+        ct.CUDAGraphTreeManager.run = timed("tree_run", run)
+        torch.cuda.CUDAGraph.replay = timed("replay", torch.cuda.CUDAGraph.replay)
+        node_run = ct.CUDAGraphNode.run
+
+        def counted(node, new_inputs):
+            split.inputs.append((len(new_inputs), len(getattr(node, "static_input_idxs", ()) or ())))
+            return node_run(node, new_inputs)
+
+        ct.CUDAGraphNode.run = counted
+
+    def take(self) -> dict:
+        out = {f"{k}_us_median": _median(v) for k, v in self.times.items()}
+        out["inputs_static"] = self.inputs[-1] if self.inputs else None
+        self.times = {k: [] for k in self.times}
+        self.inputs = []
+        return out
 
 
 def _median(xs: list[float]) -> float | None:
@@ -115,6 +158,7 @@ def main() -> None:
     ap.add_argument("--one-stream", action="store_true",
                     help="add a third case: the same adapters compiled with UNIPEFT_STREAMS=0 (routed delta after "
                          "the base GEMM on one stream), timed in turn with the others in this process")
+    ap.add_argument("--split", action="store_true", help="time the compiled call's parts on the host (see above)")
     ap.add_argument("--out", default="decode_probe.json")
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
@@ -148,13 +192,18 @@ def main() -> None:
             _generate(model, x, 32, n)
         inner._compiled_call = StepTimer(inner._compiled_call)
     os.environ["UNIPEFT_STREAMS"] = "1"
+    split = Split() if args.split else None
     rows = []
     for i in range(args.rounds):
         for case, model, inner, n in cases:
             one = _generate(model, x, 1, n)
             inner._compiled_call.take()
+            if split is not None:
+                split.take()
             full = _generate(model, x, 32, n)
             steps = inner._compiled_call.take()
+            if split is not None:
+                steps.update(split.take())
             rows.append(dict(round=i, case=case, prefill_ms=round(one, 2), generate_32_ms=round(full, 2),
                              per_step_ms=round((full - one) / 31, 3), **steps))
             print(json.dumps(rows[-1]), flush=True)
@@ -178,8 +227,11 @@ def main() -> None:
     summary = {}
     for case in [c[0] for c in cases]:
         rs = [r for r in rows if r["case"] == case]
-        summary[case] = {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in
-                         ("prefill_ms", "generate_32_ms", "per_step_ms", "host_ms_median", "gpu_ms_median")}
+        keys = ["prefill_ms", "generate_32_ms", "per_step_ms", "host_ms_median", "gpu_ms_median"]
+        keys += ["tree_run_us_median", "replay_us_median"] if split is not None else []
+        summary[case] = {k: _median([r[k] for r in rs if r[k] is not None]) for k in keys}
+        if split is not None:
+            summary[case]["inputs_static"] = rs[-1]["inputs_static"]
     for case in summary:  # each adapted case against the merged model of the same round
         if case != "merged":
             pairs = [(r, m) for r in rows if r["case"] == case for m in rows
@@ -197,7 +249,8 @@ def main() -> None:
     for case, s in summary.items():
         print(f"{case[:8]:8} {s['prefill_ms']:>8} {s['generate_32_ms']:>8} {s['per_step_ms']:>9} "
               f"{s['host_ms_median']:>10.3f} {s['gpu_ms_median']:>9.3f}  "
-              + " ".join(f"{k}={v}" for k, v in s.items() if k.endswith("ratio_median")))
+              + " ".join(f"{k}={v}" for k, v in s.items() if k.endswith("ratio_median") or k.startswith(
+                  ("tree_run", "replay", "inputs"))))
 
 
 if __name__ == "__main__":

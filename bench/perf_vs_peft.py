@@ -72,18 +72,25 @@ def _generate(case: str, model, names=None, static: bool = False, runs: int = 4,
         kw["adapter_names"] = names
     if static:
         kw["cache_implementation"] = "static"
-    times = []
+    from first_steps import GcClock  # (bench/ is on the path: scripts run from it)
+
+    times, collections = [], []
+    clock = GcClock()  # Python's garbage collections inside each run: a full one over a post-compile heap is slow
     with torch.no_grad():
         for _ in range(runs):
             torch.cuda.synchronize()
+            clock.take()
             t0 = time.perf_counter()
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            collections.append(clock.take())
+    clock.close()
     if keep is not None:
         keep.append(out[:, _h.T:].cpu())
     later = sorted(times[1:])
-    return _h.report(case, later[len(later) // 2], first_run_s=round(times[0], 2))
+    return _h.report(case, later[len(later) // 2], first_run_s=round(times[0], 2),
+                     runs_ms=[round(t * 1e3, 2) for t in times], gc=collections)
 
 
 def _decode(rounds: int = 3) -> list[dict]:
@@ -105,6 +112,7 @@ def _decode(rounds: int = 3) -> list[dict]:
     am = _unipeft(_h.make_model().eval(), 32).eval()
     _nonzero_b(am)
     timed: dict[str, list[float]] = {}
+    runs: dict[str, list[dict]] = {}  # every run of every round, with its garbage collections
 
     def in_turn(cases) -> None:
         for case, model, shared, kw in cases:
@@ -112,6 +120,7 @@ def _decode(rounds: int = 3) -> list[dict]:
                 model.prepare_routing(shared)  # (kept between static rounds: its stacks' addresses are compiled in)
             row = _generate(case, model, None if shared is None else names, keep=tokens.setdefault(case, []), **kw)
             timed.setdefault(case, []).append(row["step_ms"])
+            runs.setdefault(case, []).append(dict(runs_ms=row["runs_ms"], gc=row["gc"]))
 
     eager = (("generate_merged_32x256_32new", merged, None, {}),
              ("unipeft_32_adapters_generate_32x256_32new", am, False, {}),
@@ -125,7 +134,7 @@ def _decode(rounds: int = 3) -> list[dict]:
         in_turn(static)
     for case, times in timed.items():
         times = times[2:] if "static" in case else times
-        rows.append(_h.report(case, sorted(times)[len(times) // 2] / 1e3, rounds_ms=times))
+        rows.append(_h.report(case, sorted(times)[len(times) // 2] / 1e3, rounds_ms=times, runs=runs[case]))
     by = {r["case"]: r["rounds_ms"] for r in rows}
     pairs = {"eager": ("unipeft_32_adapters_generate_32x256_32new", "generate_merged_32x256_32new"),
              "eager_shared": ("unipeft_32_adapters_generate_32x256_32new_shared", "generate_merged_32x256_32new"),

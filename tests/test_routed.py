@@ -686,3 +686,79 @@ def test_a_routed_call_checks_and_refreshes_only_the_adapters_it_names(monkeypat
         assert not fills, "refreshed once, then seen as fresh"
         reference = _reference(am, monkeypatch, x, names)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_call_takes_the_flat_buffers_not_two_stacks_per_layer(monkeypatch) -> None:
+    """Every layer's shared stacks are views into one flat A buffer and one flat s·B buffer per model (routed.FLAT),
+    each starting 128-byte aligned, none overlapping; a compiled call takes those two buffers as its inputs and
+    slices the views inside the graph. Each input a compiled call takes costs host time at every call (~3 µs on the
+    H200 machine: two stacks per projection were ~0.65 ms of a static decoding step,
+    bench/results/decode_9_split.json)."""
+    am = _model()
+    x = inputs(batch=4, seq=5)
+    with torch.no_grad():
+        reference = _reference(am, monkeypatch, x, MIXES[0])
+    count = am.prepare_routing()
+    flats = routed.FLAT[int(am._route_key)]
+    assert len(flats) == 1 and count == len(am._wrappers)
+    spans = {0: [], 1: []}
+    for w in am._wrappers.values():
+        for k, stack in enumerate(_stacks(w)):
+            assert stack.untyped_storage().data_ptr() == flats[0][k].untyped_storage().data_ptr()
+            assert stack.storage_offset() * stack.element_size() % 128 == 0
+            spans[k].append((stack.storage_offset(), stack.storage_offset() + stack.numel()))
+    for k in spans:
+        ordered = sorted(spans[k])
+        assert all(end <= start for (_, end), (start, _) in zip(ordered, ordered[1:])), "stacks overlap"
+    taken: list[list] = []
+
+    def backend(gm, example_inputs):
+        taken.append(list(example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            am.model.forward = torch.compile(am.model.forward, backend=backend, fullgraph=True)
+            got = output_of(am(**x, adapter_names=MIXES[0]))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+    tensors = [t for t in taken[0] if isinstance(t, torch.Tensor)]
+    assert sum(any(t is f for f in flats[0]) for t in tensors) == 2
+    slots_n = len(am.recipes) + 1
+    assert not [t.shape for t in tensors if t.dim() == 3 and t.shape[0] == slots_n], "a per-layer stack as input"
+
+
+def test_a_kept_static_cache_decodes_as_a_fresh_one() -> None:
+    """The recipe docs/api.md gives for repeated static-cache generates: one StaticCache kept by the caller, reset
+    before each call and passed instead of `cache_implementation="static"` (transformers builds a fresh cache at
+    every such generate, and its new addresses make CUDA-graph trees record a decoding step again:
+    bench/results/reuse_1.json). The kept cache alone prepares the shared stacks, its decoding steps compile once
+    for every mix, and every call gives the tokens of a fresh-cache generate, call after call and mix after mix."""
+    import inspect
+
+    from torch._dynamo.utils import counters
+
+    am, ids, kw = _greedy(4)
+    cc = CompileConfig(backend="eager", fullgraph=True)
+    cc._compile_all_devices = True  # (as _static_generate: CPU decoding steps compile only when told to)
+    word = "cache" if "cache" in inspect.signature(am.model.forward).parameters else "past_key_values"
+    cache = StaticCache(config=am.model.config, max_cache_len=ids.shape[1] + 4)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch.no_grad():
+            kept = {}
+            for names in MIXES:
+                for _ in range(2):
+                    cache.reset()
+                    out = am.generate(input_ids=ids, adapter_names=names, compile_config=cc, **{word: cache}, **kw)
+                    assert torch.equal(out, kept.setdefault(str(names), out)), names
+            assert am.__dict__["_shared"] is not None
+            assert counters["stats"]["unique_graphs"] == 1
+            for names in MIXES:
+                assert torch.equal(_static_generate(am, ids, names, **kw), kept[str(names)]), names
+    finally:
+        torch._dynamo.reset()
+    assert len(set(map(str, kept.values()))) == 3, "the mixes decode differently"

@@ -19,7 +19,9 @@ to find each row's weights, picked per call:
     an adapter weight changes (checked at each routed call, for the adapters it names, by the tensors' version
     counters), so their addresses — which a CUDA graph records — stay put. Only LoRA-only projections (one plain
     LoRA site per adapter, a linear base, no heads or fusions) take them, only without gradients and in eval mode;
-    anything else runs the per-routing path. Memory: one more copy of the adapters' LoRA weights.
+    anything else runs the per-routing path. Memory: one more copy of the adapters' LoRA weights, every layer's
+    stacks views into two flat buffers per model (`FLAT`), which a compiled call takes as its only two inputs for
+    them (`_share_all`).
     The slots are published for the duration of an AdaptedModel call (`routed.CURRENT`); a call that bypasses it
     (`am.model(...)`) routes through the per-routing path, which checks the weights' versions itself. Compile the
     inner model (`am.model`, as transformers does for a static cache), not the AdaptedModel: its routing setup
@@ -63,6 +65,9 @@ CURRENT: dict[int, torch.Tensor | None] = {}
 #: the compiled code itself).
 #: Published and reset with CURRENT; a traced call reads it once, as a constant (guarded by value).
 GRAPHED: dict[int, bool] = {}
+#: per model key (as CURRENT): the flat buffers that hold every layer's shared stacks, one (A, s·B) pair per
+#: (device, dtype) of the model (`_share_all`); a compiled call slices a layer's stacks from them by offsets.
+FLAT: dict[int, list[tuple[torch.Tensor, torch.Tensor]] | None] = {}
 _KEYS = itertools.count()
 
 
@@ -84,7 +89,9 @@ def _no_key() -> None:
     return None
 
 
-SHARED = "_unipeft_shared_stacks"  #: per-layer: [key, (tensors, versions), A stack, s·B stack, sites]
+#: per layer: [key, contents token, A stack, s·B stack, sites, place in FLAT (group, A offset, A shape, B offset,
+#: B shape)] — the stacks are views into the model's flat buffers
+SHARED = "_unipeft_shared_stacks"
 ROWS = "_unipeft_shared_rows"  #: per-layer, eager: the current call's rows gathered from the shared stacks
 
 
@@ -184,44 +191,88 @@ def _stacks(layer, items: list[tuple[str, SiteAdapter]], dtype: torch.dtype):
 
 
 # -- shared stacks -------------------------------------------------------------------------------------------------
-def share(layer, names: tuple[str, ...]) -> bool:
-    """Build this layer's shared stacks over `names` (every adapter of the model, in slot order; slot len(names) is
-    the base's zero slot), or drop them when the layer cannot take them. Returns whether it has them."""
+def _layout(layer, names: tuple[str, ...]) -> tuple | None:
+    """What this layer's shared stacks over `names` look like — (key, present sites, dtype, device, slots, r_max,
+    d_in, d_out) — or None when the layer cannot take them. The key changes with anything that changes the stacks'
+    shapes or which modules fill them."""
     items = _shareable(layer, names)
     if items is None:
-        layer.__dict__.pop(SHARED, None)
-        return False
+        return None
     present = [(i, sa) for i, sa in enumerate(items) if sa is not None]
     weight = present[0][1].fn.down.weight
     dtype, device = layer.base_layer.weight.dtype, weight.device  # (the base's dtype: what decoding computes in)
     r_max = max(sa.fn.down.weight.shape[0] for _, sa in present)
     d_in, d_out = weight.shape[1], present[0][1].fn.up.weight.shape[0]
     key = (names, dtype, tuple(id(sa) for sa in items), r_max, device)
-    cached = layer.__dict__.get(SHARED)
-    if cached is None or cached[0] != key:
-        with torch.inference_mode(False):  # (built under inference_mode they could never be refreshed outside it)
-            a_stack = torch.zeros(len(names) + 1, r_max, d_in, dtype=dtype, device=device)
-            b_stack = torch.zeros(len(names) + 1, d_out, r_max, dtype=dtype, device=device)
-        if hasattr(torch, "_dynamo"):  # a CUDA graph of a compiled call may keep their addresses (cudagraph trees)
-            torch._dynamo.mark_static_address(a_stack)
-            torch._dynamo.mark_static_address(b_stack)
-        cached = [key, None, a_stack, b_stack, present]
-        layer.__dict__[SHARED] = cached
-    _fill(cached)
-    return True
+    return key, present, dtype, device, len(names) + 1, r_max, d_in, d_out
+
+
+_ALIGN = 64  #: elements: each layer's stacks start 128-byte aligned in the flat buffers (Triton specializes on it)
+
+
+def _share_all(am, slot_key: int, names: tuple[str, ...]) -> int:
+    """Shared stacks for every layer that can take them, as views into one flat A buffer and one flat s·B buffer
+    per (device, dtype) of the model (FLAT), filled from the adapters. Returns how many layers have them.
+
+    Why flat: a compiled call takes every tensor it reads from outside as an input, and each input costs host time
+    at every call — dynamo's guards and AOT's wrappers ~2.4 µs, the CUDA-graph tree's checks ~0.5 µs, on the H200
+    machine's CPU (bench/decode_probe.py --split, bench/results/decode_9_split.json). Two stacks per projection were
+    224 inputs on the benchmark model, ~0.65 ms of each static decoding step; the compiled call now reads the two
+    flat buffers and slices its views inside the graph (`_stacks_of`). The buffers are kept while the layout is the
+    same (their addresses, which a CUDA graph records, stay put) and replaced when it changes."""
+    layouts = {}
+    for w in am._wrappers.values():
+        layout = _layout(w, names)
+        if layout is None:
+            w.__dict__.pop(SHARED, None)
+            w.__dict__.pop(ROWS, None)
+        else:
+            layouts[w] = layout
+    signature = tuple((id(w), lay[0]) for w, lay in layouts.items())
+    groups: dict[tuple, list[int]] = {}  # (device, dtype) -> [group index, A elements, B elements]
+    places = {}
+    for w, (_, _, dtype, device, slots_n, r_max, d_in, d_out) in layouts.items():
+        g = groups.setdefault((device, dtype), [len(groups), 0, 0])
+        a_shape, b_shape = (slots_n, r_max, d_in), (slots_n, d_out, r_max)
+        places[w] = (g[0], g[1], a_shape, g[2], b_shape)
+        g[1] += -(-slots_n * r_max * d_in // _ALIGN) * _ALIGN
+        g[2] += -(-slots_n * d_out * r_max // _ALIGN) * _ALIGN
+    flats = FLAT.get(slot_key)
+    if flats is None or am.__dict__.get("_shared_signature") != signature:
+        flats = []
+        for (device, dtype), (_, a_len, b_len) in groups.items():
+            with torch.inference_mode(False):  # (built under inference_mode they could never be refreshed outside it)
+                pair = (torch.zeros(a_len, dtype=dtype, device=device), torch.zeros(b_len, dtype=dtype, device=device))
+            if hasattr(torch, "_dynamo"):  # a CUDA graph of a compiled call keeps their addresses (cudagraph trees)
+                for t in pair:
+                    torch._dynamo.mark_static_address(t)
+            flats.append(pair)
+        FLAT[slot_key] = flats
+        am.__dict__["_shared_signature"] = signature
+    for w, layout in layouts.items():
+        place = places[w]
+        a_stack, b_stack = _stacks_of(flats, place)
+        cached = [layout[0], None, a_stack, b_stack, layout[1], place]
+        w.__dict__[SHARED] = cached
+        w.__dict__.pop(ROWS, None)
+        _fill(cached)
+    return len(layouts)
+
+
+def _stacks_of(flats: list, place: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's A stack (slots, r, d_in) and s·B stack (slots, d_out, r): views into its group's flat buffers."""
+    g, a_off, a_shape, b_off, b_shape = place
+    flat_a, flat_b = flats[g]
+    a_len, b_len = a_shape[0] * a_shape[1] * a_shape[2], b_shape[0] * b_shape[1] * b_shape[2]
+    return flat_a.narrow(0, a_off, a_len).view(a_shape), flat_b.narrow(0, b_off, b_len).view(b_shape)
 
 
 def refresh(layer, only: set[int]) -> None:
     """Copy the adapter weights of the slots in `only` (adapters whose weights changed: `slots` finds them) into this
-    layer's shared stacks, in place (their addresses stay); rebuild them if the model moved to another device or
-    dtype since (`am.to(...)` changes no version counter)."""
+    layer's shared stacks, in place (their addresses stay). A model moved to another device or dtype since is
+    rebuilt by `slots` before this runs (`_moved`: `am.to(...)` changes no version counter)."""
     cached = layer.__dict__.get(SHARED)
-    if cached is None:
-        return
-    weight = layer.base_layer.weight
-    if cached[2].device != weight.device or cached[2].dtype != weight.dtype:
-        share(layer, cached[0][0])
-    else:
+    if cached is not None:
         _fill(cached, only)
 
 
@@ -229,7 +280,7 @@ def _fill(cached: list, only: set[int] | None = None) -> None:
     """Copy the adapters' A and s·B into their slots (all, or the slots in `only`), then give the stacks a new
     contents token (a fresh object), which retires the eager rows gathered from the old contents (ROWS). Whether
     the adapters changed is watched per adapter across the model (`_watch`), not here."""
-    _, _, a_stack, b_stack, present = cached
+    a_stack, b_stack, present = cached[2], cached[3], cached[4]
     with torch.no_grad():
         for i, sa in present:
             if only is not None and i not in only:
@@ -266,11 +317,12 @@ def shared_lora(layer, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | N
     cached = layer.__dict__.get(SHARED)
     if cached is None or x.dim() != 3:
         return None
-    a_stack, b_stack = cached[2], cached[3]
     batch, n = x.shape[0], slots.shape[0]
     if batch % n:
         return None
     compiling = torch.compiler.is_compiling()
+    # compiled: the views sliced inside the graph from the model's flat buffers (two inputs, not two per layer)
+    a_stack, b_stack = _stacks_of(FLAT[layer.route], cached[5]) if compiling else (cached[2], cached[3])
     rows = None if compiling else layer.__dict__.get(ROWS)
     version = None if compiling else slots._version
     if rows is None or rows[0] is not cached[1] or rows[1] is not slots or rows[2] != batch or rows[3] != version:
@@ -376,6 +428,7 @@ def prepare(am, enable: bool = True) -> int:
         key = am.__dict__["_route_key"] = RouteKey(next(_KEYS))
         weakref.finalize(am, CURRENT.__setitem__, int(key), None)  # (a deleted model's slots go with it)
         weakref.finalize(am, GRAPHED.__setitem__, int(key), False)
+        weakref.finalize(am, FLAT.__setitem__, int(key), None)
     slot_key = int(key)  # (the plain int the table and the layers use, see CURRENT)
     CURRENT[slot_key] = None
     GRAPHED[slot_key] = False
@@ -385,13 +438,13 @@ def prepare(am, enable: bool = True) -> int:
             w.__dict__.pop(SHARED, None)
             w.__dict__.pop(ROWS, None)
             w.__dict__["route"] = None
+        FLAT[slot_key] = None
+        am.__dict__.pop("_shared_signature", None)
         return 0
     names = tuple(am.recipes)
-    count = 0
-    for w in am._wrappers.values():
-        has = share(w, names)
-        w.__dict__["route"] = slot_key if has else None  # (a plain int: dynamo guards it by value, not identity)
-        count += has
+    count = _share_all(am, slot_key, names)
+    for w in am._wrappers.values():  # (a plain int: dynamo guards it by value, not identity)
+        w.__dict__["route"] = slot_key if SHARED in w.__dict__ else None
     am.__dict__["_shared"] = {n: i for i, n in enumerate(names)}
     am.__dict__["_shared_dirty"] = False
     _watch(am)
