@@ -690,10 +690,10 @@ def test_a_routed_call_checks_and_refreshes_only_the_adapters_it_names(monkeypat
 
 def test_a_compiled_call_takes_the_flat_buffers_not_two_stacks_per_layer(monkeypatch) -> None:
     """Every layer's shared stacks are views into one flat A buffer and one flat s·B buffer per model (routed.FLAT),
-    each starting 128-byte aligned, none overlapping; a compiled call takes those two buffers as its inputs and
-    slices the views inside the graph. Each input a compiled call takes costs host time at every call (~3 µs on the
-    H200 machine: two stacks per projection were ~0.65 ms of a static decoding step,
-    bench/results/decode_9_split.json)."""
+    each starting at a multiple of routed._ALIGN elements, none overlapping; a compiled call takes those two
+    buffers as its inputs and slices the views inside the graph. Each input a compiled call takes costs host time
+    at every call (up to ~3 µs on the H200 machine: two stacks per projection were up to ~0.65 ms of a static
+    decoding step, bench/results/decode_9_split.json)."""
     am = _model()
     x = inputs(batch=4, seq=5)
     with torch.no_grad():
@@ -705,7 +705,7 @@ def test_a_compiled_call_takes_the_flat_buffers_not_two_stacks_per_layer(monkeyp
     for w in am._wrappers.values():
         for k, stack in enumerate(_stacks(w)):
             assert stack.untyped_storage().data_ptr() == flats[0][k].untyped_storage().data_ptr()
-            assert stack.storage_offset() * stack.element_size() % 128 == 0
+            assert stack.storage_offset() % routed._ALIGN == 0
             spans[k].append((stack.storage_offset(), stack.storage_offset() + stack.numel()))
     for k in spans:
         ordered = sorted(spans[k])
@@ -762,3 +762,47 @@ def test_a_kept_static_cache_decodes_as_a_fresh_one() -> None:
     finally:
         torch._dynamo.reset()
     assert len(set(map(str, kept.values()))) == 3, "the mixes decode differently"
+
+
+def test_flat_buffers_are_kept_while_the_layout_holds_and_freed_when_adapters_change(monkeypatch) -> None:
+    """Preparing again with the same adapters keeps the buffers (a CUDA graph recorded their addresses); adding an
+    adapter frees them at once — every layer's views and the buffers, so no stacked copy of the old adapters stays
+    on the device — and the next routed call builds new ones that give the reference outputs."""
+    am = _model()
+    am.prepare_routing()
+    key = int(am._route_key)
+    first = routed.FLAT[key]
+    ptrs = [t.data_ptr() for t in first[0]]
+    am.prepare_routing()
+    assert routed.FLAT[key] is first and [t.data_ptr() for t in routed.FLAT[key][0]] == ptrs
+    am.add("d", "lora", r=3)
+    randomize(am, "d", seed=9, std=0.3)
+    am.eval()
+    assert routed.FLAT[key] is None and _shared_layers(am) == set()
+    names = ["d", "b", BASE, "c"]
+    x = inputs(batch=4, seq=5)
+    with torch.no_grad():
+        got = output_of(am(**x, adapter_names=names))
+        want = _reference(am, monkeypatch, x, names)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert routed.FLAT[key] is not None and routed.FLAT[key][0][0].numel() > first[0][0].numel()
+    _check_layout(am)
+
+
+def test_a_lower_rank_in_a_slot_leaves_zero_padding(monkeypatch) -> None:
+    """An adapter whose rank drops below the stack's (its Parameters replaced by smaller ones, the stack's rank set
+    by another adapter) is refilled with zeros past its rank: the stacks are reused in place, and the old rows
+    must not leak into the new adapter's delta."""
+    am = _model()
+    x = inputs(batch=4, seq=5)
+    with torch.no_grad():
+        am(**x, adapter_names=MIXES[0])  # (a static-cache generate or any routed call prepares the stacks)
+        am.prepare_routing()
+        am(**x, adapter_names=MIXES[0])
+        for sa in (sa for w in am._wrappers.values() for sa in w.sites_of("c")):
+            down, up = sa.fn.down, sa.fn.up
+            down.weight = torch.nn.Parameter(down.weight[:1].clone())  # rank 2 -> 1; the stacks keep rank 6
+            up.weight = torch.nn.Parameter(up.weight[:, :1].clone())
+        got = output_of(am(**x, adapter_names=MIXES[1]))
+        want = _reference(am, monkeypatch, x, MIXES[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -448,6 +448,7 @@ class AdaptedModel(nn.Module):
         """Push the active/merged sets into the wrappers and set requires_grad: active, unmerged adapters train."""
         graphs.invalidate(self.model, guard=self._unrouted)  # CUDA graphs recorded the old state (graphs.py)
         self.__dict__["_shared_dirty"] = True  # shared stacks (prepare_routing) are rebuilt at the next routed call
+        routed.release(self)  # (and freed now: a removed or merged adapter's stacked copy must not stay behind)
         self.__dict__["_shared_watch"] = None  # (it holds the adapters' tensors: a removed one must not stay alive)
         self._groups = siblings.link(self._wrappers)
         # whether any layer holds prompt tokens: a model call without them then reads no layer for them (prompt.py)

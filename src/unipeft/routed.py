@@ -20,8 +20,9 @@ to find each row's weights, picked per call:
     counters), so their addresses — which a CUDA graph records — stay put. Only LoRA-only projections (one plain
     LoRA site per adapter, a linear base, no heads or fusions) take them, only without gradients and in eval mode;
     anything else runs the per-routing path. Memory: one more copy of the adapters' LoRA weights, every layer's
-    stacks views into two flat buffers per model (`FLAT`), which a compiled call takes as its only two inputs for
-    them (`_share_all`).
+    stacks views into two flat buffers per model and (device, dtype) (`FLAT`), which a compiled call takes as its
+    only inputs for them (`_share_all`); freed when the adapters change (`release`) and built again at the next
+    routed call.
     The slots are published for the duration of an AdaptedModel call (`routed.CURRENT`); a call that bypasses it
     (`am.model(...)`) routes through the per-routing path, which checks the weights' versions itself. Compile the
     inner model (`am.model`, as transformers does for a static cache), not the AdaptedModel: its routing setup
@@ -89,8 +90,8 @@ def _no_key() -> None:
     return None
 
 
-#: per layer: [key, contents token, A stack, s·B stack, sites, place in FLAT (group, A offset, A shape, B offset,
-#: B shape)] — the stacks are views into the model's flat buffers
+#: per layer: [layout key (`_layout`; kept for inspection), contents token, A stack, s·B stack, sites, place in FLAT
+#: (group, A offset, A shape, B offset, B shape)] — the stacks are views into the model's flat buffers
 SHARED = "_unipeft_shared_stacks"
 ROWS = "_unipeft_shared_rows"  #: per-layer, eager: the current call's rows gathered from the shared stacks
 
@@ -207,7 +208,9 @@ def _layout(layer, names: tuple[str, ...]) -> tuple | None:
     return key, present, dtype, device, len(names) + 1, r_max, d_in, d_out
 
 
-_ALIGN = 64  #: elements: each layer's stacks start 128-byte aligned in the flat buffers (Triton specializes on it)
+#: elements: each layer's stacks start at a multiple of 64 elements in the flat buffers — 128 bytes in bf16/fp16, 256
+#: in fp32 — so their pointers keep the alignment Triton specializes on
+_ALIGN = 64
 
 
 def _share_all(am, slot_key: int, names: tuple[str, ...]) -> int:
@@ -215,11 +218,12 @@ def _share_all(am, slot_key: int, names: tuple[str, ...]) -> int:
     per (device, dtype) of the model (FLAT), filled from the adapters. Returns how many layers have them.
 
     Why flat: a compiled call takes every tensor it reads from outside as an input, and each input costs host time
-    at every call — dynamo's guards and AOT's wrappers ~2.4 µs, the CUDA-graph tree's checks ~0.5 µs, on the H200
-    machine's CPU (bench/decode_probe.py --split, bench/results/decode_9_split.json). Two stacks per projection were
-    224 inputs on the benchmark model, ~0.65 ms of each static decoding step; the compiled call now reads the two
-    flat buffers and slices its views inside the graph (`_stacks_of`). The buffers are kept while the layout is the
-    same (their addresses, which a CUDA graph records, stay put) and replaced when it changes."""
+    at every call — up to ~2.4 µs before the CUDA-graph tree (dynamo's guards, AOT's wrappers) and ~0.5 µs in it,
+    on the H200 machine's CPU (bench/decode_probe.py --split, bench/results/decode_9_split.json). Two stacks per
+    projection were 224 inputs on the benchmark model, up to ~0.65 ms of each static decoding step there; the
+    compiled call now reads the flat buffers and slices its views inside the graph (`_stacks_of`). The buffers are
+    kept while the layout is the same (their addresses, which a CUDA graph records, stay put) and replaced when it
+    changes."""
     layouts = {}
     for w in am._wrappers.values():
         layout = _layout(w, names)
@@ -239,6 +243,7 @@ def _share_all(am, slot_key: int, names: tuple[str, ...]) -> int:
         g[2] += -(-slots_n * d_out * r_max // _ALIGN) * _ALIGN
     flats = FLAT.get(slot_key)
     if flats is None or am.__dict__.get("_shared_signature") != signature:
+        release(am)  # (the old buffers go before the new ones come: one copy of the stacks at a time)
         flats = []
         for (device, dtype), (_, a_len, b_len) in groups.items():
             with torch.inference_mode(False):  # (built under inference_mode they could never be refreshed outside it)
@@ -257,6 +262,19 @@ def _share_all(am, slot_key: int, names: tuple[str, ...]) -> int:
         w.__dict__.pop(ROWS, None)
         _fill(cached)
     return len(layouts)
+
+
+def release(am) -> None:
+    """Free the model's shared stacks — every layer's views and the flat buffers — keeping the model prepared: the
+    next routed call builds them again (`slots`). AdaptedModel calls this whenever its adapters change (added,
+    removed, merged, activated), so a merged-away or removed adapter's stacked copy does not stay on the device."""
+    for w in am._wrappers.values():
+        w.__dict__.pop(SHARED, None)
+        w.__dict__.pop(ROWS, None)
+    key = am.__dict__.get("_route_key")
+    if key is not None:
+        FLAT[int(key)] = None
+    am.__dict__.pop("_shared_signature", None)
 
 
 def _stacks_of(flats: list, place: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,6 +307,9 @@ def _fill(cached: list, only: set[int] | None = None) -> None:
             r = a.shape[0]
             a_stack[i, :r].copy_(a)
             b_stack[i, :, :r].copy_(b * float(sa.s))
+            if r < a_stack.shape[1]:  # (a rank below the stack's: its padding must be zero, whatever was there)
+                a_stack[i, r:].zero_()
+                b_stack[i, :, r:].zero_()
     cached[1] = object()
 
 
@@ -434,12 +455,9 @@ def prepare(am, enable: bool = True) -> int:
     GRAPHED[slot_key] = False
     am.__dict__["_shared_watch"] = None
     if not enable:
+        release(am)
         for w in am._wrappers.values():
-            w.__dict__.pop(SHARED, None)
-            w.__dict__.pop(ROWS, None)
             w.__dict__["route"] = None
-        FLAT[slot_key] = None
-        am.__dict__.pop("_shared_signature", None)
         return 0
     names = tuple(am.recipes)
     count = _share_all(am, slot_key, names)
