@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
     import peft_baseline as h
-    from graph_churn_probe import Counts, _patch
+    from graph_churn_probe import Counts, _patch, timed_generate
     from perf_vs_peft import _nonzero_b, _unipeft
     from transformers import StaticCache
 
@@ -60,14 +60,9 @@ def main() -> None:
             kw["cache_implementation"] = "static"
         if mix is not None:
             kw["adapter_names"] = mix
-        counts.take()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
-        torch.cuda.synchronize()
+        ms, counted, out = timed_generate(model, x, counts, kw)
         case = f"{label}_{'kept' if kept else 'fresh'}"
-        rows.append(dict(round=i, case=case, ms=round((time.perf_counter() - t0) * 1e3, 2), **counts.take()))
+        rows.append(dict(round=i, case=case, ms=ms, **counted))
         outputs.setdefault(case, out[:, 256:].cpu())
         print(json.dumps(rows[-1]), flush=True)
 

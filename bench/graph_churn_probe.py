@@ -65,6 +65,17 @@ def _patch(counts: Counts, reasons: bool) -> None:
     logger.setLevel(logging.DEBUG)
 
 
+def timed_generate(model, x: torch.Tensor, counts: Counts, kw: dict):
+    """One synced greedy generate of `x`: (ms, the tree's counts during it, the output)."""
+    counts.take()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) * 1e3, 2), counts.take(), out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--harness", default=".gpu_carry/bench")
@@ -92,13 +103,8 @@ def main() -> None:
         kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0, cache_implementation="static")
         if mix is not None:
             kw["adapter_names"] = mix
-        counts.take()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
-        torch.cuda.synchronize()
-        row = dict(phase=phase, case=label, ms=round((time.perf_counter() - t0) * 1e3, 2), **counts.take())
+        ms, counted, _ = timed_generate(model, x, counts, kw)
+        row = dict(phase=phase, case=label, ms=ms, **counted)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
