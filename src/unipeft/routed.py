@@ -259,8 +259,7 @@ def _share_all(am, slot_key: int, names: tuple[str, ...]) -> int:
         a_stack, b_stack = _stacks_of(flats, place)
         cached = [layout[0], None, a_stack, b_stack, layout[1], place]
         w.__dict__[SHARED] = cached
-        w.__dict__.pop(ROWS, None)
-        _fill(cached)
+        _fill(cached)  # (its new contents token retires any eager rows gathered before)
     return len(layouts)
 
 
