@@ -76,7 +76,8 @@ def pieces(rows: int, d: int, d_kv: int, rank: int, device: str, dtype: torch.dt
         ys = [F.linear(x, w) for w in ws]
         torch.autograd.backward(ys, gys)
 
-    group_args = (x, scales, *[t for i in range(3) for t in (ws[i], as_[i], bs[i])], None, None, None)
+    spec = (scales, (None, None, None))  # (the scales, no 4-bit sources)
+    group_args = (x, spec, *[t for i in range(3) for t in (ws[i], as_[i], bs[i])], None, None, None)
 
     def group_fwd():
         return siblings._LoraGroup.apply(*group_args)

@@ -17,7 +17,8 @@ can differ by milliseconds in the harness. This probe takes the steps apart:
 
 Usage (GPU machine, harness carried as in perf_vs_peft.py):
     PYTHONPATH=src python3 bench/idle_probe.py --harness .gpu_carry/bench --case floor,lora [--compile] --out idle.json
-A case may carry environment settings: `lora_recompute:UNIPEFT_RECOMPUTE=1`. The trace analysis (`analyse`) is
+A case may carry environment settings: `lora_recompute:UNIPEFT_RECOMPUTE=1`; a case named `qlora…` puts LoRA on an
+NF4 base (double quant, bf16 compute; carry the bitsandbytes wheel). The trace analysis (`analyse`) is
 plain Python over chrome-trace events, tested on CPU with a synthetic trace.
 """
 
@@ -242,6 +243,10 @@ def case(h, spec: str, compile_: bool, traces: str | None = None) -> dict:
             params = h.frozen_floor(m)
             model = wrap(m)
         else:
+            if label.split("_")[0] == "qlora":  # an NF4 base (double quant, bf16 compute): QLoRA
+                from unipeft import quant
+
+                m = quant.quantize(m, "nf4", double_quant=True, compute_dtype=torch.bfloat16)
             am = unipeft.attach(m, "lora", r=16, alpha=32, targets=SITES)
             params = [p for p in am.parameters() if p.requires_grad]
             model = wrap(am)

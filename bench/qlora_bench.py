@@ -7,6 +7,10 @@ Usage (on the GPU machine; carry the harness and the bitsandbytes wheel):
 Reports step time and peak memory (vs bf16 LoRA with our fused path; target: QLoRA ≤ 1.10× its time), bytes per
 quantized weight and for the whole model, peft's QLoRA on the same quantized base, and the max abs logit difference
 between the unmerged quantized + adapter model and `merge_dequantized()`'s plain bf16 model.
+
+    [--repeats K]   then bf16 LoRA and NF4 QLoRA (double quant) timed in turn for K rounds, the NF4 model once with
+                    sibling groups (q/k/v and gate/up as one node each, the default) and once with UNIPEFT_GROUPS=0:
+                    per-round ratios to bf16 LoRA and their medians (drift between rounds hits all three)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def main() -> None:
     ap.add_argument("--out", default="qlora.json")
     ap.add_argument("--kinds", default="nf4,fp4,nf4-nodq", help="which 4-bit bases to time (nf4-nodq: no double quant)")
     ap.add_argument("--no-peft", action="store_true", help="skip peft's QLoRA")
+    ap.add_argument("--repeats", type=int, default=0, help="then bf16 / NF4 groups / NF4 no groups in turn, K rounds")
     args = ap.parse_args()
     sys.path.insert(0, args.harness)
     import bitsandbytes
@@ -81,6 +86,8 @@ def main() -> None:
         rows.append(h.time_train("peft_qlora_nf4_r16", pm, trainable(pm)))
         del m, pm
         h.release()
+    if args.repeats:
+        rows += in_turn(h, args.repeats)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     ref = rows[0]
@@ -92,6 +99,70 @@ def main() -> None:
         print(f"| {r['case']} | {r['step_ms']} | {r['step_ms'] / ref['step_ms']:.3f} | {r['peak_gib']} | "
               f"{r['peak_gib'] / ref['peak_gib']:.3f} | {r.get('bytes_per_quantized_weight', '')} | "
               f"{r.get('bytes_per_parameter', '')} |")
+
+
+def _groups_agree(h, model, params) -> dict:
+    """One step's loss and adapter gradients on the NF4 model with sibling groups and without (bf16, same batch):
+    the largest relative difference (norm) over the adapter tensors — the groups' check on the GPU."""
+    import os
+
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.01)  # B starts at zero: give every term a value
+    x = torch.randint(0, h.VOCAB, (h.B, h.T), device="cuda")
+    got = {}
+    for groups in ("1", "0"):
+        os.environ["UNIPEFT_GROUPS"] = groups
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        got[groups] = (float(loss), [p.grad.float().clone() for p in params])
+        for p in params:
+            p.grad = None
+    os.environ["UNIPEFT_GROUPS"] = "1"
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(got["1"][1], got["0"][1])]
+    row = {"case": "nf4_groups_vs_alone", "loss_groups": got["1"][0], "loss_alone": got["0"][0],
+           "max_rel_grad_diff": max(rel), "median_rel_grad_diff": sorted(rel)[len(rel) // 2]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def in_turn(h, k: int) -> list[dict]:
+    """bf16 LoRA, NF4 QLoRA with sibling groups and NF4 QLoRA without them, timed in turn for k rounds, the two NF4
+    cases in alternating order (both models on the GPU together, so these rows' peak memory is not a case's own).
+    UNIPEFT_GROUPS is read at every eager call."""
+    import os
+
+    import unipeft
+    from unipeft import quant
+
+    bf16 = unipeft.attach(h.make_model(), "lora", r=16, alpha=32, targets=SITES)
+    nf4 = unipeft.attach(quant.quantize(h.make_model(), "nf4", double_quant=True, compute_dtype=torch.bfloat16),
+                         "lora", r=16, alpha=32, targets=SITES)
+    h.release()
+    params = {id(m): [p for p in m.parameters() if p.requires_grad] for m in (bf16, nf4)}
+    rows = [_groups_agree(h, nf4, params[id(nf4)])]
+    cases = (("bf16", bf16, "1"), ("nf4_groups", nf4, "1"), ("nf4_no_groups", nf4, "0"))
+    ratios = {"nf4_groups": [], "nf4_no_groups": []}
+    for i in range(k):
+        times = {}
+        order = cases if i % 2 == 0 else (cases[0], cases[2], cases[1])  # the two NF4 cases in alternating order
+        for name, model, groups in order:
+            os.environ["UNIPEFT_GROUPS"] = groups
+            row = h.time_train(f"in_turn_{name}_{i}", model, params[id(model)])
+            rows.append(row)
+            times[name] = row["step_ms"]
+        for name in ratios:
+            ratios[name].append(round(times[name] / times["bf16"], 4))
+    os.environ["UNIPEFT_GROUPS"] = "1"
+    summary = {"case": "in_turn_qlora_over_bf16_lora"}
+    for name, rs in ratios.items():
+        summary[name] = {"ratios": rs, "median": sorted(rs)[len(rs) // 2]}
+    rows.append(summary)
+    print(json.dumps(summary), flush=True)
+    del bf16, nf4
+    h.release()
+    return rows
 
 
 if __name__ == "__main__":

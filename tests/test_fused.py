@@ -226,7 +226,7 @@ def test_both_forms_on_real_smollm2_match_the_reference(smollm2_path, monkeypatc
     seen = _forms(monkeypatch)
     groups: list[int] = []
     real_group = siblings._LoraGroup.apply
-    monkeypatch.setattr(siblings._LoraGroup, "apply", lambda *a: (groups.append(len(a[1])), real_group(*a))[1])
+    monkeypatch.setattr(siblings._LoraGroup, "apply", lambda *a: (groups.append(len(a[1][0])), real_group(*a))[1])
     results = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("UNIPEFT_FUSED", flag)

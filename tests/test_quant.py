@@ -295,3 +295,128 @@ def test_direct_dequantizer_equals_bitsandbytes_dequantize(kind: str, double_qua
             weight = quant.dequantizer(module, torch.float32)
             expected = quant.dequantized_weight(module)
             assert torch.equal(weight(), expected) and torch.equal(weight(), expected), name
+
+
+ALL_LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def _group_spy(monkeypatch) -> tuple[list[int], list[int]]:
+    """(members per sibling-group computation, dequantizations of 4-bit weights by the fused path)."""
+    from unipeft import siblings
+
+    groups, dequantized = [], []
+    real_group, real_dequantizer = siblings._LoraGroup.apply, quant.dequantizer
+
+    def counting_dequantizer(module, dtype):
+        weight = real_dequantizer(module, dtype)
+        return lambda: dequantized.append(1) or weight()
+    monkeypatch.setattr(siblings._LoraGroup, "apply", lambda *a: (groups.append(len(a[1][0])), real_group(*a))[1])
+    monkeypatch.setattr(quant, "dequantizer", counting_dequantizer)
+    return groups, dequantized
+
+
+def _qlora_step(am, flag_env: dict, monkeypatch, **batch) -> tuple[torch.Tensor, dict]:
+    for key, value in flag_env.items():
+        monkeypatch.setenv(key, value)
+    am.zero_grad(set_to_none=True)
+    out = output_of(am(**batch))
+    out.pow(2).mean().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_4bit_siblings_train_as_one_group(kind: str, monkeypatch) -> None:
+    """QLoRA: q/k/v and gate/up on 4-bit bases run as sibling groups (one x·[A_q; A_k; A_v]ᵀ, one dA pass, dx
+    accumulated), each member's W dequantized once in forward and once again in backward (nothing dequantized is
+    kept between them); outputs and adapter gradients equal the lone 4-bit projections' (UNIPEFT_GROUPS=0) and the
+    reference path's (UNIPEFT_FUSED=0), fp32 on CPU."""
+    am = unipeft.attach(_quantized(kind), "lora", targets=ALL_LINEARS).train()
+    randomize(am)
+    groups, dequantized = _group_spy(monkeypatch)
+    batch = inputs(seq=48)  # many rows: every member takes the merged form
+    grouped = _qlora_step(am, {"UNIPEFT_FUSED": "1", "UNIPEFT_GROUPS": "1"}, monkeypatch, **batch)
+    assert groups == [3, 2] * 2  # per layer: q/k/v, then gate/up
+    assert len(dequantized) == 2 * 14  # 7 projections × 2 layers, each in forward and in backward
+    groups.clear()
+    alone = _qlora_step(am, {"UNIPEFT_GROUPS": "0"}, monkeypatch, **batch)
+    reference = _qlora_step(am, {"UNIPEFT_FUSED": "0", "UNIPEFT_GROUPS": "1"}, monkeypatch, **batch)
+    assert groups == []
+    for other in (alone, reference):
+        torch.testing.assert_close(grouped[0], other[0], rtol=1e-5, atol=1e-6)
+        for k, g in other[1].items():
+            torch.testing.assert_close(grouped[1][k], g, rtol=1e-4, atol=1e-6)
+
+
+def test_4bit_group_needs_every_member_4bit_in_the_compute_dtype(monkeypatch) -> None:
+    """A group with a member whose compute dtype differs from x's (a cast the group does not make) runs each member
+    alone: the same results as with groups off."""
+    model = quant.quantize(tiny_model("llama"), "nf4", compute_dtype=torch.float32)
+    for name, module in model.named_modules():
+        if name.endswith("k_proj"):
+            module.compute_dtype = torch.float64  # (k alone would need a cast)
+    am = unipeft.attach(model, "lora", targets=ALL_LINEARS).train()
+    randomize(am)
+    groups, _ = _group_spy(monkeypatch)
+    batch = inputs(seq=48)
+    grouped = _qlora_step(am, {"UNIPEFT_GROUPS": "1"}, monkeypatch, **batch)
+    assert groups == [2, 2]  # gate/up only
+    alone = _qlora_step(am, {"UNIPEFT_GROUPS": "0"}, monkeypatch, **batch)
+    torch.testing.assert_close(grouped[0], alone[0], rtol=1e-6, atol=1e-7)
+    for k, g in alone[1].items():
+        torch.testing.assert_close(grouped[1][k], g, rtol=1e-5, atol=1e-7)
+
+
+def test_qlora_groups_on_real_smollm2(smollm2_path, monkeypatch) -> None:
+    """The real SmolLM2-135M (first four layers, GQA k/v 576 → 192) on NF4 bases with double quantization, 2 × 448
+    tokens: q/k/v and gate/up run as one group each per layer, and the step's loss and adapter gradients equal the
+    lone 4-bit projections' (fp32 on CPU)."""
+    model = T.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
+    quant.quantize(model, "nf4", double_quant=True, compute_dtype=torch.float32)
+    torch.manual_seed(0)
+    am = unipeft.attach(model, "lora", r=8, targets=ALL_LINEARS).train()
+    randomize(am, std=0.02)
+    ids = torch.randint(5, 4000, (2, 448), generator=torch.Generator().manual_seed(0))
+    groups, _ = _group_spy(monkeypatch)
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("UNIPEFT_GROUPS", flag)
+        am.zero_grad(set_to_none=True)
+        loss = am(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[flag] = (loss.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()})
+        if flag == "1":
+            assert groups == [3, 2] * 4
+    torch.testing.assert_close(results["1"][0], results["0"][0], rtol=1e-5, atol=0.0)
+    for k, g in results["0"][1].items():
+        assert ((results["1"][1][k] - g).norm() / g.norm()).item() < 1e-4, k
+
+
+def test_4bit_groups_compile_without_graph_breaks_and_match_eager(monkeypatch) -> None:
+    """torch.compile (AOTAutograd, eager backend) of a QLoRA model whose q/k/v and gate/up form 4-bit groups: one
+    graph, and the traced step gives eager's outputs and adapter gradients."""
+    am = unipeft.attach(_quantized("nf4"), "lora", targets=ALL_LINEARS).train()
+    randomize(am)
+    groups, _ = _group_spy(monkeypatch)
+    batch = inputs(seq=48)
+    eager = _qlora_step(am, {}, monkeypatch, **batch)
+    assert groups == [3, 2] * 2
+    monkeypatch.undo()  # (the spies are for eager calls)
+    from unipeft import siblings
+
+    traced, real = [], siblings._LoraGroup.forward
+    monkeypatch.setattr(siblings._LoraGroup, "forward", staticmethod(lambda ctx, *a: traced.append(1) or real(ctx, *a)))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(am, backend="aot_eager")
+    am.zero_grad(set_to_none=True)
+    out = output_of(compiled(**batch))
+    out.pow(2).mean().backward()
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert len(traced) == 4  # the four groups, traced once
+    torch.testing.assert_close(out.detach(), eager[0], rtol=1e-5, atol=1e-6)
+    for k, p in am.adapter_parameters("default").items():
+        torch.testing.assert_close(p.grad, eager[1][k], rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()

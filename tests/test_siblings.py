@@ -20,7 +20,7 @@ def _spy(monkeypatch) -> list[int]:
     real = siblings._LoraGroup.apply
 
     def counted(*args):
-        calls.append(len(args[1]))
+        calls.append(len(args[1][0]))  # (the spec: the scales, the sources)
         return real(*args)
     monkeypatch.setattr(siblings._LoraGroup, "apply", counted)
     return calls
@@ -44,7 +44,8 @@ def test_group_function_matches_the_formula(used: tuple[int, ...]) -> None:
     biases = [rand(outs[0]), None, rand(outs[2])]
     expected = [x @ w.t() + (0 if bias is None else bias) + s * (x @ a.t()) @ b.t()
                 for w, a, b, s, bias in zip(ws, as_, bs, scales, biases)]
-    ys = siblings._LoraGroup.apply(x, scales, *(t for i in range(3) for t in (ws[i], as_[i], bs[i])), *biases)
+    ys = siblings._LoraGroup.apply(x, (scales, (None,) * 3), *(t for i in range(3) for t in (ws[i], as_[i], bs[i])),
+                                   *biases)
     for y, e in zip(ys, expected):
         torch.testing.assert_close(y, e)
     gys = [torch.randn(e.shape, generator=g, dtype=torch.float64) for e in expected]
@@ -380,7 +381,7 @@ def test_group_function_supports_double_backward() -> None:
 
     x, w0, w1 = rand(2, 6, 8), rand(8, 8, grad=False), rand(4, 8, grad=False)
     a0, a1, b0, b1 = rand(2, 8), rand(2, 8), rand(8, 2), rand(4, 2)
-    ys = siblings._LoraGroup.apply(x, (0.5, 2.0), w0, a0, b0, w1, a1, b1, None, None)
+    ys = siblings._LoraGroup.apply(x, ((0.5, 2.0), (None, None)), w0, a0, b0, w1, a1, b1, None, None)
     want = [x @ w0.t() + 0.5 * (x @ a0.t()) @ b0.t(), x @ w1.t() + 2.0 * (x @ a1.t()) @ b1.t()]
 
     def penalty(outs):

@@ -86,8 +86,8 @@ def forward(layer, x: torch.Tensor, items: list[tuple[str, SiteAdapter]], kind: 
         kind = DELTA  # the base's own call runs (its hooks, an accelerate offload wrapper), the delta is added after
     if kind == DELTA:
         return lora_delta(base(x), x, sa)
-    if kind == LINEAR:
-        y = siblings.grouped_output(layer, x)  # q/k/v, gate/up: one group (siblings.py)
+    if kind in (LINEAR, Q4):
+        y = siblings.grouped_output(layer, x)  # q/k/v, gate/up: one group (siblings.py), 4-bit bases too
         if y is not None:
             return y
     return lora_linear(x, base, sa, kind)
@@ -177,14 +177,18 @@ def _merged_weight(weight, source, a, b, s: float) -> torch.Tensor:
     return torch.addmm(weight, b, a, alpha=s)
 
 
-def merged_weights(ws, as_, bs, scales) -> tuple[list[torch.Tensor], torch.Tensor]:
+def merged_weights(ws, as_, bs, scales, sources=None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """W_i' = W_i + s_i·B_i·A_i of sibling projections (siblings.py) for a training step, and their A's stacked
     ([A_1; A_2; …]): one Triton launch for both where the kernel applies (kernels.merged_weights), else one build
-    per member and a concatenation. The group's W' are alive together during its forward, a transient that
-    per-member builds kept to one W' (the harness model's step peak did not change: 12.54 GiB)."""
-    if kernels.available(ws[0]) and kernels.groupable(ws, bs, as_):
-        return kernels.merged_weights(list(ws), list(bs), list(as_), list(scales))
-    return [_merged_weight(w, None, a, b, s) for w, a, b, s in zip(ws, as_, bs, scales)], torch.cat(as_)
+    per member and a concatenation. `sources`: per member None, or a function giving a 4-bit base's W dequantized
+    (then that build is in place on the fresh W). The group's W' are alive together during its forward, a transient
+    that per-member builds kept to one W' (the harness model's step peak did not change: 12.54 GiB)."""
+    if sources is None or not any(src is not None for src in sources):
+        if kernels.available(ws[0]) and kernels.groupable(ws, bs, as_):
+            return kernels.merged_weights(list(ws), list(bs), list(as_), list(scales))
+        sources = [None] * len(ws)
+    return [_merged_weight(w, src, a, b, s) for w, src, a, b, s in zip(ws, sources, as_, bs, scales)], \
+        torch.cat(as_)
 
 
 def _merged_weight_again(weight, source, a, b, s: float) -> torch.Tensor:

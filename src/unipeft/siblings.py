@@ -30,11 +30,12 @@ On CUDA, gaᵀ and every dB_i come from one Triton launch for the whole group th
 (kernels.lora_grads) instead of two GEMMs per member, and the members' W' from one launch (kernels.merged_weights).
 
 Only for training-shaped calls (gradients on, the merged form paying for every member, plain LoRA on hook-free
-nn.Linear bases in one dtype, no routing). Under torch.compile the same logic runs while the graph is traced, so
-the compiled graph holds one group node per q/k/v (the tracer follows x's identity; version counters are not
-checked there — a traced graph has no in-place change between the members' calls to catch). Members are found by
-name: modules with the same parent whose names form one of SIBLING_NAMES. `UNIPEFT_GROUPS=0` turns grouping off
-(for measuring it; results are the same either way).
+nn.Linear or 4-bit bases in one dtype, no routing). A 4-bit member (QLoRA: bitsandbytes NF4/FP4) is dequantized for
+its W' in forward and again for the dx GEMM in backward, as when it runs alone. Under torch.compile the same logic
+runs while the graph is traced, so the compiled graph holds one group node per q/k/v (the tracer follows x's
+identity; version counters are not checked there — a traced graph has no in-place change between the members'
+calls to catch). Members are found by name: modules with the same parent whose names form one of SIBLING_NAMES.
+`UNIPEFT_GROUPS=0` turns grouping off (for measuring it; results are the same either way).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import torch
 from torch.nn import functional as F
 
 # (fused imports this module too: used at call time only, never at import)
-from . import envflags, fused, kernels, overlap
+from . import envflags, fused, kernels, overlap, quant
 
 #: leaf-name sets of projections that read the same input (Llama/Mistral/Qwen, BERT, T5-style, gated T5)
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
@@ -136,8 +137,8 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
     ready = _ready(group, x)
     if ready is None:
         return None
-    scales, tensors, biases = ready
-    ys = _LoraGroup.apply(x, scales, *tensors, *biases)
+    spec, tensors, biases = ready
+    ys = _LoraGroup.apply(x, spec, *tensors, *biases)
     ahead = {}
     for i, m in enumerate(group.members):
         if i != mine:
@@ -148,37 +149,45 @@ def grouped_output(layer, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | None:
-    """(the scales, W, A, B of each member in turn, the biases) when every member takes the fused merged form on
-    this x, else None. (Runs once per group call: what every member shares is read once, module attributes through
-    their dicts.)"""
+    """((the scales, the sources), W, A, B of each member in turn, the biases) when every member takes the fused
+    merged form on this x, else None. A member's source is None for a plain W, or for a 4-bit base (QLoRA) the
+    function giving its dequantized W (quant.dequantizer: absmax decoded once per call, as a lone projection's).
+    (Runs once per group call: what every member shares is read once, module attributes through their dicts.)"""
     if x.dim() < 2 or torch.is_autocast_enabled(x.device.type):
         return None  # (any cast runs alone: the group has no casts)
     rows, d_in, dtype = x.numel() // x.shape[-1], x.shape[-1], x.dtype
-    scales, tensors, biases = [], [], []
+    scales, sources, tensors, biases = [], [], [], []
     compiling = torch.compiler.is_compiling()
     for m in group.members:
         lean = fused.cached_operands(m) if compiling else None  # (a compiled call: fewer guards)
         base = m._modules["base_layer"]
+        kind = fused.LINEAR
         if lean is not None:
             if not fused._unhooked(base):
                 return None
             a, b, s = fused.lean_weights(lean)
         else:
             items, _, kind, _ = m._plan()
-            if kind != fused.LINEAR or len(items) != 1 or m.routing is not None or len(m._modules["copies"]) \
-                    or not fused._unhooked(base):
+            if kind not in (fused.LINEAR, fused.Q4) or len(items) != 1 or m.routing is not None \
+                    or len(m._modules["copies"]) or not fused._unhooked(base):
                 return None
             a, b, s = fused.lora_weights(items[0][1])
         w, bias = base._parameters["weight"], base._parameters.get("bias")
-        if not (dtype == w.dtype == a.dtype == b.dtype) or w.shape[1] != d_in or w.requires_grad \
-                or (bias is not None and (bias.requires_grad or bias.dtype != w.dtype)):
+        if kind == fused.Q4:  # (W is packed: its shape and dtype are the storage's, not the layer's)
+            source, d_out, ok = quant.dequantizer(base, dtype), base.out_features, quant.compute_dtype(base) == dtype
+            ok = ok and base.in_features == d_in
+        else:
+            source, d_out, ok = None, w.shape[0], w.dtype == dtype and w.shape[1] == d_in
+        if not ok or not (dtype == a.dtype == b.dtype) or w.requires_grad \
+                or (bias is not None and (bias.requires_grad or bias.dtype != dtype)):
             return None  # (a base weight that trains, or any cast, runs alone: the group has no dW and no casts)
-        if not fused._merged_pays(rows, d_in, w.shape[0], True):
+        if not fused._merged_pays(rows, d_in, d_out, True):
             return None
         scales.append(s)
+        sources.append(source)
         tensors += (w, a, b)
         biases.append(bias)
-    return tuple(scales), tensors, biases
+    return (tuple(scales), tuple(sources)), tensors, biases
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -222,10 +231,13 @@ _mm.register_fake(lambda a, b: a.new_empty(a.shape[0], b.shape[1]))
 
 class _LoraGroup(torch.autograd.Function):
     """Outputs y_i = x·W_iᵀ + b_i + s_i·(x·A_iᵀ)·B_iᵀ of k sibling projections (see the module docstring).
-    Inputs: x, the scales, then W, A, B of each member, then each member's bias (or None)."""
+    Inputs: x, (the scales, the sources), then W, A, B of each member, then each member's bias (or None). A
+    member's source (None for a plain W) gives a 4-bit base's W dequantized: in forward for W_i', in backward for
+    the dx GEMM — so a QLoRA group keeps no dequantized weight between the two, as a lone 4-bit projection."""
 
     @staticmethod
-    def forward(ctx, x, scales, *tensors):
+    def forward(ctx, x, spec, *tensors):
+        scales, sources = spec
         k = len(scales)
         ws, as_, bs = tensors[0:3 * k:3], tensors[1:3 * k:3], tensors[2:3 * k:3]
         biases = tensors[3 * k:]
@@ -233,14 +245,14 @@ class _LoraGroup(torch.autograd.Function):
         if need_b and fused.backward_takes_xa(x, [a.shape[0] for a in as_]):
             need_b = False  # a compiled backward's op takes x·Aᵀ beside the dx GEMMs (overlap.py)
         # every member's W', and a_cat = [A_1; A_2; …] (Σr × d_in), from one launch on CUDA
-        w_primes, a_cat = fused.merged_weights(ws, as_, bs, scales)
+        w_primes, a_cat = fused.merged_weights(ws, as_, bs, scales, sources)
         first = F.linear(x, w_primes[0], biases[0])
         # N × Σr, the one pass over x — right after the first GEMM read x, while part of it is still in L2
         xa = torch.mm(x.reshape(-1, x.shape[-1]), a_cat.t()) if need_b else None
         ys = (first, *(F.linear(x, w, bias) for w, bias in zip(w_primes[1:], biases[1:])))
         del w_primes
         ctx.save_for_backward(x, xa, a_cat, *ws, *as_, *bs)  # the A's too: double backward differentiates through them
-        ctx.scales, ctx.has_bias = scales, tuple(bias is not None for bias in biases)
+        ctx.scales, ctx.sources, ctx.has_bias = scales, sources, tuple(bias is not None for bias in biases)
         ctx.ranks = [a.shape[0] for a in as_]  # (backward splits Σr-sized tensors into the members' blocks with them)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero-filled GEMMs
         return ys
@@ -251,6 +263,8 @@ class _LoraGroup(torch.autograd.Function):
         scales, ranks = ctx.scales, ctx.ranks
         k = len(scales)
         ws, as_, bs = rest[:k], rest[k:2 * k], rest[2 * k:]
+        if any(src is not None for src in ctx.sources):  # 4-bit members: their W dequantized again (fresh tensors)
+            ws = tuple(w if src is None else src() for w, src in zip(ws, ctx.sources))
         needs = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         gs = [None if gy is None else gy.reshape(-1, gy.shape[-1]) for gy in gys]
