@@ -420,3 +420,18 @@ def test_4bit_groups_compile_without_graph_breaks_and_match_eager(monkeypatch) -
     for k, p in am.adapter_parameters("default").items():
         torch.testing.assert_close(p.grad, eager[1][k], rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_4bit_group_refused_for_few_rows_dequantizes_nothing(monkeypatch) -> None:
+    """With few rows (the unmerged form pays) a 4-bit group is refused before any dequantizer is made — making one
+    decodes a double-quantized absmax, a GPU launch per member — and every projection adds its delta to
+    bitsandbytes' own output."""
+    am = unipeft.attach(_quantized("nf4"), "lora", targets=ALL_LINEARS).train()
+    randomize(am)
+    made = []
+    real = quant.dequantizer
+    monkeypatch.setattr(quant, "dequantizer", lambda module, dtype: made.append(1) or real(module, dtype))
+    groups, _ = _group_spy(monkeypatch)
+    out = output_of(am(**inputs(seq=7)))
+    out.pow(2).mean().backward()
+    assert groups == [] and made == []

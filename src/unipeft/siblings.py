@@ -174,19 +174,20 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | N
             a, b, s = fused.lora_weights(items[0][1])
         w, bias = base._parameters["weight"], base._parameters.get("bias")
         if kind == fused.Q4:  # (W is packed: its shape and dtype are the storage's, not the layer's)
-            source, d_out, ok = quant.dequantizer(base, dtype), base.out_features, quant.compute_dtype(base) == dtype
-            ok = ok and base.in_features == d_in
+            d_out, ok = base.out_features, quant.compute_dtype(base) == dtype and base.in_features == d_in
         else:
-            source, d_out, ok = None, w.shape[0], w.dtype == dtype and w.shape[1] == d_in
+            d_out, ok = w.shape[0], w.dtype == dtype and w.shape[1] == d_in
         if not ok or not (dtype == a.dtype == b.dtype) or w.requires_grad \
                 or (bias is not None and (bias.requires_grad or bias.dtype != dtype)):
             return None  # (a base weight that trains, or any cast, runs alone: the group has no dW and no casts)
         if not fused._merged_pays(rows, d_in, d_out, True):
             return None
         scales.append(s)
-        sources.append(source)
+        sources.append(base if kind == fused.Q4 else None)
         tensors += (w, a, b)
         biases.append(bias)
+    # a 4-bit member's dequantizer only once the group is sure to run: making one decodes a double-quantized absmax
+    sources = [None if base is None else quant.dequantizer(base, dtype) for base in sources]
     return (tuple(scales), tuple(sources)), tensors, biases
 
 
