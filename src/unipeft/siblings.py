@@ -156,7 +156,7 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | N
     if x.dim() < 2 or torch.is_autocast_enabled(x.device.type):
         return None  # (any cast runs alone: the group has no casts)
     rows, d_in, dtype = x.numel() // x.shape[-1], x.shape[-1], x.dtype
-    scales, sources, tensors, biases = [], [], [], []
+    scales, q4_bases, tensors, biases = [], [], [], []
     compiling = torch.compiler.is_compiling()
     for m in group.members:
         lean = fused.cached_operands(m) if compiling else None  # (a compiled call: fewer guards)
@@ -183,12 +183,12 @@ def _ready(group: SiblingGroup, x: torch.Tensor) -> tuple[tuple, list, list] | N
         if not fused._merged_pays(rows, d_in, d_out, True):
             return None
         scales.append(s)
-        sources.append(base if kind == fused.Q4 else None)
+        q4_bases.append(base if kind == fused.Q4 else None)
         tensors += (w, a, b)
         biases.append(bias)
     # a 4-bit member's dequantizer only once the group is sure to run: making one decodes a double-quantized absmax
-    sources = [None if base is None else quant.dequantizer(base, dtype) for base in sources]
-    return (tuple(scales), tuple(sources)), tensors, biases
+    sources = tuple(None if base is None else quant.dequantizer(base, dtype) for base in q4_bases)
+    return (tuple(scales), sources), tensors, biases
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
