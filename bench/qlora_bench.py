@@ -128,9 +128,9 @@ def _groups_agree(h, model, params) -> dict:
 
 
 def in_turn(h, k: int) -> list[dict]:
-    """bf16 LoRA, NF4 QLoRA with sibling groups and NF4 QLoRA without them, timed in turn for k rounds, the two NF4
-    cases in alternating order (both models on the GPU together, so these rows' peak memory is not a case's own).
-    UNIPEFT_GROUPS is read at every eager call."""
+    """bf16 LoRA and NF4 QLoRA — as is, without sibling groups, and without the 4-bit weight kernel — timed in turn
+    for k rounds, the NF4 cases in alternating order (both models on the GPU together, so these rows' peak memory is
+    not a case's own). The switches are read at every eager call."""
     import os
 
     import unipeft
@@ -142,19 +142,21 @@ def in_turn(h, k: int) -> list[dict]:
     h.release()
     params = {id(m): [p for p in m.parameters() if p.requires_grad] for m in (bf16, nf4)}
     rows = [_groups_agree(h, nf4, params[id(nf4)])]
-    cases = (("bf16", bf16, "1"), ("nf4_groups", nf4, "1"), ("nf4_no_groups", nf4, "0"))
-    ratios = {"nf4_groups": [], "nf4_no_groups": []}
+    cases = (("bf16", bf16, {}), ("nf4_groups", nf4, {}), ("nf4_no_groups", nf4, {"UNIPEFT_GROUPS": "0"}),
+             ("nf4_no_q4_kernel", nf4, {"UNIPEFT_Q4_KERNEL": "0"}))
+    ratios = {name: [] for name, _, _ in cases[1:]}
     for i in range(k):
         times = {}
-        order = cases if i % 2 == 0 else (cases[0], cases[2], cases[1])  # the two NF4 cases in alternating order
-        for name, model, groups in order:
-            os.environ["UNIPEFT_GROUPS"] = groups
+        order = cases if i % 2 == 0 else (cases[0], *cases[:0:-1])  # the NF4 cases in alternating order
+        for name, model, env in order:
+            os.environ.update(env)
             row = h.time_train(f"in_turn_{name}_{i}", model, params[id(model)])
+            for key in env:
+                os.environ.pop(key)
             rows.append(row)
             times[name] = row["step_ms"]
         for name in ratios:
             ratios[name].append(round(times[name] / times["bf16"], 4))
-    os.environ["UNIPEFT_GROUPS"] = "1"
     summary = {"case": "in_turn_qlora_over_bf16_lora"}
     for name, rs in ratios.items():
         summary[name] = {"ratios": rs, "median": sorted(rs)[len(rs) // 2]}
