@@ -32,7 +32,13 @@ def main() -> None:
     ap.add_argument("--kinds", default="nf4,fp4,nf4-nodq", help="which 4-bit bases to time (nf4-nodq: no double quant)")
     ap.add_argument("--no-peft", action="store_true", help="skip peft's QLoRA")
     ap.add_argument("--repeats", type=int, default=0, help="then bf16 / NF4 groups / NF4 no groups in turn, K rounds")
+    ap.add_argument("--q4-tile", default="", help="the 4-bit kernel's bm,bn,warps,select,rows (kernels_q4.TILE)")
     args = ap.parse_args()
+    if args.q4_tile:
+        from unipeft import kernels_q4
+
+        bm, bn, warps, select, rows = args.q4_tile.split(",")
+        kernels_q4.TILE.update(bm=int(bm), bn=int(bn), warps=int(warps), select=select == "1", rows=rows == "1")
     sys.path.insert(0, args.harness)
     import bitsandbytes
     import peft
@@ -44,7 +50,7 @@ def main() -> None:
 
     meta = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
                 bitsandbytes=bitsandbytes.__version__, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                H=h.H, L=h.L, I=h.I, B=h.B, T=h.T)
+                H=h.H, L=h.L, I=h.I, B=h.B, T=h.T, q4_tile=args.q4_tile)
     print(json.dumps(meta), flush=True)
     rows = []
 

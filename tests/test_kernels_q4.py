@@ -35,12 +35,45 @@ def _quantized(m: int, n: int, quant_type: str, nested: bool, dtype: torch.dtype
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dequantization_equals_bitsandbytes(quant_type: str, nested: bool, dtype: torch.dtype) -> None:
-    """Without B and A the kernel gives bitsandbytes' dequantized weight bit for bit (odd shapes: masked tiles)."""
+    """Without B and A the kernel gives bitsandbytes' dequantized weight bit for bit (odd row count and a width
+    that is not a multiple of the tile: masked tiles)."""
     m, n = 70, 192
     packed, absmax, expected = _quantized(m, n, quant_type, nested, dtype)
     got = kernels_q4.q4_weight(packed, absmax, kernels_q4.table(quant_type, packed.device), (m, n), 64, dtype)
     assert got.dtype == dtype and got.is_contiguous()
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("select,rows,n", [(True, True, 192), (False, True, 192), (True, False, 192),
+                                           (False, False, 192), (True, True, 160)])
+def test_every_lookup_mode_equals_bitsandbytes(monkeypatch, select: bool, rows: bool, n: int) -> None:
+    """The code lookup by selects or by a gather, and the absmax per (row, block) broadcast or per element, give the
+    dequantization formula table[code]·absmax[element // blocksize] bit for bit — also where the width is not a
+    multiple of the tile (160 = 128 + 32), and where blocks of 128 span rows (the broadcast then turns itself
+    off). The reference is the formula on the packed codes, not bitsandbytes: its CPU dequantization scales the
+    blocks wrongly when the width is not a multiple of the block size (see docs/quantization.md)."""
+    monkeypatch.setitem(kernels_q4.TILE, "select", select)
+    monkeypatch.setitem(kernels_q4.TILE, "rows", rows)
+    for quant_type, blocksize in (("nf4", 64), ("fp4", 128)):
+        m = 48
+        packed, absmax, _ = _quantized(m, n, quant_type, True, torch.float32, blocksize)
+        table = bnb_functional.get_4bit_type(quant_type, device="cpu").float()
+        flat = packed.flatten().long()
+        codes = torch.stack([flat >> 4, flat & 15], 1).flatten()[:m * n]
+        expected = (table[codes] * absmax.repeat_interleave(blocksize)[:m * n]).view(m, n)
+        got = kernels_q4.q4_weight(packed, absmax, kernels_q4.table(quant_type, packed.device), (m, n), blocksize,
+                                   torch.float32)
+        assert torch.equal(got, expected), (select, rows, n, blocksize)
+
+
+def test_an_odd_width_is_not_built_by_the_kernel() -> None:
+    """A row's codes must start on a byte: an odd input width is refused by `available` (so quant.dequantizer keeps
+    bitsandbytes' path) and by the kernel itself."""
+    packed = torch.zeros(3 * 33 // 2 + 1, dtype=torch.uint8)
+    assert not kernels_q4.available(packed.to("meta"), torch.float32, "nf4", 64, (3, 33))
+    with pytest.raises(ValueError, match="odd input width"):
+        kernels_q4.q4_weight(packed, torch.ones(2), kernels_q4.table("nf4", packed.device), (3, 33), 64,
+                             torch.float32)
 
 
 @pytest.mark.parametrize("quant_type,r,blocksize", [("nf4", 16, 64), ("fp4", 40, 128), ("nf4", 4, 64)])

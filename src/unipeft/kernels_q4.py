@@ -28,14 +28,16 @@ from .kernels import _DTYPES, _HAS_TRITON, _cdiv, _int_spec, _kernel, _next_powe
 tl = None  # triton.language, bound on first use (kernels._kernel)
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}  # (quant type, device) -> its 16 code values, fp32
-_NAMES = ("BLOCK", "BM", "BN", "BR", "NR", "LORA", "IEEE")
+_NAMES = ("BLOCK", "BM", "BN", "BR", "NR", "LORA", "IEEE", "SELECT", "ROWS")
 
 
-def available(packed: torch.Tensor, dtype: torch.dtype, quant_type: str, blocksize: int) -> bool:
-    """Whether the kernel builds this weight: CUDA, eager, a known 4-bit format, a power-of-2 block size, 16/32-bit
-    output, int32 offsets; `UNIPEFT_Q4_KERNEL=0` (or `UNIPEFT_TRITON=0`) turns it off."""
-    return (_HAS_TRITON and packed.is_cuda and not torch.compiler.is_compiling()
-            and quant_type in ("nf4", "fp4") and dtype in _DTYPES and blocksize > 0
+def available(packed: torch.Tensor, dtype: torch.dtype, quant_type: str, blocksize: int,
+              shape: tuple[int, ...]) -> bool:
+    """Whether the kernel builds this weight: CUDA, eager, a known 4-bit format, a power-of-2 block size, an even
+    input width (a row's codes start on a byte), 16/32-bit output, int32 offsets; `UNIPEFT_Q4_KERNEL=0` (or
+    `UNIPEFT_TRITON=0`) turns it off."""
+    return (_HAS_TRITON and packed.is_cuda and not torch.compiler.is_compiling() and len(shape) == 2
+            and shape[1] % 2 == 0 and quant_type in ("nf4", "fp4") and dtype in _DTYPES and blocksize > 0
             and blocksize & (blocksize - 1) == 0 and 2 * packed.numel() < 2**31
             and not envflags.off("UNIPEFT_TRITON") and not envflags.off("UNIPEFT_Q4_KERNEL"))
 
@@ -53,20 +55,43 @@ def table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 def _q4_kernel(q_ptr, absmax_ptr, table_ptr, b_ptr, a_ptr, out_ptr, M, N, R, s, sbm, sbr, sar, san, som, son,
                BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, NR: tl.constexpr,
-               LORA: tl.constexpr, IEEE: tl.constexpr):
-    """One (BM × BN) tile of W' = dequant(W) [+ s·B·A]: codes two per byte (first in the high nibble), one absmax
-    per BLOCK elements of the row-major weight; the dequantized value rounded to the output dtype, then the LoRA
-    term (rank chunks of BR, fp32 accumulation) added and rounded once."""
+               LORA: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr, ROWS: tl.constexpr):
+    """One (BM × BN) tile of W' = dequant(W) [+ s·B·A]. The packed bytes are read as a (BM × BN/2) tile (N even:
+    a row's codes start on a byte), split into high and low nibble and interleaved back into element order. A
+    code's value comes from the 16-entry table: SELECT looks it up by a tree of 15 selects on the code's bits
+    from 16 scalar loads (no per-element gather), else by a gather. ROWS reads one absmax per (row, block) and
+    broadcasts it over the block (N and BN multiples of BLOCK), else one gather per element. The dequantized value
+    is rounded to the output dtype (bitsandbytes' value), then the LoRA term (rank chunks of BR, fp32
+    accumulation) is added and the sum rounded once."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rh = tl.program_id(1) * (BN // 2) + tl.arange(0, BN // 2)
     mm, mn = rm < M, rn < N
     mask = mm[:, None] & mn[None, :]
-    flat = rm[:, None] * N + rn[None, :]
-    byte = tl.load(q_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-    code = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
-    value = tl.load(table_ptr + code, mask=mask, other=0.0)
-    scale = tl.load(absmax_ptr + flat // BLOCK, mask=mask, other=0.0)
-    w = (value * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
+    byte = tl.load(q_ptr + rm[:, None] * (N // 2) + rh[None, :], mask=mm[:, None] & (rh < N // 2)[None, :],
+                   other=0).to(tl.int32)
+    code = tl.reshape(tl.join(byte >> 4, byte & 15), (BM, BN))
+    if SELECT:
+        b0, b1, b2, b3 = (code & 1) != 0, (code & 2) != 0, (code & 4) != 0, (code & 8) != 0
+        m0 = tl.where(b1, tl.where(b0, tl.load(table_ptr + 3), tl.load(table_ptr + 2)),
+                      tl.where(b0, tl.load(table_ptr + 1), tl.load(table_ptr + 0)))
+        m1 = tl.where(b1, tl.where(b0, tl.load(table_ptr + 7), tl.load(table_ptr + 6)),
+                      tl.where(b0, tl.load(table_ptr + 5), tl.load(table_ptr + 4)))
+        m2 = tl.where(b1, tl.where(b0, tl.load(table_ptr + 11), tl.load(table_ptr + 10)),
+                      tl.where(b0, tl.load(table_ptr + 9), tl.load(table_ptr + 8)))
+        m3 = tl.where(b1, tl.where(b0, tl.load(table_ptr + 15), tl.load(table_ptr + 14)),
+                      tl.where(b0, tl.load(table_ptr + 13), tl.load(table_ptr + 12)))
+        value = tl.where(b3, tl.where(b2, m3, m2), tl.where(b2, m1, m0))
+    else:
+        value = tl.load(table_ptr + code)
+    if ROWS:
+        rb = tl.program_id(1) * (BN // BLOCK) + tl.arange(0, BN // BLOCK)
+        scale = tl.load(absmax_ptr + rm[:, None] * (N // BLOCK) + rb[None, :],
+                        mask=mm[:, None] & (rb < N // BLOCK)[None, :], other=0.0)
+        w = tl.reshape(tl.reshape(value, (BM, BN // BLOCK, BLOCK)) * scale[:, :, None], (BM, BN))
+    else:
+        w = value * tl.load(absmax_ptr + (rm[:, None] * N + rn[None, :]) // BLOCK, mask=mask, other=0.0)
+    w = w.to(out_ptr.dtype.element_ty).to(tl.float32)
     if LORA:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for i in tl.static_range(NR):
@@ -95,26 +120,37 @@ def q4_weight(packed: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor, s
     plan = launching._PLANS.get(key)
     if plan is not None and plan.ready() and plan(tensors):
         return out
+    if shape[1] % 2:
+        raise ValueError(f"q4_weight: a {shape} weight has an odd input width; the kernel reads a row's codes "
+                         "from whole bytes")
     if lora and (b.shape != (shape[0], a.shape[0]) or a.shape[1] != shape[1] or not b.dtype == a.dtype == dtype):
         raise ValueError(f"q4_weight: B {tuple(b.shape)} {b.dtype} and A {tuple(a.shape)} {a.dtype} do not fit a "
                          f"{shape} {dtype} weight")
     grid, args = _grid_args(packed, absmax, codes, b, a, out, float(s), blocksize)
     launch_key = _launch_key(args)
-    launching._launch(_kernel(_q4_kernel), grid, args, launch_key, _NAMES)
-    launching._plan(key, launch_key, _kernel(_q4_kernel), grid, args, tensors, _NAMES)
+    launching._launch(_kernel(_q4_kernel), grid, args, launch_key, _NAMES, TILE["warps"])
+    launching._plan(key, launch_key, _kernel(_q4_kernel), grid, args, tensors, _NAMES, TILE["warps"])
     return out
 
 
-def _grid_args(packed, absmax, codes, b, a, out, s: float, blocksize: int) -> tuple[tuple[int, int, int], tuple]:
+# the tile, warps and lookup mode (bench/q4_probe.py times the alternatives on the GPU)
+TILE = dict(bm=32, bn=128, warps=4, select=True, rows=True)
+
+
+def _grid_args(packed, absmax, codes, b, a, out, s: float, blocksize: int, bm: int | None = None,
+               bn: int | None = None, select: bool | None = None,
+               rows: bool | None = None) -> tuple[tuple[int, int, int], tuple]:
     m, n = out.shape
+    bm, bn = bm or TILE["bm"], bn or TILE["bn"]
+    select = TILE["select"] if select is None else select
+    rows = (TILE["rows"] if rows is None else rows) and n % blocksize == 0 and bn % blocksize == 0
     lora = b is not None
     r = a.shape[0] if lora else 0
-    bm, bn = 32, 128  # (the plain merge kernel's tile, kernels._grid_args)
     br = max(16, min(64, _next_power_of_2(max(r, 1))))
     b_, a_ = (b, a) if lora else (out, out)  # (never read without LoRA)
     args = (packed, absmax, codes, b_, a_, out, m, n, r, s, *(b.stride() if lora else (0, 0)),
             *(a.stride() if lora else (0, 0)), *out.stride(),
-            blocksize, bm, bn, br, max(1, _cdiv(r, br)), lora, out.dtype == torch.float32)
+            blocksize, bm, bn, br, max(1, _cdiv(r, br)), lora, out.dtype == torch.float32, select, rows)
     return (_cdiv(m, bm), _cdiv(n, bn), 1), args
 
 

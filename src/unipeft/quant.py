@@ -128,7 +128,8 @@ def dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Ten
         absmax = ops.dequantize_blockwise.default(absmax, s2.absmax, s2.code, s2.blocksize, s2.dtype).float()
         absmax = absmax + state.offset
     data, args = module.weight.data, (state.blocksize, state.quant_type, state.shape, state.dtype)
-    if dtype == state.dtype and kernels_q4.available(data, dtype, state.quant_type, state.blocksize):
+    if dtype == state.dtype and kernels_q4.available(data, dtype, state.quant_type, state.blocksize,
+                                                           tuple(state.shape)):
         # one Triton launch per weight, and W' = W + s·B·A in the same pass (kernels_q4.py): `weight.merged`
         codes, shape, block = kernels_q4.table(state.quant_type, data.device), tuple(state.shape), state.blocksize
         absmax = absmax.float()
