@@ -297,6 +297,33 @@ def test_direct_dequantizer_equals_bitsandbytes_dequantize(kind: str, double_qua
             assert torch.equal(weight(), expected) and torch.equal(weight(), expected), name
 
 
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_4bit_weights_dequantize_straight_into_the_compute_dtype(kind: str) -> None:
+    """quantize() quantizes from the fp32 values but records the compute dtype as the one bitsandbytes dequantizes
+    into: a bf16 QLoRA base dequantizes straight to bf16 (one launch and one 2-byte write per weight on the GPU,
+    not an fp32 tensor and a cast), with the values of the fp32 dequantization rounded once to bf16 — in the fused
+    path's dequantizer too; a requantizing merge keeps that dtype."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    model = quant.quantize(tiny_model("llama"), kind, compute_dtype=torch.bfloat16)
+    modules = [m for m in model.modules() if quant.is_quantized(m)]
+    assert modules
+    for module in modules:
+        state = module.weight.quant_state
+        assert state.dtype == torch.bfloat16
+        direct = bnb_functional.dequantize_4bit(module.weight.data, state)
+        fp32_state = copy.copy(state)
+        fp32_state.dtype = torch.float32
+        via_fp32 = bnb_functional.dequantize_4bit(module.weight.data, fp32_state)
+        assert direct.dtype == torch.bfloat16 and via_fp32.dtype == torch.float32
+        assert torch.equal(direct, via_fp32.to(torch.bfloat16))
+        assert torch.equal(quant.dequantizer(module, torch.bfloat16)(), direct)
+    am = unipeft.attach(model, "lora", targets=["q"])
+    randomize(am, std=0.5)
+    with pytest.warns(UserWarning, match="rounding error up to"):
+        am.merge(requantize=True)
+    assert all(w.base_layer.weight.quant_state.dtype == torch.bfloat16 for w in am._wrappers.values())
+
+
 ALL_LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
 
 

@@ -64,6 +64,16 @@ def _requant_4bit(module: nn.Module, weight: torch.Tensor) -> None:
                             compress_statistics=old.compress_statistics, quant_type=old.quant_type,
                             blocksize=old.blocksize)
     module.weight = new.to(old.device)
+    _dequantize_to(module.weight, old.quant_state.dtype)
+
+
+def _dequantize_to(weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """Make a 4-bit weight dequantize straight into `dtype`. bitsandbytes records the dtype it was quantized from
+    and dequantizes into that; unipeft quantizes from fp32 (the original values, exactly) but computes in the
+    layer's compute dtype, and an fp32 dequantization followed by a cast to bf16 writes 4 bytes per weight, reads
+    them again and writes 2 — two launches and three passes where one does (a QLoRA step dequantizes every weight
+    twice). The rounding is the same: dequantize rounds table·absmax once, into `dtype` instead of fp32 first."""
+    weight.quant_state.dtype = dtype
 
 
 def _int8_stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,6 +229,8 @@ def quantize(model: nn.Module, kind: str = "nf4", double_quant: bool = True,
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.to(dtype).cpu(), requires_grad=False)
         q = q.to(w.device)  # moving to the device is what quantizes in bitsandbytes
+        if kind != "int8":
+            _dequantize_to(q.weight, dtype)
         keep_exact_on_cpu(q)
         q.train(lin.training)  # (a new module starts in train mode; inside an eval model it must be eval too)
         set_module(model, path, q)
