@@ -1,11 +1,12 @@
-"""Probe: the 4-bit weight kernel's tile, warps and lookup modes (kernels_q4.TILE) against bitsandbytes, in GPU µs.
+"""Probe: the 4-bit weight kernel's tile, warps and absmax mode (kernels_q4.TILE) against bitsandbytes, in GPU µs.
 
 Each call is captured in a CUDA graph and replayed (triton.testing.do_bench_cudagraph), so the numbers are GPU time
 without the host's launch cost — the kernel's own speed, which the eager step pays 224 times (16 layers × 7
 projections × forward and backward). Shapes are the harness model's (H 2048, I 5632): q/k/v/o 2048 × 2048, gate/up
 5632 × 2048, down 2048 × 5632; NF4, double-quantized, bf16, LoRA r = 16. The reference rows are bitsandbytes'
 dequantize op alone and followed by addmm_ (the path the kernel replaces). Each variant is checked first: its
-dequantization equal to bitsandbytes' bit for bit and W' within 1e-2 relative of addmm_'s.
+dequantization equal to bitsandbytes' bit for bit and W' within 1e-2 relative of addmm_'s. (Its first run,
+q4_probe_1.json, also timed a code lookup by a tree of selects: within 5% of the gather, so the kernel lost it.)
 
 Usage (on the GPU machine; carry the bitsandbytes wheel):
     PYTHONPATH=src python3 bench/q4_probe.py --out q4_probe.json
@@ -24,7 +25,6 @@ import torch
 
 SHAPES = [(2048, 2048), (5632, 2048), (2048, 5632)]
 TILES = [(32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 256, 4), (128, 256, 8)]
-MODES = [(True, True), (False, True), (True, False), (False, False)]  # (select, rows)
 
 
 def _bnb(q, absmax, shape, dtype, b=None, a=None):
@@ -72,10 +72,10 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         out = torch.empty(m, n, device="cuda", dtype=dtype)
         for bm, bn, warps in TILES:
-            for select, rows_mode in MODES:
+            for rows_mode in (True, False):
                 for lora in (True, False):
                     grid, kargs = kernels_q4._grid_args(q, absmax, codes, b if lora else None, a if lora else None,
-                                                        out, 0.5, 64, bm, bn, select, rows_mode)
+                                                        out, 0.5, 64, bm, bn, rows_mode)
                     fn = functools.partial(_launch, kernel, grid, kargs, warps)
 
                     fn()
@@ -84,7 +84,7 @@ def main() -> None:
                         ok = float((out.float() - expected.float()).norm() / expected.float().norm()) < 1e-2
                     else:
                         ok = bool(torch.equal(out, ref))
-                    row = {"shape": [m, n], "case": "kernel", "bm": bm, "bn": bn, "warps": warps, "select": select,
+                    row = {"shape": [m, n], "case": "kernel", "bm": bm, "bn": bn, "warps": warps,
                            "rows": rows_mode, "lora": lora, "correct": ok,
                            "gpu_us": round(do_bench_cudagraph(fn, rep=50) * 1e3, 2)}
                     rows.append(row)
@@ -92,22 +92,22 @@ def main() -> None:
     configs = {}
     for r in rows:
         if r["case"] == "kernel" and r["lora"] and r["correct"]:
-            configs.setdefault((r["bm"], r["bn"], r["warps"], int(r["select"]), int(r["rows"])), []).append(r["gpu_us"])
+            configs.setdefault((r["bm"], r["bn"], r["warps"], int(r["rows"])), []).append(r["gpu_us"])
     best = min(configs, key=lambda c: sum(configs[c]))
     meta["best_tile"] = ",".join(map(str, best))  # as qlora_bench.py --q4-tile takes it
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print("| shape | bnb dequant | bnb + addmm_ | best kernel W' (tile, warps, select, rows) | best kernel dequant |")
+    print("| shape | bnb dequant | bnb + addmm_ | best kernel W' (tile, warps, rows) | best kernel dequant |")
     print("|---|---|---|---|---|")
     for m, n in SHAPES:
         rs = [r for r in rows if r["shape"] == [m, n]]
         ref = {r["case"]: r["gpu_us"] for r in rs if r["case"] != "kernel"}
         best = {lora: min((r for r in rs if r["case"] == "kernel" and r["lora"] == lora and r["correct"]),
                           key=lambda r: r["gpu_us"]) for lora in (True, False)}
-        desc = {k: f"{r['gpu_us']} ({r['bm']}×{r['bn']}, {r['warps']}, {r['select']}, {r['rows']})"
+        desc = {k: f"{r['gpu_us']} ({r['bm']}×{r['bn']}, {r['warps']}, {r['rows']})"
                 for k, r in best.items()}
         print(f"| {m}×{n} | {ref['bnb_dequant']} | {ref['bnb_dequant_addmm']} | {desc[True]} | {desc[False]} |")
-    print("| tile, warps, select, rows | mean W' µs over shapes |")
+    print("| tile, warps, rows | mean W' µs over shapes |")
     print("|---|---|")
     for key, us in sorted(configs.items(), key=lambda kv: sum(kv[1])):
         print(f"| {key} | {sum(us) / len(us):.1f} |")

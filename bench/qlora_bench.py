@@ -13,7 +13,7 @@ between the unmerged quantized + adapter model and `merge_dequantized()`'s plain
                     per-round ratios to bf16 LoRA and their medians (drift between rounds hits all three); and
                     once without the 4-bit weight kernel (UNIPEFT_Q4_KERNEL=0)
     [--squeeze C:H] then K rounds more with the process pinned to C cores beside H busy loops (a slow host's CPU)
-    [--q4-tile bm,bn,warps,select,rows]  the 4-bit kernel's variant (kernels_q4.TILE; bench/q4_probe.py)
+    [--q4-tile bm,bn,warps,rows]  the 4-bit kernel's variant (kernels_q4.TILE; bench/q4_probe.py)
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ def main() -> None:
     ap.add_argument("--no-peft", action="store_true", help="skip peft's QLoRA")
     ap.add_argument("--repeats", type=int, default=0, help="then bf16 / NF4 groups / NF4 no groups in turn, K rounds")
     ap.add_argument("--squeeze", default="", help="CORES:HOGS: as many rounds again on a squeezed CPU")
-    ap.add_argument("--q4-tile", default="", help="the 4-bit kernel's bm,bn,warps,select,rows (kernels_q4.TILE)")
+    ap.add_argument("--q4-tile", default="", help="the 4-bit kernel's bm,bn,warps,rows (kernels_q4.TILE)")
     args = ap.parse_args()
     if args.q4_tile:
         from unipeft import kernels_q4
 
-        bm, bn, warps, select, rows = args.q4_tile.split(",")
-        kernels_q4.TILE.update(bm=int(bm), bn=int(bn), warps=int(warps), select=select == "1", rows=rows == "1")
+        bm, bn, warps, rows = args.q4_tile.split(",")
+        kernels_q4.TILE.update(bm=int(bm), bn=int(bn), warps=int(warps), rows=rows == "1")
     sys.path.insert(0, args.harness)
     import bitsandbytes
     import peft

@@ -44,15 +44,13 @@ def test_dequantization_equals_bitsandbytes(quant_type: str, nested: bool, dtype
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("select,rows,n", [(True, True, 192), (False, True, 192), (True, False, 192),
-                                           (False, False, 192), (True, True, 160)])
-def test_every_lookup_mode_equals_bitsandbytes(monkeypatch, select: bool, rows: bool, n: int) -> None:
-    """The code lookup by selects or by a gather, and the absmax per (row, block) broadcast or per element, give the
+@pytest.mark.parametrize("rows,n", [(True, 192), (False, 192), (True, 160)])
+def test_both_absmax_modes_equal_the_formula(monkeypatch, rows: bool, n: int) -> None:
+    """The absmax per (row, block) broadcast over the block, or gathered per element, give the
     dequantization formula table[code]·absmax[element // blocksize] bit for bit — also where the width is not a
     multiple of the tile (160 = 128 + 32), and where blocks of 128 span rows (the broadcast then turns itself
     off). The reference is the formula on the packed codes, not bitsandbytes: its CPU dequantization scales the
     blocks wrongly when the width is not a multiple of the block size (see docs/quantization.md)."""
-    monkeypatch.setitem(kernels_q4.TILE, "select", select)
     monkeypatch.setitem(kernels_q4.TILE, "rows", rows)
     for quant_type, blocksize in (("nf4", 64), ("fp4", 128)):
         m = 48
@@ -63,7 +61,7 @@ def test_every_lookup_mode_equals_bitsandbytes(monkeypatch, select: bool, rows: 
         expected = (table[codes] * absmax.repeat_interleave(blocksize)[:m * n]).view(m, n)
         got = kernels_q4.q4_weight(packed, absmax, kernels_q4.table(quant_type, packed.device), (m, n), blocksize,
                                    torch.float32)
-        assert torch.equal(got, expected), (select, rows, n, blocksize)
+        assert torch.equal(got, expected), (rows, n, blocksize)
 
 
 def test_an_odd_width_is_not_built_by_the_kernel() -> None:

@@ -28,7 +28,7 @@ from .kernels import _DTYPES, _HAS_TRITON, _cdiv, _int_spec, _kernel, _next_powe
 tl = None  # triton.language, bound on first use (kernels._kernel)
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}  # (quant type, device) -> its 16 code values, fp32
-_NAMES = ("BLOCK", "BM", "BN", "BR", "NR", "LORA", "IEEE", "SELECT", "ROWS")
+_NAMES = ("BLOCK", "BM", "BN", "BR", "NR", "LORA", "IEEE", "ROWS")
 
 
 def available(packed: torch.Tensor, dtype: torch.dtype, quant_type: str, blocksize: int,
@@ -55,11 +55,11 @@ def table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 def _q4_kernel(q_ptr, absmax_ptr, table_ptr, b_ptr, a_ptr, out_ptr, M, N, R, s, sbm, sbr, sar, san, som, son,
                BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, NR: tl.constexpr,
-               LORA: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr, ROWS: tl.constexpr):
+               LORA: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr):
     """One (BM × BN) tile of W' = dequant(W) [+ s·B·A]. The packed bytes are read as a (BM × BN/2) tile (N even:
-    a row's codes start on a byte), split into high and low nibble and interleaved back into element order. A
-    code's value comes from the 16-entry table: SELECT looks it up by a tree of 15 selects on the code's bits
-    from 16 scalar loads (no per-element gather), else by a gather. ROWS reads one absmax per (row, block) and
+    a row's codes start on a byte), split into high and low nibble and interleaved back into element order; a
+    code's value is gathered from the 16-entry table (a tree of selects on the code's bits was measured within 5%
+    of it, bench/q4_probe.py at its first run). ROWS reads one absmax per (row, block) and
     broadcasts it over the block (N and BN multiples of BLOCK), else one gather per element. The dequantized value
     is rounded to the output dtype (bitsandbytes' value), then the LoRA term (rank chunks of BR, fp32
     accumulation) is added and the sum rounded once."""
@@ -71,19 +71,7 @@ def _q4_kernel(q_ptr, absmax_ptr, table_ptr, b_ptr, a_ptr, out_ptr, M, N, R, s, 
     byte = tl.load(q_ptr + rm[:, None] * (N // 2) + rh[None, :], mask=mm[:, None] & (rh < N // 2)[None, :],
                    other=0).to(tl.int32)
     code = tl.reshape(tl.join(byte >> 4, byte & 15), (BM, BN))
-    if SELECT:
-        b0, b1, b2, b3 = (code & 1) != 0, (code & 2) != 0, (code & 4) != 0, (code & 8) != 0
-        m0 = tl.where(b1, tl.where(b0, tl.load(table_ptr + 3), tl.load(table_ptr + 2)),
-                      tl.where(b0, tl.load(table_ptr + 1), tl.load(table_ptr + 0)))
-        m1 = tl.where(b1, tl.where(b0, tl.load(table_ptr + 7), tl.load(table_ptr + 6)),
-                      tl.where(b0, tl.load(table_ptr + 5), tl.load(table_ptr + 4)))
-        m2 = tl.where(b1, tl.where(b0, tl.load(table_ptr + 11), tl.load(table_ptr + 10)),
-                      tl.where(b0, tl.load(table_ptr + 9), tl.load(table_ptr + 8)))
-        m3 = tl.where(b1, tl.where(b0, tl.load(table_ptr + 15), tl.load(table_ptr + 14)),
-                      tl.where(b0, tl.load(table_ptr + 13), tl.load(table_ptr + 12)))
-        value = tl.where(b3, tl.where(b2, m3, m2), tl.where(b2, m1, m0))
-    else:
-        value = tl.load(table_ptr + code)
+    value = tl.load(table_ptr + code)
     if ROWS:
         rb = tl.program_id(1) * (BN // BLOCK) + tl.arange(0, BN // BLOCK)
         scale = tl.load(absmax_ptr + rm[:, None] * (N // BLOCK) + rb[None, :],
@@ -133,19 +121,17 @@ def q4_weight(packed: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor, s
     return out
 
 
-# The tile, warps and lookup mode: the fastest of 48 variants in bench/q4_probe.py on an H200 (q4_probe_1.json):
+# The tile, warps and absmax mode: the fastest of 48 variants in bench/q4_probe.py on an H200 (q4_probe_1.json):
 # W' of a 2048 × 2048 NF4 weight in 8.3 GPU µs against 11.7 for bitsandbytes' dequantization + addmm_ (19.5
 # against 27.0 at 5632 × 2048); dequantization alone as fast as bitsandbytes'. The absmax broadcast is what
-# matters (44–54 µs without it); the select tree and the gather are within 5%.
-TILE = dict(bm=64, bn=128, warps=4, select=False, rows=True)
+# matters (44–54 µs without it).
+TILE = dict(bm=64, bn=128, warps=4, rows=True)
 
 
 def _grid_args(packed, absmax, codes, b, a, out, s: float, blocksize: int, bm: int | None = None,
-               bn: int | None = None, select: bool | None = None,
-               rows: bool | None = None) -> tuple[tuple[int, int, int], tuple]:
+               bn: int | None = None, rows: bool | None = None) -> tuple[tuple[int, int, int], tuple]:
     m, n = out.shape
     bm, bn = bm or TILE["bm"], bn or TILE["bn"]
-    select = TILE["select"] if select is None else select
     rows = (TILE["rows"] if rows is None else rows) and n % blocksize == 0 and bn % blocksize == 0
     lora = b is not None
     r = a.shape[0] if lora else 0
@@ -153,7 +139,7 @@ def _grid_args(packed, absmax, codes, b, a, out, s: float, blocksize: int, bm: i
     b_, a_ = (b, a) if lora else (out, out)  # (never read without LoRA)
     args = (packed, absmax, codes, b_, a_, out, m, n, r, s, *(b.stride() if lora else (0, 0)),
             *(a.stride() if lora else (0, 0)), *out.stride(),
-            blocksize, bm, bn, br, max(1, _cdiv(r, br)), lora, out.dtype == torch.float32, select, rows)
+            blocksize, bm, bn, br, max(1, _cdiv(r, br)), lora, out.dtype == torch.float32, rows)
     return (_cdiv(m, bm), _cdiv(n, bn), 1), args
 
 
