@@ -1,11 +1,13 @@
 """GPU check of the Triton kernels against PyTorch (bf16 / fp16 / fp32) and the fp64 formulas, and of the grouped
 q/k/v path's gradients against the per-projection path on a random Llama (bf16), and a compiled LoRA step against the
 eager one (gradients, and no weight-sized view copies in the generated code).
-Usage: PYTHONPATH=src python3 bench/kernel_check.py [--only two_streams,compiled_step,graphed_steps]"""
+Usage: PYTHONPATH=src python3 bench/kernel_check.py [--only two_streams,compiled_step,graphed_steps,q4]
+(q4: the 4-bit weight kernel against bitsandbytes; carry the bitsandbytes wheel)"""
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import sys
@@ -333,7 +335,59 @@ def two_streams(iters: int = 20) -> dict:
                                                                   for c in overlap._CALLS.values()))
 
 
+def _host_us(fn, iters: int) -> float:
+    """µs per call of fn, issued back to back with one synchronization at the end (after 5 warm-up calls)."""
+    import time
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) / iters * 1e6, 1)
+
+
+def q4_rows(iters: int = 200) -> list[dict]:
+    """The 4-bit weight kernel (kernels_q4.py) on the GPU against bitsandbytes: its dequantization (expected equal
+    bit for bit), W' against addmm_ on bitsandbytes' dequantized W (relative difference), and host µs per call with
+    a synchronization only at the end (the GPU keeps up at these sizes only if the host is the bottleneck: the
+    ratio is what matters) — kernel from its launch plan against bitsandbytes' op + addmm_."""
+    import bitsandbytes.functional as bf
+
+    from unipeft import kernels_q4
+
+    rows = []
+    for (m, n), qt, nested, dtype in [((2048, 2048), "nf4", True, torch.bfloat16), ((5632, 2048), "nf4", True,
+                                      torch.bfloat16), ((2048, 5632), "fp4", False, torch.bfloat16),
+                                      ((512, 2048), "nf4", True, torch.float16)]:
+        g = torch.Generator(device="cuda").manual_seed(m + n)
+        w = torch.randn(m, n, device="cuda", dtype=dtype, generator=g)
+        b = torch.randn(m, 16, device="cuda", dtype=dtype, generator=g) * 0.01
+        a = torch.randn(16, n, device="cuda", dtype=dtype, generator=g)
+        q, st = bf.quantize_4bit(w, blocksize=64, quant_type=qt, compress_statistics=nested)
+        ref = bf.dequantize_4bit(q, st)
+        absmax = st.absmax if not st.nested else bf.dequantize_blockwise(st.absmax, st.state2).float() + st.offset
+        codes = kernels_q4.table(qt, q.device)
+        plain = kernels_q4.q4_weight(q, absmax.float(), codes, (m, n), 64, dtype)
+        merged = kernels_q4.q4_weight(q, absmax.float(), codes, (m, n), 64, dtype, b, a, 0.5)
+        expected = ref.clone().addmm_(b, a, alpha=0.5)
+
+        def theirs(q=q, absmax=absmax, qt=qt, shape=st.shape, dtype=dtype, b=b, a=a):
+            torch.ops.bitsandbytes.dequantize_4bit.default(q, absmax, 64, qt, shape, dtype).addmm_(b, a, alpha=0.5)
+        ours = functools.partial(kernels_q4.q4_weight, q, absmax.float(), codes, (m, n), 64, dtype, b, a, 0.5)
+        host = {"kernel": _host_us(ours, iters), "bnb_op_addmm": _host_us(theirs, iters)}
+        rows.append(dict(shape=[m, n], quant_type=qt, nested=nested, dtype=str(dtype),
+                         dequant_equal=bool(torch.equal(plain, ref)),
+                         dequant_max_abs_diff=float((plain.float() - ref.float()).abs().max()),
+                         merged_rel_diff=float((merged.float() - expected.float()).norm() / expected.float().norm()),
+                         us_per_call=host))
+    return rows
+
+
 CHECKS = dict(merged_weight=merged_weight_rows, merged_weights=merged_weights_rows, launch_host_us=launch_host_us,
+              q4=q4_rows,
               grouped=grouped_grads, lora_grads=lora_grads_rows, grads_kernel_training=grads_kernel_training,
               compiled_step=lambda: compiled_step("1"), compiled_step_one_stream=lambda: compiled_step("0"),
               two_streams=two_streams, graphed_steps=lambda: graphed_steps("1"),

@@ -10,7 +10,10 @@ between the unmerged quantized + adapter model and `merge_dequantized()`'s plain
 
     [--repeats K]   then bf16 LoRA and NF4 QLoRA (double quant) timed in turn for K rounds, the NF4 model once with
                     sibling groups (q/k/v and gate/up as one node each, the default) and once with UNIPEFT_GROUPS=0:
-                    per-round ratios to bf16 LoRA and their medians (drift between rounds hits all three)
+                    per-round ratios to bf16 LoRA and their medians (drift between rounds hits all three); and
+                    once without the 4-bit weight kernel (UNIPEFT_Q4_KERNEL=0)
+    [--squeeze C:H] then K rounds more with the process pinned to C cores beside H busy loops (a slow host's CPU)
+    [--q4-tile bm,bn,warps,rows]  the 4-bit kernel's variant (kernels_q4.TILE; bench/q4_probe.py)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import torch
 
 SITES = ["q", "k", "v", "o", "gate", "up", "down"]
+FP32_STATES = "QLORA_BENCH_FP32_STATES"  # (a case marker, not a unipeft switch)
 
 
 def main() -> None:
@@ -32,7 +36,14 @@ def main() -> None:
     ap.add_argument("--kinds", default="nf4,fp4,nf4-nodq", help="which 4-bit bases to time (nf4-nodq: no double quant)")
     ap.add_argument("--no-peft", action="store_true", help="skip peft's QLoRA")
     ap.add_argument("--repeats", type=int, default=0, help="then bf16 / NF4 groups / NF4 no groups in turn, K rounds")
+    ap.add_argument("--squeeze", default="", help="CORES:HOGS: as many rounds again on a squeezed CPU")
+    ap.add_argument("--q4-tile", default="", help="the 4-bit kernel's bm,bn,warps,rows (kernels_q4.TILE)")
     args = ap.parse_args()
+    if args.q4_tile:
+        from unipeft import kernels_q4
+
+        bm, bn, warps, rows = args.q4_tile.split(",")
+        kernels_q4.TILE.update(bm=int(bm), bn=int(bn), warps=int(warps), rows=rows == "1")
     sys.path.insert(0, args.harness)
     import bitsandbytes
     import peft
@@ -44,7 +55,7 @@ def main() -> None:
 
     meta = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
                 bitsandbytes=bitsandbytes.__version__, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                H=h.H, L=h.L, I=h.I, B=h.B, T=h.T)
+                H=h.H, L=h.L, I=h.I, B=h.B, T=h.T, q4_tile=args.q4_tile)
     print(json.dumps(meta), flush=True)
     rows = []
 
@@ -87,7 +98,7 @@ def main() -> None:
         del m, pm
         h.release()
     if args.repeats:
-        rows += in_turn(h, args.repeats)
+        rows += in_turn(h, args.repeats, args.squeeze)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     ref = rows[0]
@@ -127,10 +138,14 @@ def _groups_agree(h, model, params) -> dict:
     return row
 
 
-def in_turn(h, k: int) -> list[dict]:
-    """bf16 LoRA, NF4 QLoRA with sibling groups and NF4 QLoRA without them, timed in turn for k rounds, the two NF4
-    cases in alternating order (both models on the GPU together, so these rows' peak memory is not a case's own).
-    UNIPEFT_GROUPS is read at every eager call."""
+def in_turn(h, k: int, squeeze_spec: str = "") -> list[dict]:
+    """bf16 LoRA and NF4 QLoRA — as is, without sibling groups, without the 4-bit weight kernel, and with its weights
+    dequantized into fp32 and cast (their quant states set to fp32: the path before quantize() recorded the compute
+    dtype; the kernel then stays off, as it needs the two dtypes equal) — timed in turn
+    for k rounds, the NF4 cases in alternating order (both models on the GPU together, so these rows' peak memory is
+    not a case's own). The switches are read at every eager call. With `squeeze_spec` ("CORES:HOGS"), k more rounds
+    with the process pinned to CORES cores beside HOGS busy loops (bench/spin_probe.py's `squeezed`): a slow or
+    shared host's CPU, where host time per step shows."""
     import os
 
     import unipeft
@@ -142,24 +157,34 @@ def in_turn(h, k: int) -> list[dict]:
     h.release()
     params = {id(m): [p for p in m.parameters() if p.requires_grad] for m in (bf16, nf4)}
     rows = [_groups_agree(h, nf4, params[id(nf4)])]
-    cases = (("bf16", bf16, "1"), ("nf4_groups", nf4, "1"), ("nf4_no_groups", nf4, "0"))
-    ratios = {"nf4_groups": [], "nf4_no_groups": []}
-    for i in range(k):
-        times = {}
-        order = cases if i % 2 == 0 else (cases[0], cases[2], cases[1])  # the two NF4 cases in alternating order
-        for name, model, groups in order:
-            os.environ["UNIPEFT_GROUPS"] = groups
-            row = h.time_train(f"in_turn_{name}_{i}", model, params[id(model)])
-            rows.append(row)
-            times[name] = row["step_ms"]
-        for name in ratios:
-            ratios[name].append(round(times[name] / times["bf16"], 4))
-    os.environ["UNIPEFT_GROUPS"] = "1"
-    summary = {"case": "in_turn_qlora_over_bf16_lora"}
-    for name, rs in ratios.items():
-        summary[name] = {"ratios": rs, "median": sorted(rs)[len(rs) // 2]}
-    rows.append(summary)
-    print(json.dumps(summary), flush=True)
+    cases = (("bf16", bf16, {}), ("nf4_groups", nf4, {}), ("nf4_no_groups", nf4, {"UNIPEFT_GROUPS": "0"}),
+             ("nf4_no_q4_kernel", nf4, {"UNIPEFT_Q4_KERNEL": "0"}), ("nf4_fp32_states", nf4, {FP32_STATES: "1"}))
+    states = [m.weight.quant_state for m in nf4.modules() if quant.is_quantized(m)]
+    from spin_probe import squeezed
+
+    for squeeze in (None, squeeze_spec) if squeeze_spec else (None,):
+        ratios = {name: [] for name, _, _ in cases[1:]}
+        for i in range(k):
+            times = {}
+            order = cases if i % 2 == 0 else (cases[0], *cases[:0:-1])  # the NF4 cases in alternating order
+            for name, model, env in order:
+                os.environ.update(env)
+                for st in states:  # FP32_STATES: dequantize into fp32 and cast, as before quantize recorded bf16
+                    st.dtype = torch.float32 if FP32_STATES in env else torch.bfloat16
+                with squeezed(squeeze):
+                    row = h.time_train(f"in_turn_{name}_{i}{'_squeezed' if squeeze else ''}", model,
+                                       params[id(model)])
+                for key in env:
+                    os.environ.pop(key)
+                rows.append(row)
+                times[name] = row["step_ms"]
+            for name in ratios:
+                ratios[name].append(round(times[name] / times["bf16"], 4))
+        summary = {"case": "in_turn_qlora_over_bf16_lora", "squeeze": squeeze or ""}
+        for name, rs in ratios.items():
+            summary[name] = {"ratios": rs, "median": sorted(rs)[len(rs) // 2]}
+        rows.append(summary)
+        print(json.dumps(summary), flush=True)
     del bf16, nf4
     h.release()
     return rows

@@ -166,10 +166,11 @@ def zero_like(t: torch.Tensor) -> torch.Tensor:
 def _merged_weight(weight, source, a, b, s: float) -> torch.Tensor:
     """W' = W + s·B·A for a training step. A plain W on CUDA goes through the Triton kernel: one pass over W, where
     addmm copies W first (see kernels.py); under torch.compile through its custom op. `source` dequantizes a
-    quantized W into a fresh tensor, which addmm_ updates in place — already one pass, so there the kernel (more
-    host time per launch) is not used."""
+    quantized W into a fresh tensor, which addmm_ updates in place; where the 4-bit kernel applies (kernels_q4.py),
+    `source.merged` dequantizes and adds s·B·A in one launch and one pass instead."""
     if source is not None:
-        return source().addmm_(b, a, alpha=s)
+        merged = getattr(source, "merged", None)
+        return merged(b, a, s) if merged is not None else source().addmm_(b, a, alpha=s)
     if kernels.available(weight):
         if torch.compiler.is_compiling():
             return kernels.compiled_merged_weight(weight, b, a, s)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import kernels_q4
 from .errors import UnipeftError
 
 KINDS = ("nf4", "fp4", "int8")
@@ -137,6 +138,17 @@ def dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Ten
         absmax = ops.dequantize_blockwise.default(absmax, s2.absmax, s2.code, s2.blocksize, s2.dtype).float()
         absmax = absmax + state.offset
     data, args = module.weight.data, (state.blocksize, state.quant_type, state.shape, state.dtype)
+    if dtype == state.dtype and kernels_q4.available(data, dtype, state.quant_type, state.blocksize,
+                                                           tuple(state.shape)):
+        # one Triton launch per weight, and W' = W + s·B·A in the same pass (kernels_q4.py): `weight.merged`
+        codes, shape, block = kernels_q4.table(state.quant_type, data.device), tuple(state.shape), state.blocksize
+        absmax = absmax.float()
+
+        def weight() -> torch.Tensor:
+            return kernels_q4.q4_weight(data, absmax, codes, shape, block, dtype)
+
+        weight.merged = lambda b, a, s: kernels_q4.q4_weight(data, absmax, codes, shape, block, dtype, b, a, s)
+        return weight
 
     def weight() -> torch.Tensor:
         w = ops.dequantize_4bit.default(data, absmax, *args)

@@ -264,13 +264,21 @@ class _LoraGroup(torch.autograd.Function):
         scales, ranks = ctx.scales, ctx.ranks
         k = len(scales)
         ws, as_, bs = rest[:k], rest[k:2 * k], rest[2 * k:]
-        if any(src is not None for src in ctx.sources):  # 4-bit members: their W dequantized again (fresh tensors)
-            ws = tuple(w if src is None else src() for w, src in zip(ws, ctx.sources))
         needs = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         gs = [None if gy is None else gy.reshape(-1, gy.shape[-1]) for gy in gys]
         live = [i for i in range(k) if gs[i] is not None]
         create_graph, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
+        in_w = False  # whether the live members' ws are W_i' (then dx needs no low-rank GEMM of its own)
+        if any(src is not None for src in ctx.sources):  # 4-bit members: their W dequantized again (fresh tensors)
+            merges = [getattr(src, "merged", None) for src in ctx.sources]
+            if all(merges[i] is not None for i in live) and not create_graph:
+                # the 4-bit kernel builds W_i' in the pass that dequantizes W_i (kernels_q4.py): the low-rank part
+                # of dx rides in the frozen GEMMs for free, and dx is not read and written again for it
+                ws = tuple(merges[i](bs[i], as_[i], scales[i]) if i in live else None for i in range(k))
+                in_w = True
+            else:
+                ws = tuple(w if src is None else src() for w, src in zip(ws, ctx.sources))
         grads_b = [None] * k
         gts = None  # g_iᵀ, read by gaᵀ and dB_i off the kernel path (made there: eager steps count host µs)
         dx = None
@@ -330,7 +338,7 @@ class _LoraGroup(torch.autograd.Function):
             if dx is None:
                 for i in live:
                     dx = torch.mm(gs[i], ws[i]) if dx is None else acc(dx, gs[i], ws[i])
-            dx = acc(dx, ga_t.t(), torch.cat(as_) if create_graph else a_cat).view(x.shape)
+            dx = (dx if in_w else acc(dx, ga_t.t(), torch.cat(as_) if create_graph else a_cat)).view(x.shape)
         grads_a = [None] * k
         if any(needs[3 + 3 * i] for i in live):
             da = torch.mm(ga_t, x2).split_with_sizes(ranks)  # the one pass over x
