@@ -420,6 +420,34 @@ def test_qlora_groups_on_real_smollm2(smollm2_path, monkeypatch) -> None:
         assert ((results["1"][1][k] - g).norm() / g.norm()).item() < 1e-4, k
 
 
+def test_bf16_qlora_on_real_smollm2_dequantizes_straight_into_bf16(smollm2_path) -> None:
+    """The real SmolLM2-135M (first two layers) quantized to NF4 for bf16 compute: every quant state records bf16,
+    and a bf16 QLoRA step (loss and adapter gradients) is bit for bit the step with the states set back to fp32 —
+    bitsandbytes dequantizing into fp32 and a cast, the path before — so the cheaper path changes no number."""
+    model = T.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    model = quant.quantize(model, "nf4", double_quant=True, compute_dtype=torch.bfloat16).to(torch.bfloat16)
+    states = [m.weight.quant_state for m in model.modules() if quant.is_quantized(m)]
+    assert len(states) == 14 and all(st.dtype == torch.bfloat16 for st in states)
+    torch.manual_seed(0)
+    am = unipeft.attach(model, "lora", r=8, targets=ALL_LINEARS).train()
+    randomize(am, std=0.02)
+    ids = torch.randint(5, 4000, (2, 96), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for st in states:
+            st.dtype = dtype
+        am.zero_grad(set_to_none=True)
+        loss = am(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[dtype] = (loss.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()})
+    assert torch.isfinite(results[torch.bfloat16][0])
+    assert torch.equal(results[torch.bfloat16][0], results[torch.float32][0])
+    for k, g in results[torch.float32][1].items():
+        assert torch.equal(results[torch.bfloat16][1][k], g), k
+
+
 def test_4bit_groups_compile_without_graph_breaks_and_match_eager(monkeypatch) -> None:
     """torch.compile (AOTAutograd, eager backend) of a QLoRA model whose q/k/v and gate/up form 4-bit groups: one
     graph, and the traced step gives eager's outputs and adapter gradients."""
