@@ -117,7 +117,8 @@ def kind_of(module: nn.Module) -> str:
 
 def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The frozen weight as a fresh `dtype` tensor (d_out × d_in), whatever format holds it. 4-bit weights
-    dequantize straight to their stored dtype (bf16 for a bf16 model) and are cast only if `dtype` differs."""
+    dequantize straight into the dtype their quant state records (the compute dtype, for bases made by `quantize`)
+    and are cast only if `dtype` differs."""
     if not is_quantized(module):
         raise UnipeftError(f"{type(module).__name__} is not a quantized linear layer")
     return _BACKENDS[type(module).__name__][0](module, dtype)

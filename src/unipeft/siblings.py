@@ -270,7 +270,9 @@ class _LoraGroup(torch.autograd.Function):
         live = [i for i in range(k) if gs[i] is not None]
         create_graph, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
         in_w = False  # whether the live members' ws are W_i' (then dx needs no low-rank GEMM of its own)
-        if any(src is not None for src in ctx.sources):  # 4-bit members: their W dequantized again (fresh tensors)
+        if (needs[0] or compiling) and any(src is not None for src in ctx.sources):
+            # 4-bit members: their W dequantized again (fresh tensors) — only for dx: where x needs no gradient (the
+            # first layer's q/k/v, whose input comes from frozen embeddings) eager backward dequantizes nothing
             merges = [getattr(src, "merged", None) for src in ctx.sources]
             if all(merges[i] is not None for i in live) and not create_graph:
                 # the 4-bit kernel builds W_i' in the pass that dequantizes W_i (kernels_q4.py): the low-rank part
