@@ -378,11 +378,26 @@ def q4_rows(iters: int = 200) -> list[dict]:
             torch.ops.bitsandbytes.dequantize_4bit.default(q, absmax, 64, qt, shape, dtype).addmm_(b, a, alpha=0.5)
         ours = functools.partial(kernels_q4.q4_weight, q, absmax.float(), codes, (m, n), 64, dtype, b, a, 0.5)
         host = {"kernel": _host_us(ours, iters), "bnb_op_addmm": _host_us(theirs, iters)}
+        extra = {}
+        if nested:  # the double-quantized absmax decoded in the kernel (what quant.dequantizer passes)
+            packed_absmax = kernels_q4.Nested(st.absmax, st.state2.code, st.state2.absmax, st.offset,
+                                              st.state2.blocksize)
+            in_kernel = functools.partial(kernels_q4.q4_weight, q, packed_absmax, codes, (m, n), 64, dtype, b, a, 0.5)
+
+            def decode_then_kernel(st=st, q=q, codes=codes, shape=(m, n), dtype=dtype, b=b, a=a):
+                # the path before: bitsandbytes' blockwise decode and the offset added, then the kernel
+                decoded = bf.dequantize_blockwise(st.absmax, st.state2).float() + st.offset
+                return kernels_q4.q4_weight(q, decoded, codes, shape, 64, dtype, b, a, 0.5)
+            extra = dict(nested_dequant_equal=bool(torch.equal(
+                             kernels_q4.q4_weight(q, packed_absmax, codes, (m, n), 64, dtype), ref)),
+                         nested_merged_equal=bool(torch.equal(in_kernel(), merged)))
+            host.update(kernel_absmax_in_kernel=_host_us(in_kernel, iters),
+                        decode_then_kernel=_host_us(decode_then_kernel, iters))
         rows.append(dict(shape=[m, n], quant_type=qt, nested=nested, dtype=str(dtype),
                          dequant_equal=bool(torch.equal(plain, ref)),
                          dequant_max_abs_diff=float((plain.float() - ref.float()).abs().max()),
                          merged_rel_diff=float((merged.float() - expected.float()).norm() / expected.float().norm()),
-                         us_per_call=host))
+                         us_per_call=host, **extra))
     return rows
 
 

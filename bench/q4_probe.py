@@ -42,6 +42,8 @@ def _launch(kernel, grid, kargs, warps) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="q4_probe.json")
+    ap.add_argument("--nested-only", action="store_true",
+                    help="only the double-quantized absmax decoded in the kernel vs decoded first (no tile sweep)")
     args = ap.parse_args()
     import bitsandbytes.functional as bf
     import triton
@@ -70,6 +72,9 @@ def main() -> None:
         for name, fn in base.items():
             rows.append({"shape": [m, n], "case": name, "gpu_us": round(do_bench_cudagraph(fn, rep=50) * 1e3, 2)})
             print(json.dumps(rows[-1]), flush=True)
+        rows += _nested_rows(q, st, codes, b, a, (m, n), dtype, do_bench_cudagraph)
+        if args.nested_only:
+            continue
         out = torch.empty(m, n, device="cuda", dtype=dtype)
         for bm, bn, warps in TILES:
             for rows_mode in (True, False):
@@ -89,6 +94,15 @@ def main() -> None:
                            "gpu_us": round(do_bench_cudagraph(fn, rep=50) * 1e3, 2)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+    if args.nested_only:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        print("| shape | W' absmax decoded in the kernel | decoded first (bnb op + offset add) + kernel |")
+        print("|---|---|---|")
+        for m, n in SHAPES:
+            us = {r["case"]: r["gpu_us"] for r in rows if r["shape"] == [m, n]}
+            print(f"| {m}×{n} | {us['nested_in_kernel']} | {us['nested_decoded_first']} |")
+        return
     configs = {}
     for r in rows:
         if r["case"] == "kernel" and r["lora"] and r["correct"]:
@@ -111,6 +125,33 @@ def main() -> None:
     print("|---|---|")
     for key, us in sorted(configs.items(), key=lambda kv: sum(kv[1])):
         print(f"| {key} | {sum(us) / len(us):.1f} |")
+
+
+def _nested_rows(q, st, codes, b, a, shape, dtype, bench) -> list[dict]:
+    """W' with the double-quantized absmax decoded inside the kernel (kernels_q4.Nested) against the path before:
+    bitsandbytes' blockwise decode and the offset add, then the kernel — GPU µs, each checked equal first."""
+    import bitsandbytes.functional as bf
+
+    from unipeft import kernels_q4
+
+    if not hasattr(kernels_q4, "Nested"):
+        return []
+    nested = kernels_q4.Nested(st.absmax, st.state2.code, st.state2.absmax, st.offset, st.state2.blocksize)
+
+    def in_kernel():
+        return kernels_q4.q4_weight(q, nested, codes, shape, 64, dtype, b, a, 0.5)
+
+    def decoded_first():
+        absmax = bf.dequantize_blockwise(st.absmax, st.state2).float() + st.offset
+        return kernels_q4.q4_weight(q, absmax, codes, shape, 64, dtype, b, a, 0.5)
+
+    equal = bool(torch.equal(in_kernel(), decoded_first()))
+    rows = []
+    for name, fn in (("nested_in_kernel", in_kernel), ("nested_decoded_first", decoded_first)):
+        rows.append({"shape": list(shape), "case": name, "equal": equal,
+                     "gpu_us": round(bench(fn, rep=50) * 1e3, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

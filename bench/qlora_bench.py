@@ -26,7 +26,8 @@ import time
 import torch
 
 SITES = ["q", "k", "v", "o", "gate", "up", "down"]
-FP32_STATES = "QLORA_BENCH_FP32_STATES"  # (a case marker, not a unipeft switch)
+FP32_STATES = "QLORA_BENCH_FP32_STATES"  # (case markers, not unipeft switches)
+DECODED_FIRST = "QLORA_BENCH_DECODED_FIRST"
 
 
 def main() -> None:
@@ -141,7 +142,8 @@ def _groups_agree(h, model, params) -> dict:
 def in_turn(h, k: int, squeeze_spec: str = "") -> list[dict]:
     """bf16 LoRA and NF4 QLoRA — as is, without sibling groups, without the 4-bit weight kernel, and with its weights
     dequantized into fp32 and cast (their quant states set to fp32: the path before quantize() recorded the compute
-    dtype; the kernel then stays off, as it needs the two dtypes equal) — timed in turn
+    dtype; the kernel then stays off, as it needs the two dtypes equal), and with the double-quantized absmax
+    decoded by bitsandbytes before the kernel instead of in it — timed in turn
     for k rounds, the NF4 cases in alternating order (both models on the GPU together, so these rows' peak memory is
     not a case's own). The switches are read at every eager call. With `squeeze_spec` ("CORES:HOGS"), k more rounds
     with the process pinned to CORES cores beside HOGS busy loops (bench/spin_probe.py's `squeezed`): a slow or
@@ -158,7 +160,9 @@ def in_turn(h, k: int, squeeze_spec: str = "") -> list[dict]:
     params = {id(m): [p for p in m.parameters() if p.requires_grad] for m in (bf16, nf4)}
     rows = [_groups_agree(h, nf4, params[id(nf4)])]
     cases = (("bf16", bf16, {}), ("nf4_groups", nf4, {}), ("nf4_no_groups", nf4, {"UNIPEFT_GROUPS": "0"}),
-             ("nf4_no_q4_kernel", nf4, {"UNIPEFT_Q4_KERNEL": "0"}), ("nf4_fp32_states", nf4, {FP32_STATES: "1"}))
+             ("nf4_no_q4_kernel", nf4, {"UNIPEFT_Q4_KERNEL": "0"}), ("nf4_fp32_states", nf4, {FP32_STATES: "1"}),
+             ("nf4_absmax_decoded_first", nf4, {DECODED_FIRST: "1"}))
+    in_kernel = quant._kernel_absmax
     states = [m.weight.quant_state for m in nf4.modules() if quant.is_quantized(m)]
     from spin_probe import squeezed
 
@@ -171,6 +175,9 @@ def in_turn(h, k: int, squeeze_spec: str = "") -> list[dict]:
                 os.environ.update(env)
                 for st in states:  # FP32_STATES: dequantize into fp32 and cast, as before quantize recorded bf16
                     st.dtype = torch.float32 if FP32_STATES in env else torch.bfloat16
+                # DECODED_FIRST: the double-quantized absmax decoded by bitsandbytes before the kernel (as before)
+                quant._kernel_absmax = (lambda st: quant._decoded_absmax(st).float()) if DECODED_FIRST in env \
+                    else in_kernel
                 with squeezed(squeeze):
                     row = h.time_train(f"in_turn_{name}_{i}{'_squeezed' if squeeze else ''}", model,
                                        params[id(model)])
@@ -185,6 +192,7 @@ def in_turn(h, k: int, squeeze_spec: str = "") -> list[dict]:
             summary[name] = {"ratios": rs, "median": sorted(rs)[len(rs) // 2]}
         rows.append(summary)
         print(json.dumps(summary), flush=True)
+    quant._kernel_absmax = in_kernel
     del bf16, nf4
     h.release()
     return rows

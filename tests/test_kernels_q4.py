@@ -44,6 +44,41 @@ def test_dequantization_equals_bitsandbytes(quant_type: str, nested: bool, dtype
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_double_quantized_absmax_decoded_in_the_kernel(quant_type: str, dtype: torch.dtype) -> None:
+    """Given the double-quantized absmax as bitsandbytes stores it (`Nested`: uint8 codes, their 256-value table,
+    one scale per 256 blocks, the offset as a tensor), the kernel decodes it itself: bitsandbytes' dequantization
+    bit for bit, and W' bit for bit the W' built from the absmax decoded beforehand (both absmax modes; a second
+    call launches from its plan)."""
+    m, n = 70, 192
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(m, n, generator=g).to(dtype)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    s2 = state.state2
+    nested = kernels_q4.Nested(state.absmax, s2.code, s2.absmax, state.offset, s2.blocksize)
+    decoded = (bnb_functional.dequantize_blockwise(state.absmax, s2).float() + state.offset).float()
+    codes = kernels_q4.table(quant_type, packed.device)
+    expected = bnb_functional.dequantize_4bit(packed, state)
+    for rows in (True, False):
+        kernels_q4.TILE["rows"] = rows
+        try:
+            for _ in range(2):
+                assert torch.equal(kernels_q4.q4_weight(packed, nested, codes, (m, n), 64, dtype), expected)
+                b, a = torch.randn(m, 16, generator=g).to(dtype), torch.randn(16, n, generator=g).to(dtype)
+                got = kernels_q4.q4_weight(packed, nested, codes, (m, n), 64, dtype, b, a, 0.5)
+                assert torch.equal(got, kernels_q4.q4_weight(packed, decoded, codes, (m, n), 64, dtype, b, a, 0.5))
+        finally:
+            kernels_q4.TILE["rows"] = True
+
+
+def test_a_malformed_double_quantized_absmax_is_refused() -> None:
+    packed, _, _ = _quantized(32, 64, "nf4", False, torch.float32)
+    bad = kernels_q4.Nested(torch.zeros(32, dtype=torch.int32), torch.zeros(256), torch.ones(1), torch.zeros(()), 256)
+    with pytest.raises(ValueError, match="double-quantized absmax"):
+        kernels_q4.q4_weight(packed, bad, kernels_q4.table("nf4", packed.device), (32, 64), 64, torch.float32)
+
+
 @pytest.mark.parametrize("rows,n", [(True, 192), (False, 192), (True, 160)])
 def test_both_absmax_modes_equal_the_formula(monkeypatch, rows: bool, n: int) -> None:
     """The absmax per (row, block) broadcast over the block, or gathered per element, give the
@@ -126,6 +161,9 @@ def test_fused_qlora_step_through_the_kernel_matches_the_bitsandbytes_path(monke
                         if packed.is_cuda else not kernels_q4.envflags.off("UNIPEFT_Q4_KERNEL"))
     calls: list[bool] = []
     monkeypatch.setattr(kernels_q4, "q4_weight", lambda *a, **k: calls.append(len(a) > 6) or real_weight(*a, **k))
+    decodes: list[int] = []
+    real_decoded = quant._decoded_absmax
+    monkeypatch.setattr(quant, "_decoded_absmax", lambda state: decodes.append(1) or real_decoded(state))
     batch = {"input_ids": torch.randint(1, 64, (2, 64), generator=torch.Generator().manual_seed(1))}
     results = {}
     for flag in ("1", "0"):
@@ -136,6 +174,9 @@ def test_fused_qlora_step_through_the_kernel_matches_the_bitsandbytes_path(monke
         results[flag] = (out.detach(), {k: p.grad.clone() for k, p in am.adapter_parameters("default").items()})
         if flag == "1":  # per layer: 7 W' in forward and 7 in backward (the groups' dx through W' too), but none
             assert calls == [True] * 25, calls  # in backward for layer 0's q/k/v: their input needs no gradient
+            assert decodes == []  # the double-quantized absmax decoded in the kernel, never before it
+        else:
+            assert len(decodes) == 14  # bitsandbytes' path: once per projection and step
     torch.testing.assert_close(results["1"][0], results["0"][0], rtol=1e-5, atol=1e-6)
     for k, g in results["0"][1].items():
         torch.testing.assert_close(results["1"][1][k], g, rtol=1e-4, atol=1e-6)

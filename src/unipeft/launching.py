@@ -30,18 +30,19 @@ _DIRECT = [True]  # whether compiled kernels are launched directly (False once t
 
 
 def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple[str, ...],
-            num_warps: int = 4, num_stages: int | None = None) -> None:
+            num_warps: int = 4, num_stages: int | None = None, options: dict | None = None) -> None:
     """Launch with the compiled kernel looked up by `key` (everything Triton specializes the kernel's arguments on,
     built by the caller) instead of through `JITFunction.run`, whose argument binding and cache-key hashing cost
     tens of µs of host time per call (a LoRA step launches these kernels a few hundred times, and eager steps on a
     fast GPU are close to host-bound). `args` ends with the constexprs, named by `names`. The first launch per key
     goes through Triton's own path and compiles; if the compiled kernel's launcher API differs (another Triton
     version), every launch takes Triton's own path. Triton launches on the current device and its stream, so a
-    tensor on another GPU (a model split across GPUs) makes its device current for the launch."""
+    tensor on another GPU (a model split across GPUs) makes its device current for the launch. `options`: more
+    compile options (e.g. enable_fp_fusion), constant per kernel (the key does not hold them)."""
     t = args[0]
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         with torch.cuda.device(t.device):
-            return _launch(kernel, grid, args, key, names, num_warps, num_stages)
+            return _launch(kernel, grid, args, key, names, num_warps, num_stages, options)
     launch = _COMPILED.get(key)
     if launch is not None:
         try:
@@ -51,9 +52,7 @@ def _launch(kernel, grid: tuple[int, ...], args: tuple, key: tuple, names: tuple
             _PLANS.clear()
             _COMPILED.clear()
             _DIRECT[0] = False
-    k = len(names)
-    options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
-    compiled = kernel[grid](*args[:-k], **dict(zip(names, args[-k:])), **options)
+    compiled = kernel[grid](*args[:-len(names)], **_compile_options(args, names, num_warps, num_stages, options))
     if _DIRECT[0] and os.environ.get("TRITON_INTERPRET") != "1" and hasattr(compiled, "__getitem__"):
         _COMPILED[key] = _launcher(compiled, grid, args, torch._C._cuda_getCurrentRawStream)
 
@@ -112,16 +111,24 @@ class _Plan:
             return False
 
 
+def _compile_options(args: tuple, names: tuple[str, ...], num_warps: int, num_stages: int | None,
+                     options: dict | None) -> dict:
+    """The keyword arguments of a Triton launch: the constexprs (the last len(names) args) and compile options."""
+    kw = dict(zip(names, args[-len(names):]), num_warps=num_warps, **(options or {}))
+    if num_stages is not None:
+        kw["num_stages"] = num_stages
+    return kw
+
+
 def _plan(key: tuple, launch_key: tuple, kernel, grid, args, tensors, names, num_warps: int = 4,
-          num_stages: int | None = None, extra=None) -> None:
+          num_stages: int | None = None, extra=None, options: dict | None = None) -> None:
     """Record the plan of a call that made this one launch, when its kernel has a cached launcher (`_launch`) or runs
     under Triton's interpreter (tests)."""
     launch = _COMPILED.get(launch_key)
     if launch is None and envflags.raw("TRITON_INTERPRET") in _ONE:
         k = len(names)
-        options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps,
-                                                                             num_stages=num_stages)
-        launch = lambda grid, args: kernel[grid](*args[:-k], **dict(zip(names, args[-k:])), **options)  # noqa: E731
+        launch = lambda grid, args: kernel[grid](*args[:-k],  # noqa: E731
+                                                 **_compile_options(args, names, num_warps, num_stages, options))
     if launch is None:
         return
     try:

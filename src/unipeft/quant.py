@@ -133,28 +133,48 @@ def dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Ten
     if state is None or getattr(state, "packing_format_for_cpu", False) or state.quant_type not in ("nf4", "fp4"):
         return lambda: dequantized_weight(module, dtype)
     ops = torch.ops.bitsandbytes
-    absmax = state.absmax
-    if state.nested:
-        s2 = state.state2
-        absmax = ops.dequantize_blockwise.default(absmax, s2.absmax, s2.code, s2.blocksize, s2.dtype).float()
-        absmax = absmax + state.offset
     data, args = module.weight.data, (state.blocksize, state.quant_type, state.shape, state.dtype)
     if dtype == state.dtype and kernels_q4.available(data, dtype, state.quant_type, state.blocksize,
                                                            tuple(state.shape)):
-        # one Triton launch per weight, and W' = W + s·B·A in the same pass (kernels_q4.py): `weight.merged`
+        # one Triton launch per weight, and W' = W + s·B·A in the same pass (kernels_q4.py): `weight.merged`; a
+        # double-quantized absmax is decoded inside it (no launch here)
         codes, shape, block = kernels_q4.table(state.quant_type, data.device), tuple(state.shape), state.blocksize
-        absmax = absmax.float()
+        absmax = _kernel_absmax(state)
 
         def weight() -> torch.Tensor:
             return kernels_q4.q4_weight(data, absmax, codes, shape, block, dtype)
 
         weight.merged = lambda b, a, s: kernels_q4.q4_weight(data, absmax, codes, shape, block, dtype, b, a, s)
         return weight
+    absmax = _decoded_absmax(state)
 
     def weight() -> torch.Tensor:
         w = ops.dequantize_4bit.default(data, absmax, *args)
         return w if w.dtype == dtype else w.to(dtype)
     return weight
+
+
+def _decoded_absmax(state) -> torch.Tensor:
+    """A 4-bit weight's absmax, fp32, one per block; a double-quantized one decoded by bitsandbytes' op."""
+    if not state.nested:
+        return state.absmax
+    s2 = state.state2
+    absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(state.absmax, s2.absmax, s2.code, s2.blocksize,
+                                                                 s2.dtype)
+    return absmax.float() + state.offset
+
+
+def _kernel_absmax(state):
+    """The absmax as the 4-bit kernel takes it: a double-quantized one as stored (decoded in the kernel), when it
+    has the layout the kernel reads (uint8 codes, fp32 values and scales, the offset as a one-element tensor, on
+    the weight's device); else decoded here."""
+    s2 = getattr(state, "state2", None)
+    if (state.nested and s2 is not None and state.absmax.dtype == torch.uint8 and isinstance(state.offset, torch.Tensor)
+            and state.offset.numel() == 1 and s2.absmax.dtype == s2.code.dtype == torch.float32
+            and state.offset.dtype == torch.float32 and s2.blocksize > 0
+            and state.absmax.device == s2.absmax.device == s2.code.device == state.offset.device):
+        return kernels_q4.Nested(state.absmax, s2.code, s2.absmax, state.offset, s2.blocksize)
+    return _decoded_absmax(state).float()
 
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> float:
