@@ -134,8 +134,6 @@ def _nested_rows(q, st, codes, b, a, shape, dtype, bench) -> list[dict]:
 
     from unipeft import kernels_q4
 
-    if not hasattr(kernels_q4, "Nested"):
-        return []
     nested = kernels_q4.Nested(st.absmax, st.state2.code, st.state2.absmax, st.offset, st.state2.blocksize)
 
     def in_kernel():
