@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from first_steps import GcClock  # (bench/ is on the path: the script's own folder, or tests' bench_module)
 
 SITES = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -31,9 +32,6 @@ SITES = ["q", "k", "v", "o", "gate", "up", "down"]
 def time_steps(model, params, x: torch.Tensor, steps: int, sync: Callable[[], None], warm: int = 3) -> dict:
     """`steps` harness steps (forward with labels = inputs, backward, AdamW, zero_grad), each synchronized: the
     per-step ms, their median after `warm`, and the indices of steps that ran a gen-2 collection."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from first_steps import GcClock
-
     opt = torch.optim.AdamW(params, lr=1e-4)
     clock = GcClock()
     times, gen2 = [], []

@@ -5,18 +5,14 @@ from __future__ import annotations
 import gc
 
 import torch
-from conftest import bench_module
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import VOCAB, bench_module, tiny_model
 
 import unipeft
 
 
 def test_time_steps_times_each_step_and_finds_the_full_collection():
     probe = bench_module("steps_in_order")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=50)
-    am = unipeft.attach(LlamaForCausalLM(cfg), "lora", r=4, alpha=8, targets=probe.SITES)
+    am = unipeft.attach(tiny_model("llama"), "lora", r=4, alpha=8, targets=probe.SITES)
     params = [p for p in am.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     calls = []
@@ -27,7 +23,7 @@ def test_time_steps_times_each_step_and_finds_the_full_collection():
 
     am.model.register_forward_pre_hook(collect_in_third_step)
     am.model.register_forward_hook(lambda *_: calls.append(1))
-    r = probe.time_steps(am, params, torch.randint(0, 50, (2, 8)), steps=5, sync=lambda: None, warm=3)
+    r = probe.time_steps(am, params, torch.randint(0, VOCAB, (2, 8)), steps=5, sync=lambda: None, warm=3)
     assert len(r["steps_ms"]) == 5 and all(t > 0 for t in r["steps_ms"])
     assert r["median_ms"] == (r["steps_ms"][3] + r["steps_ms"][4]) / 2, "the median of the steps after warm-up"
     assert 2 in r["gen2_steps"], "the step whose forward ran gc.collect() is marked"
